@@ -1,0 +1,3 @@
+from torchgraft.cli import main
+
+main()

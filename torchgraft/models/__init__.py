@@ -1,0 +1,12 @@
+"""The model zoo. Importing this package registers every family and preset."""
+from torchgraft.models import lenet  # noqa: F401
+from torchgraft.models.registry import (
+    build,
+    get_config,
+    list_models,
+    materialize,
+    register_family,
+    register_preset,
+)
+
+__all__ = ["build", "get_config", "list_models", "materialize", "register_family", "register_preset"]
