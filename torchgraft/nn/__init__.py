@@ -1,1 +1,15 @@
-"""torchgraft.nn"""
+"""torchgraft.nn: building blocks that take plain dimensions or submodules (never a global config)."""
+from torchgraft.nn.attention import Attention, make_attention_mask, repeat_kv
+from torchgraft.nn.conv import BasicBlock, Bottleneck
+from torchgraft.nn.embedding import PatchEmbed, TokenPositionEmbedding
+from torchgraft.nn.kv_cache import KVCache, LayerKVCache
+from torchgraft.nn.mlp import MLP, GatedMLP, activation_fn
+from torchgraft.nn.norm import LayerNorm, RMSNorm, make_norm
+from torchgraft.nn.rope import RotaryEmbedding, apply_rope, rotate_half
+from torchgraft.nn.transformer import PostNormBlock, PreNormBlock
+
+__all__ = [
+    "MLP", "Attention", "BasicBlock", "Bottleneck", "GatedMLP", "KVCache", "LayerKVCache", "LayerNorm",
+    "PatchEmbed", "PostNormBlock", "PreNormBlock", "RMSNorm", "RotaryEmbedding", "TokenPositionEmbedding",
+    "activation_fn", "apply_rope", "make_attention_mask", "make_norm", "repeat_kv", "rotate_half",
+]

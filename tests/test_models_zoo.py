@@ -1,0 +1,146 @@
+"""Model zoo: published parameter counts, forward contracts, KV cache, toy training."""
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torchgraft
+
+PUBLISHED = {
+    "gpt2": 124_439_808,
+    "llama2-7b": 6_738_415_616,
+    "llama3-8b": 8_030_261_248,
+    "llama3-70b": 70_553_706_496,
+}
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,count", sorted(PUBLISHED.items()))
+def test_published_parameter_counts(name, count):
+    model = torchgraft.build(name, device="meta")
+    assert n_params(model) == count
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_llama3_70b_meta_build_is_fast():
+    t = time.perf_counter()
+    model = torchgraft.build("llama3-70b", device="meta")
+    assert time.perf_counter() - t < 10
+    assert model.config.n_kv_head == 8 and model.config.rope_base == 500000.0
+    assert model.blocks[0].attn.k_proj.weight.shape == (1024, 8192)
+
+
+def test_gpt2_state_dict_names_and_tied_embeddings():
+    model = torchgraft.build("gpt2", device="meta")
+    sd = model.state_dict()
+    assert "lm_head.weight" not in sd
+    for key in ["tok_emb.weight", "pos_emb.weight", "blocks.0.attn_norm.weight", "blocks.0.attn_norm.bias",
+                "blocks.11.attn.q_proj.weight", "blocks.0.attn.o_proj.bias", "blocks.0.mlp_norm.weight",
+                "blocks.0.mlp.fc_in.weight", "blocks.0.mlp.fc_out.bias", "norm.weight", "norm.bias"]:
+        assert key in sd, key
+    assert sd["pos_emb.weight"].shape == (1024, 768)
+    untied = torchgraft.build("gpt-tiny", tie_embeddings=False)
+    assert "lm_head.weight" in untied.state_dict()
+
+
+def test_llama_state_dict_names():
+    model = torchgraft.build("llama3-8b", device="meta")
+    sd = model.state_dict()
+    assert "lm_head.weight" in sd and "pos_emb.weight" not in sd
+    assert not any(k.endswith(".bias") for k in sd)
+    assert not any("inv_freq" in k for k in sd)
+    assert sd["blocks.0.mlp.gate_proj.weight"].shape == (14336, 4096)
+    assert sd["blocks.0.attn.v_proj.weight"].shape == (1024, 4096)
+    tied = torchgraft.build("llama-tiny", tie_embeddings=True)
+    assert "lm_head.weight" not in tied.state_dict()
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+def test_decoder_forward_contract_and_causality(name):
+    model = torchgraft.build(name).eval()
+    ids = torch.randint(0, 256, (2, 10))
+    logits = model(ids)
+    assert logits.shape == (2, 10, 256)
+    ids2 = ids.clone()
+    ids2[:, 7:] = (ids2[:, 7:] + 1) % 256
+    torch.testing.assert_close(model(ids2)[:, :7], logits[:, :7])
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+def test_kv_cache_prefill_then_decode_matches_full_forward(name):
+    model = torchgraft.build(name).eval()
+    ids = torch.randint(0, 256, (2, 12))
+    full = model(ids)
+    cache = model.make_kv_cache(2, 32)
+    assert cache.dtype == torch.float32 and cache.max_seq_len == 32
+    outs = [model(ids[:, :5], kv_cache=cache)]
+    for t in range(5, 12):
+        outs.append(model(ids[:, t:t + 1], kv_cache=cache))
+    assert cache.pos == 12
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+def test_kv_cache_with_left_padding(name):
+    model = torchgraft.build(name).eval()
+    ids = torch.randint(0, 256, (3, 11))
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[0, :4] = 0
+    mask[2, :1] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    full = model(ids, attention_mask=mask, position_ids=pos)
+    assert torch.isfinite(full).all()
+    # each real token's logits equal the unpadded sequence's
+    torch.testing.assert_close(full[0, 4:], model(ids[:1, 4:])[0], atol=1e-5, rtol=1e-4)
+    cache = model.make_kv_cache(3, 20)
+    outs = [model(ids[:, :6], attention_mask=mask[:, :6], position_ids=pos[:, :6], kv_cache=cache)]
+    for t in range(6, 11):
+        outs.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
+                          kv_cache=cache))
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_learned_positions_block_size_error():
+    model = torchgraft.build("gpt-tiny")
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_init_scheme_gpt2_style():
+    model = torchgraft.build("gpt-tiny", n_embd=128, n_layer=4, vocab_size=1024)
+    std = model.blocks[0].attn.q_proj.weight.std().item()
+    assert 0.017 < std < 0.023
+    res = model.blocks[0].mlp.fc_out.weight.std().item()
+    assert 0.8 * 0.02 / 8 ** 0.5 < res < 1.2 * 0.02 / 8 ** 0.5
+    assert model.blocks[0].attn.q_proj.bias.abs().max() == 0
+    assert (model.norm.weight == 1).all()
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+def test_toy_training_loss_falls(name):
+    torch.manual_seed(0)
+    model = torchgraft.build(name)
+    ids = torch.randint(0, 256, (4, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, 256), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_bf16_forward_and_cache_dtype():
+    model = torchgraft.build("llama-tiny").to(torch.bfloat16).eval()
+    cache = model.make_kv_cache(1, 8)
+    assert cache.dtype == torch.bfloat16
+    out = model(torch.randint(0, 256, (1, 4)), kv_cache=cache)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert model.rotary.inv_freq.dtype == torch.float32

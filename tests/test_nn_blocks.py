@@ -1,0 +1,257 @@
+"""Block-level tests for torchgraft.nn."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torchgraft.nn import (
+    MLP,
+    Attention,
+    BasicBlock,
+    GatedMLP,
+    KVCache,
+    LayerNorm,
+    PatchEmbed,
+    PostNormBlock,
+    PreNormBlock,
+    RMSNorm,
+    RotaryEmbedding,
+    TokenPositionEmbedding,
+    apply_rope,
+    make_attention_mask,
+    repeat_kv,
+)
+from torchgraft.nn.attention import reference_attention
+
+
+def _qkv(attn, x):
+    b, t, _ = x.shape
+    q = attn.q_proj(x).view(b, t, attn.n_head, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, t, attn.n_kv_head, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(b, t, attn.n_kv_head, attn.head_dim).transpose(1, 2)
+    return q, k, v
+
+
+def _merge(attn, y):
+    b, h, t, d = y.shape
+    return attn.o_proj(y.transpose(1, 2).reshape(b, t, h * d))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_matches_reference(causal):
+    attn = Attention(32, 4, causal=causal)
+    x = torch.randn(2, 7, 32)
+    q, k, v = _qkv(attn, x)
+    mask = torch.ones(7, 7, dtype=torch.bool).tril() if causal else None
+    ref = _merge(attn, reference_attention(q, k, v, mask))
+    torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_mask_blocks_future():
+    attn = Attention(16, 2, causal=True)
+    x = torch.randn(1, 6, 16)
+    y = attn(x)
+    x2 = x.clone()
+    x2[:, 4:] = torch.randn(1, 2, 16)  # change the future
+    torch.testing.assert_close(attn(x2)[:, :4], y[:, :4])
+    assert not torch.allclose(attn(x2)[:, 4:], y[:, 4:])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_padding_mask_ignores_pad_tokens(causal):
+    attn = Attention(16, 2, causal=causal)
+    x = torch.randn(2, 6, 16)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    y = attn(x, attention_mask=mask)
+    x2 = x.clone()
+    x2[0, 4:] = 100.0  # garbage in the padding
+    y2 = attn(x2, attention_mask=mask)
+    torch.testing.assert_close(y2[0, :4], y[0, :4])
+    torch.testing.assert_close(y[0, :4], attn(x[:1, :4])[0])  # same as the unpadded sequence
+    assert torch.isfinite(y).all()
+
+
+def test_left_padding_rows_stay_finite():
+    attn = Attention(16, 2, causal=True)
+    x = torch.randn(1, 5, 16)
+    mask = torch.tensor([[0, 0, 1, 1, 1]])
+    y = attn(x, attention_mask=mask)
+    assert torch.isfinite(y).all()
+    # real tokens match the unpadded run (no RoPE: positions don't matter)
+    torch.testing.assert_close(y[:, 2:], attn(x[:, 2:]), atol=1e-6, rtol=1e-5)
+
+
+def test_make_attention_mask_shapes():
+    m, causal = make_attention_mask(None, 5, 5, True)
+    assert m is None and causal
+    m, causal = make_attention_mask(None, 1, 9, True)
+    assert m is None and not causal
+    m, _ = make_attention_mask(None, 3, 8, True)
+    assert m.shape == (1, 1, 3, 8)
+    assert m[0, 0, 0].tolist() == [True] * 6 + [False] * 2
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        make_attention_mask(torch.ones(2, 4), 4, 6, True)
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2])
+def test_gqa_equals_mha_with_repeated_kv_heads(n_kv_head):
+    torch.manual_seed(0)
+    n_head, hd, dim = 4, 8, 32
+    gqa = Attention(dim, n_head, n_kv_head=n_kv_head, bias=False)
+    mha = Attention(dim, n_head, n_kv_head=n_head, bias=False)
+    rep = n_head // n_kv_head
+    with torch.no_grad():
+        mha.q_proj.weight.copy_(gqa.q_proj.weight)
+        mha.o_proj.weight.copy_(gqa.o_proj.weight)
+        for name in ("k_proj", "v_proj"):
+            w = getattr(gqa, name).weight.view(n_kv_head, hd, dim)
+            getattr(mha, name).weight.copy_(w.repeat_interleave(rep, dim=0).reshape(n_head * hd, dim))
+    x = torch.randn(2, 5, dim)
+    torch.testing.assert_close(gqa(x), mha(x), atol=1e-5, rtol=1e-5)
+    assert gqa.k_proj.weight.shape == (n_kv_head * hd, dim)
+
+
+def test_repeat_kv_layout():
+    x = torch.arange(2).view(1, 2, 1, 1).float()
+    assert repeat_kv(x, 3).flatten().tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def _rope_reference(x, pos, base):
+    """Hand-written rotate-half RoPE: pair (i, i + d/2) rotated by pos * base^(-2i/d)."""
+    d = x.shape[-1]
+    out = x.clone()
+    for t in range(x.shape[-2]):
+        for i in range(d // 2):
+            theta = pos[t] * base ** (-2 * i / d)
+            a, b = x[..., t, i], x[..., t, i + d // 2]
+            out[..., t, i] = a * math.cos(theta) - b * math.sin(theta)
+            out[..., t, i + d // 2] = a * math.sin(theta) + b * math.cos(theta)
+    return out
+
+
+@pytest.mark.parametrize("base", [10000.0, 500000.0])
+def test_rope_matches_hand_written_reference(base):
+    rope = RotaryEmbedding(8, base)
+    x = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    pos = torch.tensor([0, 1, 2, 7, 100])
+    cos, sin = rope(pos[None])
+    y = apply_rope(x, cos.double(), sin.double())
+    torch.testing.assert_close(y, _rope_reference(x, pos.tolist(), base), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_relative_property_and_meta():
+    rope = RotaryEmbedding(16, 10000.0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(pq, pk):
+        cq, sq = rope(torch.tensor([[pq]]))
+        ck, sk = rope(torch.tensor([[pk]]))
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+
+    torch.testing.assert_close(score(5, 3), score(12, 10), atol=1e-5, rtol=1e-5)
+    assert "inv_freq" not in rope.state_dict()
+    m = RotaryEmbedding(16, 10000.0, device="meta")
+    m.to_empty(device="cpu")
+    m.reset_parameters()
+    torch.testing.assert_close(m.inv_freq, rope.inv_freq)
+    assert rope.to(torch.bfloat16).inv_freq.dtype == torch.float32
+
+
+def test_rope_matches_transformers_llama_rotary():
+    tr = pytest.importorskip("transformers")
+    from transformers.models.llama import modeling_llama as ml
+
+    cfg = tr.LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=500000.0,
+                         max_position_embeddings=128)
+    hf = ml.LlamaRotaryEmbedding(config=cfg)
+    x = torch.randn(2, 4, 6, 16)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8]])
+    hcos, hsin = hf(x, pos)
+    cos, sin = RotaryEmbedding(16, 500000.0)(pos)
+    torch.testing.assert_close(cos, hcos)
+    torch.testing.assert_close(sin, hsin)
+    q = torch.randn(2, 4, 6, 16)
+    hq, _ = ml.apply_rotary_pos_emb(q, q, hcos, hsin)
+    torch.testing.assert_close(apply_rope(q, cos, sin), hq)
+
+
+@pytest.mark.parametrize("n_kv_head,rope", [(4, None), (2, 10000.0), (1, 500000.0)])
+def test_kv_cache_equals_no_cache(n_kv_head, rope):
+    attn = Attention(32, 4, n_kv_head=n_kv_head, rope_base=rope, bias=False).eval()
+    x = torch.randn(2, 9, 32)
+    full = attn(x)
+    cache = KVCache(1, 2, 16, n_kv_head, 8)
+    outs = [attn(x[:, :4], kv_cache=cache.layer(0))]
+    cache.advance(4)
+    for t in range(4, 9):
+        outs.append(attn(x[:, t:t + 1], kv_cache=cache.layer(0)))
+        cache.advance(1)
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache.pos == 9 and len(cache) == 9
+    with pytest.raises(ValueError, match="overflow"):
+        attn(torch.randn(2, 8, 32), kv_cache=cache.layer(0))
+
+
+def test_kv_cache_crop_reset_reorder():
+    cache = KVCache(2, 3, 8, 1, 4)
+    cache.advance(5)
+    cache.crop(2)
+    assert cache.pos == 2
+    cache.k[0][:, 0, 0, 0] = torch.tensor([0.0, 1.0, 2.0])
+    cache.reorder(torch.tensor([2, 2, 0]))
+    assert cache.k[0][:, 0, 0, 0].tolist() == [2.0, 2.0, 0.0]
+    cache.reset()
+    assert cache.pos == 0 and cache.nbytes() == 2 * 2 * 3 * 8 * 4 * 4
+
+
+def test_rmsnorm_and_layernorm():
+    n = RMSNorm(8, eps=1e-6).to(torch.bfloat16)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    ref = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    torch.testing.assert_close(n(x), ref)
+    assert n(x).dtype == torch.bfloat16
+    ln = LayerNorm(8, eps=1e-12, bias=False)
+    assert ln.bias is None and ln.eps == 1e-12
+
+
+def test_mlps():
+    x = torch.randn(2, 3, 8)
+    m = MLP(8, 32, activation="gelu_tanh")
+    torch.testing.assert_close(m(x), m.fc_out(F.gelu(m.fc_in(x), approximate="tanh")))
+    m = MLP(8, 32, activation="gelu")
+    torch.testing.assert_close(m(x), m.fc_out(F.gelu(m.fc_in(x))))
+    g = GatedMLP(8, 24)
+    torch.testing.assert_close(g(x), g.down_proj(F.silu(g.gate_proj(x)) * g.up_proj(x)))
+    assert g.gate_proj.bias is None
+    with pytest.raises(ValueError, match="unknown activation"):
+        MLP(8, 8, activation="nope")
+
+
+def test_pre_and_post_norm_blocks():
+    x = torch.randn(2, 5, 16)
+    pre = PreNormBlock(Attention(16, 2), MLP(16, 32), LayerNorm(16), LayerNorm(16))
+    h = x + pre.attn(pre.attn_norm(x))
+    torch.testing.assert_close(pre(x), h + pre.mlp(pre.mlp_norm(h)))
+    post = PostNormBlock(Attention(16, 2, causal=False), MLP(16, 32), LayerNorm(16), LayerNorm(16))
+    h = post.attn_norm(x + post.attn(x))
+    torch.testing.assert_close(post(x), post.mlp_norm(h + post.mlp(h)))
+    assert [k.split(".")[0] for k in pre.state_dict()][:1] == ["attn_norm"]
+
+
+def test_embeddings_and_patches():
+    e = TokenPositionEmbedding(50, 8, max_positions=16, type_vocab_size=2, norm=LayerNorm(8))
+    ids = torch.randint(0, 50, (2, 5))
+    out = e(ids)
+    ref = e.norm(e.tok_emb(ids) + e.pos_emb(torch.arange(5)) + e.type_emb(torch.zeros_like(ids)))
+    torch.testing.assert_close(out, ref)
+    p = PatchEmbed(32, 8, 1, 24)
+    assert p(torch.randn(2, 1, 32, 32)).shape == (2, 16, 24) and p.num_patches == 16
+
+
+def test_basic_block_shapes():
+    from torchgraft.nn.conv import downsample
+
+    b = BasicBlock(8, 16, stride=2, downsample=downsample(8, 16, 2))
+    assert b(torch.randn(2, 8, 16, 16)).shape == (2, 16, 8, 8)
+    assert "downsample.0.weight" in b.state_dict() and "downsample.1.running_mean" in b.state_dict()

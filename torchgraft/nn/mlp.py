@@ -1,0 +1,66 @@
+"""Feed-forward blocks: GELU MLP (`fc_in`, `fc_out`) and gated MLP / SwiGLU (`gate_proj`, `up_proj`, `down_proj`)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu")
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def activation_fn(name: str):
+    """'gelu' (exact erf, BERT/ViT), 'gelu_tanh' (GPT-2 'gelu_new'), 'relu', 'silu', 'quick_gelu'."""
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_tanh", "gelu_new", "gelu_pytorch_tanh"):
+        return functools.partial(F.gelu, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    if name in ("silu", "swish"):
+        return F.silu
+    if name == "quick_gelu":
+        return quick_gelu
+    raise ValueError(f"unknown activation {name!r}; choose from {', '.join(ACTIVATIONS)}")
+
+
+class MLP(nn.Module):
+    """`fc_out(dropout?(act(fc_in(x))))`: dim -> hidden -> dim."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = True, activation: str = "gelu",
+                 dropout: float = 0.0):
+        super().__init__()
+        self.activation = activation
+        self.act = activation_fn(activation)
+        self.fc_in = nn.Linear(dim, hidden, bias=bias)
+        self.fc_out = nn.Linear(hidden, dim, bias=bias)
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(self.drop(self.act(self.fc_in(x))))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"
+
+
+class GatedMLP(nn.Module):
+    """`down_proj(act(gate_proj(x)) * up_proj(x))`; with activation 'silu' this is SwiGLU (Llama)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False, activation: str = "silu"):
+        super().__init__()
+        self.activation = activation
+        self.act = activation_fn(activation)
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"

@@ -1,0 +1,43 @@
+"""Transformer blocks composed from submodules: `attn`, `mlp`, `attn_norm`, `mlp_norm`.
+
+- `PreNormBlock` (GPT-2, Llama, ViT): `x += attn(attn_norm(x)); x += mlp(mlp_norm(x))`.
+- `PostNormBlock` (BERT): `x = attn_norm(x + attn(x)); x = mlp_norm(x + mlp(x))`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PreNormBlock(nn.Module):
+    def __init__(self, attn: nn.Module, mlp: nn.Module, attn_norm: nn.Module, mlp_norm: nn.Module,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.attn_norm = attn_norm
+        self.attn = attn
+        self.mlp_norm = mlp_norm
+        self.mlp = mlp
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, kv_cache=None, rope=None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), attention_mask=attention_mask,
+                                    position_ids=position_ids, kv_cache=kv_cache, rope=rope))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class PostNormBlock(nn.Module):
+    def __init__(self, attn: nn.Module, mlp: nn.Module, attn_norm: nn.Module, mlp_norm: nn.Module,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.attn = attn
+        self.attn_norm = attn_norm
+        self.mlp = mlp
+        self.mlp_norm = mlp_norm
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, kv_cache=None, rope=None) -> torch.Tensor:
+        x = self.attn_norm(x + self.drop(self.attn(x, attention_mask=attention_mask,
+                                                   position_ids=position_ids, kv_cache=kv_cache, rope=rope)))
+        return self.mlp_norm(x + self.drop(self.mlp(x)))
