@@ -12,6 +12,18 @@ PUBLISHED = {
     "llama2-7b": 6_738_415_616,
     "llama3-8b": 8_030_261_248,
     "llama3-70b": 70_553_706_496,
+    "bert-base": 109_482_240,
+    "resnet18": 11_689_512,
+    "vit-base": 86_567_656,
+    "gpt2-medium": 354_823_168,
+    "gpt2-large": 774_030_080,
+    "gpt2-xl": 1_557_611_200,
+    "bert-large": 335_141_888,
+    "minilm-l6-h384": 22_713_216,
+    "vit-tiny": 5_717_416,
+    "vit-small": 22_050_664,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
 }
 
 
@@ -144,3 +156,92 @@ def test_bf16_forward_and_cache_dtype():
     out = model(torch.randint(0, 256, (1, 4)), kv_cache=cache)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert model.rotary.inv_freq.dtype == torch.float32
+
+
+def test_bert_task_variants_and_names():
+    ids = torch.randint(0, 30522, (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    base = torchgraft.build("bert-tiny").eval()
+    hidden = base(ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+    assert hidden.shape == (2, 7, 128)
+    torch.testing.assert_close(hidden[1, :5], base(ids[1:, :5])[0], atol=1e-5, rtol=1e-4)
+    assert base.pool(hidden).shape == (2, 128)
+    sd = base.state_dict()
+    for key in ["embeddings.tok_emb.weight", "embeddings.pos_emb.weight", "embeddings.type_emb.weight",
+                "embeddings.norm.weight", "blocks.0.attn.q_proj.bias", "blocks.0.attn_norm.weight",
+                "blocks.1.mlp.fc_in.weight", "blocks.1.mlp_norm.bias", "pooler.dense.weight"]:
+        assert key in sd, key
+    assert "classifier.weight" not in sd
+    seq = torchgraft.build("bert-tiny", task="sequence_classification", num_labels=3).eval()
+    assert seq(ids, attention_mask=mask).shape == (2, 3)
+    tok = torchgraft.build("bert-tiny", task="token_classification", num_labels=5, pooler=False).eval()
+    assert tok(ids).shape == (2, 7, 5) and "pooler.dense.weight" not in tok.state_dict()
+    assert base.blocks[0].attn_norm.eps == 1e-12 and base.blocks[0].mlp.activation == "gelu"
+
+
+def test_minilm_preset_shape():
+    cfg = torchgraft.get_config("minilm-l6-h384")
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.intermediate_size, cfg.vocab_size, cfg.block_size,
+            cfg.type_vocab_size) == (6, 384, 12, 1536, 30522, 512, 2)
+
+
+def test_vit_names_and_shapes():
+    model = torchgraft.build("vit-base", device="meta")
+    sd = model.state_dict()
+    assert sd["pos_embed"].shape == (1, 197, 768) and sd["cls_token"].shape == (1, 1, 768)
+    assert sd["patch_embed.proj.weight"].shape == (768, 3, 16, 16)
+    assert sd["head.weight"].shape == (1000, 768) and "norm.weight" in sd
+    assert "blocks.11.attn.k_proj.bias" in sd and "blocks.0.mlp.fc_out.weight" in sd
+    digits = torchgraft.build("vit-digits")
+    assert digits(torch.randn(3, 1, 32, 32)).shape == (3, 10)
+    feats = torchgraft.build("vit-tiny", image_size=64, num_classes=0, n_layer=1)
+    assert feats(torch.randn(2, 3, 64, 64)).shape == (2, 192)
+
+
+def test_resnet_torchvision_names_and_options():
+    model = torchgraft.build("resnet18", device="meta")
+    sd = model.state_dict()
+    for key in ["conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer1.0.bn2.bias",
+                "layer2.0.downsample.0.weight", "layer2.0.downsample.1.num_batches_tracked",
+                "layer4.1.conv2.weight", "fc.weight", "fc.bias"]:
+        assert key in sd, key
+    assert "layer1.0.downsample.0.weight" not in sd
+    small = torchgraft.build("resnet18", in_chans=1, num_classes=10, width=16)
+    assert small(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    zero = torchgraft.build("resnet34", width=8, zero_init_residual=True)
+    assert (zero.layer1[0].bn2.weight == 0).all()
+
+
+def test_heads_on_any_backbone():
+    from torchgraft.models.heads import (
+        ImageClassificationHead,
+        LMHead,
+        SequenceClassificationHead,
+        TaskModel,
+        TokenClassificationHead,
+        feature_dim,
+        pool_tokens,
+    )
+
+    gpt = torchgraft.build("gpt-tiny")
+    ids = torch.randint(0, 256, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    clf = TaskModel(gpt, SequenceClassificationHead(feature_dim(gpt), 3, pooling="last"))
+    assert clf(ids, attention_mask=mask, position_ids=pos).shape == (2, 3)
+    assert "head.classifier.weight" in clf.state_dict() and "backbone.tok_emb.weight" in clf.state_dict()
+    h = torch.randn(2, 4, 8)
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    torch.testing.assert_close(pool_tokens(h, "last", right), torch.stack([h[0, 1], h[1, 3]]))
+    torch.testing.assert_close(pool_tokens(h, "mean", right)[0], h[0, :2].mean(0))
+    bert = torchgraft.build("bert-tiny", pooler=False)
+    tok = TaskModel(bert, TokenClassificationHead(128, 4))
+    assert tok(torch.randint(0, 100, (2, 5))).shape == (2, 5, 4)
+    seq = TaskModel(bert, SequenceClassificationHead(128, 2, dense=True))
+    assert seq(torch.randint(0, 100, (2, 5))).shape == (2, 2)
+    res = torchgraft.build("resnet18", num_classes=0, width=8)
+    assert TaskModel(res, ImageClassificationHead(feature_dim(res), 7))(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    vit = torchgraft.build("vit-digits", num_classes=0)
+    assert TaskModel(vit, ImageClassificationHead(64, 5, pooling="cls"))(torch.randn(2, 1, 32, 32)).shape == (2, 5)
+    assert ImageClassificationHead(8, 3)(torch.randn(2, 8, 4, 4)).shape == (2, 3)
+    assert TaskModel(gpt, LMHead(64, 100))(ids).shape == (2, 6, 100)
