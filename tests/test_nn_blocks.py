@@ -25,6 +25,16 @@ from torchgraft.nn import (
 from torchgraft.nn.attention import reference_attention
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and stay fast when the machine is busy."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 def _qkv(attn, x):
     b, t, _ = x.shape
     q = attn.q_proj(x).view(b, t, attn.n_head, attn.head_dim).transpose(1, 2)
