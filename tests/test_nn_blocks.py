@@ -203,6 +203,21 @@ def test_kv_cache_equals_no_cache(n_kv_head, rope):
         attn(torch.randn(2, 8, 32), kv_cache=cache.layer(0))
 
 
+def test_kv_cache_chunked_prefill_with_padding():
+    attn = Attention(32, 4, n_kv_head=2, rope_base=10000.0).eval()
+    x = torch.randn(2, 10, 32)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    full = attn(x, attention_mask=mask, position_ids=pos)
+    cache = KVCache(1, 2, 10, 2, 8)
+    outs = []
+    for a, b in [(0, 4), (4, 7), (7, 8), (8, 10)]:
+        outs.append(attn(x[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b], kv_cache=cache.layer(0)))
+        cache.advance(b - a)
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+
+
 def test_kv_cache_crop_reset_reorder():
     cache = KVCache(2, 3, 8, 1, 4)
     cache.advance(5)

@@ -126,6 +126,8 @@ class DecoderLM(nn.Module):
             if self.pos_emb is not None and offset + t > self.config.block_size:
                 raise ValueError(f"sequence of {offset + t} tokens exceeds block_size {self.config.block_size}")
             position_ids = torch.arange(offset, offset + t, device=input_ids.device)[None].expand(b, t)
+        else:
+            position_ids = position_ids.long()
         x = self.tok_emb(input_ids)
         if self.pos_emb is not None:
             x = x + self.pos_emb(position_ids)
