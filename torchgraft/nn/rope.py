@@ -60,7 +60,8 @@ class RotaryEmbedding(nn.Module):
         if position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)
         inv = self.inv_freq.float()
-        with torch.autocast(device_type=position_ids.device.type, enabled=False):
+        device_type = "cpu" if position_ids.device.type == "meta" else position_ids.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
             freqs = position_ids.float().unsqueeze(-1) * inv  # (B, T, D/2)
             emb = torch.cat((freqs, freqs), dim=-1)
             return emb.cos(), emb.sin()

@@ -1,0 +1,342 @@
+"""Training-memory estimate per device: weights, gradients, optimizer state, activations.
+
+    total = weights + gradients + optimizer + activations          (bytes, per device)
+
+- weights      = P * bytes(param) / S  (+ 2 bytes * P for autocast's low-precision weight copies
+                 in mixed precisions (bf16 = bf16-mixed) without sharding; with S > 1 shards, + the all-gather buffer
+                 of FSDP: 2 * largest block * bytes(compute))
+- gradients    = P_trainable * bytes(grad) / S
+- optimizer    = P_trainable * states * bytes(state) / S      (adamw/adam 2 states, sgd 1, sgd-nomomentum 0)
+- activations  = saved-for-backward tensors of one forward pass + the loss buffers of backward
+                 (not sharded: `batch` is the per-device micro-batch).
+
+Activations are counted in one of two ways:
+- "traced" (default): run forward (and the LM loss) on fake CPU tensors under
+  `torch.autograd.graph.saved_tensors_hooks` and add up the distinct storages autograd keeps,
+  in the activation dtype. Exact for the model's actual code, any nn.Module, no memory used.
+- "analytic" (transformer configs): per layer, in elements of the activation dtype
+  (Korthikanti et al. 2022 without dropout masks, with SDPA/flash attention, which keeps q, k, v,
+  the output and a logsumexp but not the (a * s * s) attention matrix):
+      s * b * (2h + 4 * h_attn)   attention: norm input, qkv input, q, k, v, output
+    + s * b * (2h + k * i)        MLP: norm input, fc input, k = 2 (GELU MLP) or 4 (SwiGLU) tensors of width i
+  plus 2 * s * b * h (final norm, head input) and, for LMs, the loss: log-softmax output and two
+  gradient buffers of (s * b * vocab) float32. With activation checkpointing (per block), the
+  per-layer term becomes one (s * b * h) block input per layer plus one layer recomputed.
+See docs/inspect.md for the validation against measured CPU peaks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchgraft.tools.summary import InputSpec, InspectError, format_bytes, make_inputs, run_on_meta
+
+
+@dataclass(frozen=True)
+class Precision:
+    param: int  # bytes per stored parameter
+    grad: int
+    state: int  # bytes per optimizer-state element
+    activation: torch.dtype
+    cast_copy: int  # bytes per parameter of autocast's low-precision weight copies (mixed only)
+
+
+_BF16_MIXED = Precision(4, 4, 4, torch.bfloat16, 2)  # fp32 master weights, bf16 autocast compute
+_FP16_MIXED = Precision(4, 4, 4, torch.float16, 2)
+# Names as in Lightning: "bf16" means mixed precision; "-true" means everything in 16 bits.
+PRECISIONS: dict[str, Precision] = {
+    "fp32": Precision(4, 4, 4, torch.float32, 0),
+    "bf16": _BF16_MIXED,
+    "bf16-mixed": _BF16_MIXED,
+    "bf16-true": Precision(2, 2, 2, torch.bfloat16, 0),  # weights, grads and optimizer states in bf16
+    "fp16": _FP16_MIXED,
+    "fp16-mixed": _FP16_MIXED,
+    "fp16-true": Precision(2, 2, 2, torch.float16, 0),
+}
+OPTIMIZER_STATES: dict[str, int] = {"adamw": 2, "adam": 2, "sgd": 1, "sgd-nomomentum": 0}
+
+
+def _choice(kind: str, value: str, choices: dict) -> Any:
+    from torchgraft.errors import did_you_mean
+
+    if value not in choices:
+        raise InspectError(f"unknown {kind} {value!r}{did_you_mean(value, choices)}; choose from "
+                           + ", ".join(choices))
+    return choices[value]
+
+
+@dataclass
+class ActivationTrace:
+    """Saved-for-backward bytes of one forward (+ loss) pass on meta tensors."""
+
+    total: int  # everything autograd keeps, deduplicated by storage
+    loss_buffers: int  # transient gradient buffers of the output / loss during backward
+    blocks: list[int] = field(default_factory=list)  # saved bytes inside each repeated block
+    block_inputs: list[int] = field(default_factory=list)  # bytes of each block's input
+
+
+@dataclass
+class MemoryEstimate:
+    """Per-device bytes; `to_dict()` is what `torchgraft inspect --json` prints under memory_bytes."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    batch: int
+    seq_len: int | None
+    precision: str
+    optimizer_name: str
+    sharding: int
+    activation_checkpointing: bool
+    activations_method: str
+    activations_analytic: int | None = None  # the transformer formula, when the model has a config
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
+                "activations": self.activations, "total": self.total}
+
+    def settings(self) -> dict[str, Any]:
+        return {"batch": self.batch, "seq_len": self.seq_len, "precision": self.precision,
+                "optimizer": self.optimizer_name, "sharding": self.sharding,
+                "activation_checkpointing": self.activation_checkpointing,
+                "activations_method": self.activations_method,
+                "activations_analytic": self.activations_analytic}
+
+    def table(self):
+        from rich.table import Table
+
+        t = Table(title=(f"training memory per device\nbatch {self.batch}"
+                         + (f" x seq {self.seq_len}" if self.seq_len else "")
+                         + f", {self.precision}, {self.optimizer_name}, {self.sharding} shard(s)"
+                         + (", checkpointing" if self.activation_checkpointing else "")))
+        t.add_column("part")
+        t.add_column("bytes", justify="right")
+        t.add_column("size", justify="right")
+        for k, v in self.to_dict().items():
+            t.add_row(k, f"{v:,}", format_bytes(v))
+        if self.activations_analytic is not None:
+            t.add_row("(activations, formula)", f"{self.activations_analytic:,}",
+                      format_bytes(self.activations_analytic))
+        return t
+
+    def __rich__(self):
+        return self.table()
+
+
+def _largest_module_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    best = None
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 1:
+            n = sum(p.numel() for p in m.parameters())
+            if best is None or n > best[0]:
+                best = (n, name, m)
+    return None if best is None else (best[1], best[2])
+
+
+def _largest_block_params(model: nn.Module) -> int:
+    """Parameters of the largest unit FSDP would gather at once (a repeated block, else a leaf)."""
+    found = _largest_module_list(model)
+    if found is not None:
+        return max(sum(p.numel() for p in b.parameters()) for b in found[1])
+    return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+
+
+def _is_lm(model: nn.Module, out: Any) -> bool:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return bool(vocab) and isinstance(out, torch.Tensor) and out.dim() == 3 and out.shape[-1] == vocab
+
+
+def trace_activations(model: nn.Module, input: InputSpec = None, *, input_size: Any = None,
+                      dtype: torch.dtype = torch.float32, batch: int = 1, seq_len: int | None = None,
+                      input_dtype: torch.dtype | None = None) -> ActivationTrace:
+    """Bytes autograd saves for backward in one forward pass (plus the LM loss), on meta tensors.
+
+    `dtype`: the activation dtype (floating weights and inputs are cast to it). Tensors are
+    deduplicated by storage; parameters and buffers are not activations and are left out.
+    Per-block figures are for the children of the largest `nn.ModuleList`/`nn.Sequential`.
+    """
+    args, kwargs = make_inputs(model, input, input_size, input_dtype, batch, seq_len)
+    found = _largest_module_list(model)
+    block_ids = {id(b): i for i, b in enumerate(found[1])} if found else {}
+    n_blocks = len(block_ids)
+
+    def run(forward, state):  # noqa: ANN001, ANN202
+        weight_keys = {t.untyped_storage()._cdata for t in state.values()}
+        seen: dict[int, int] = {}
+        keep: list[torch.Tensor] = []
+        current: list[int] = []
+        per_block = [0] * n_blocks
+        block_in = [0] * n_blocks
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            st = t.untyped_storage()
+            key = st._cdata
+            if key not in weight_keys and key not in seen:
+                seen[key] = st.nbytes()
+                keep.append(t)
+                if current:
+                    per_block[current[-1]] += st.nbytes()
+            return t
+
+        def pre(m: nn.Module, inp: Any) -> None:
+            i = block_ids[id(m)]
+            current.append(i)
+            x = inp[0] if isinstance(inp, tuple) and inp else None
+            if isinstance(x, torch.Tensor):
+                block_in[i] = x.numel() * x.element_size()
+
+        def post(m: nn.Module, _inp: Any, _out: Any) -> None:
+            if current:
+                current.pop()
+
+        handles = []
+        if found:
+            for b in found[1]:
+                handles.append(b.register_forward_pre_hook(pre))
+                handles.append(b.register_forward_hook(post))
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = forward()
+                if _is_lm(model, out):
+                    logits = out.float().reshape(-1, out.shape[-1])
+                    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+                    F.cross_entropy(logits, target)
+                    loss_buffers = 2 * logits.numel() * 4  # grad of log-softmax output and of the logits
+                else:
+                    outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
+                            if isinstance(o, torch.Tensor)]
+                    loss_buffers = sum(o.numel() * o.element_size() for o in outs)  # grad of the output
+        finally:
+            for h in handles:
+                h.remove()
+        return ActivationTrace(total=sum(seen.values()), loss_buffers=loss_buffers,
+                               blocks=per_block, block_inputs=block_in)
+
+    with torch.enable_grad():
+        return run_on_meta(model, args, kwargs, run, dtype=dtype, fake_first=True)
+
+
+def analytic_activations(config: Any, batch: int, seq_len: int, dtype_bytes: int,
+                         activation_checkpointing: bool = False, gated: bool = False,
+                         lm: bool = True) -> int | None:
+    """The transformer activation formula (module docstring) for a config with transformer fields.
+
+    `gated`: SwiGLU-style MLP (3 projections); `lm`: the output is vocabulary logits fed to a loss.
+    """
+    need = ("n_layer", "n_head", "n_embd")
+    if config is None or not all(hasattr(config, k) for k in need):
+        return None
+    s, b, h, L = seq_len, batch, config.n_embd, config.n_layer
+    h_attn = config.n_head * (getattr(config, "head_dim", None) or h // config.n_head)
+    i = getattr(config, "intermediate_size", None) or 4 * h
+    k = 4 if gated else 2
+    layer = s * b * (2 * h + 4 * h_attn) + s * b * (2 * h + k * i)
+    if activation_checkpointing:
+        per_layers = L * s * b * h + layer
+    else:
+        per_layers = L * layer
+    elements = per_layers + 2 * s * b * h
+    total = elements * dtype_bytes
+    vocab = getattr(config, "vocab_size", None)
+    if vocab and lm:
+        total += 3 * s * b * vocab * 4  # log-softmax output + 2 gradient buffers, float32
+    return int(total)
+
+
+def estimate_memory(model: nn.Module, batch: int = 1, seq_len: int | None = None,
+                    precision: str = "fp32", optimizer: str = "adamw", sharding: int = 1,
+                    activation_checkpointing: bool = False, *, input: InputSpec = None,
+                    input_size: Any = None, activations: Literal["traced", "analytic"] = "traced",
+                    trace: ActivationTrace | None = None) -> MemoryEstimate:
+    """Per-device training memory of `model` (see the module docstring for the formula).
+
+    `batch`, `seq_len`: per-device micro-batch (seq_len for token models, default `block_size`);
+    models without a config need `input=` or `input_size=` (with the batch in it).
+    `precision`: fp32; bf16 = bf16-mixed, fp16 = fp16-mixed (fp32 master weights, grads and
+    optimizer states, 16-bit autocast activations); bf16-true, fp16-true (everything 16-bit).
+    `optimizer`: adamw, adam, sgd (momentum), sgd-nomomentum. `sharding`: FSDP/ZeRO-3 world size.
+    `trace`: an `ActivationTrace` made elsewhere (same batch, seq_len and precision) to use as is.
+    """
+    prec = _choice("precision", precision, PRECISIONS)
+    n_states = _choice("optimizer", optimizer, OPTIMIZER_STATES)
+    if sharding < 1:
+        raise InspectError(f"sharding must be >= 1 (number of devices the weights are split over), got {sharding}")
+    if batch < 1:
+        raise InspectError(f"batch must be >= 1, got {batch}")
+    if activations not in ("traced", "analytic"):
+        raise InspectError(f"activations must be 'traced' or 'analytic', got {activations!r}")
+    params = list(model.parameters())
+    n_all = sum(p.numel() for p in params)
+    n_train = sum(p.numel() for p in params if p.requires_grad)
+    S = sharding
+    weights = -(-n_all * prec.param // S)
+    act_bytes = torch.empty((), dtype=prec.activation).element_size()
+    if S > 1:
+        weights += 2 * _largest_block_params(model) * (act_bytes if prec.cast_copy else prec.param)
+    else:
+        weights += n_all * prec.cast_copy
+    grads = -(-n_train * prec.grad // S)
+    opt = -(-n_train * n_states * prec.state // S)
+
+    cfg = getattr(model, "config", None)
+    seq = None
+    if cfg is not None and getattr(cfg, "vocab_size", None) and input is None and input_size is None:
+        seq = seq_len or getattr(cfg, "block_size", None) or 128
+    gated = any(hasattr(m, "gate_proj") for m in model.modules())
+    lm = hasattr(model, "lm_head")  # decoder LMs (docs/architecture.md); None when tied
+    analytic = (analytic_activations(cfg, batch, seq, act_bytes, activation_checkpointing, gated, lm)
+                if seq else None)
+
+    if activations == "analytic":
+        if analytic is None:
+            raise InspectError("activations='analytic' needs a transformer config (n_layer, n_head, n_embd, "
+                               "vocab_size) on model.config; use activations='traced'")
+        act = analytic
+    else:
+        tr = trace or trace_activations(model, input, input_size=input_size, dtype=prec.activation,
+                                        batch=batch, seq_len=seq)
+        act = tr.total + tr.loss_buffers
+        if activation_checkpointing and tr.blocks:
+            # each block keeps only its input; one block's activations are recomputed during backward
+            act = act - sum(tr.blocks) + sum(tr.block_inputs) + max(tr.blocks)
+    return MemoryEstimate(weights=int(weights), gradients=int(grads), optimizer=int(opt), activations=int(act),
+                          batch=batch, seq_len=seq, precision=precision, optimizer_name=optimizer,
+                          sharding=S, activation_checkpointing=activation_checkpointing,
+                          activations_method=activations, activations_analytic=analytic)
+
+
+def measure_peak_memory(fn: Any) -> int:
+    """Peak bytes of live tensors allocated by `fn()` on CPU (torch's own allocator accounting).
+
+    Runs `fn` under `torch.profiler` with `profile_memory=True` and replays its allocation/free
+    events in time order; the running sum's maximum is the peak. Only allocations made inside `fn`
+    count, so build the model and optimizer inside it to measure a whole training run. Unlike RSS
+    this ignores the allocator's cached pages, the Python heap and library code.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    events.sort()
+    live = peak = 0
+    for _, size in events:
+        live += size
+        peak = max(peak, live)
+    return peak

@@ -1,0 +1,512 @@
+"""Model summary: a table of modules (name, type, output shape, parameters, trainable) for any nn.Module.
+
+Output shapes come from forward hooks during one forward pass on the meta device (no memory is
+allocated, so a 70B model is summarised in seconds): the model's parameters and buffers are swapped
+for meta copies with `torch.func.functional_call`, inputs are moved to meta. Models that keep plain
+(unregistered) tensors fall back to `FakeTensorMode`.
+
+The helpers `example_inputs` and `run_on_meta` are shared with `flops.py` and `memory.py`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchgraft.errors import TorchgraftError
+
+InputSpec = Any  # a tensor, a tuple of positional args, or a dict of keyword args
+
+
+class InspectError(TorchgraftError, ValueError):
+    """A model cannot be inspected as asked (no input given, forward fails on meta tensors, ...)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------------------------------
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def example_inputs(model: nn.Module, batch: int = 1, seq_len: int | None = None,
+                   device: str | torch.device = "meta") -> tuple[torch.Tensor, ...] | None:
+    """Inputs that a model's `config` describes, or None when it describes none.
+
+    Token models (config with `vocab_size`) get `input_ids (batch, seq_len)` (default `block_size`);
+    image models (config with `image_size` or `in_chans`) get `(batch, in_chans, size, size)` floats
+    (size = `image_size`, or 224 for size-agnostic CNNs such as ResNet).
+    """
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    if getattr(cfg, "vocab_size", None):
+        t = seq_len or getattr(cfg, "block_size", None) or 128
+        return (torch.zeros(batch, t, dtype=torch.long, device=device),)
+    if getattr(cfg, "image_size", None) or getattr(cfg, "in_chans", None):
+        size = getattr(cfg, "image_size", None) or 224  # size-agnostic CNNs (ResNet): ImageNet's 224
+        hw = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        return (torch.zeros(batch, getattr(cfg, "in_chans", 3), *hw, device=device),)
+    return None
+
+
+def make_inputs(model: nn.Module, input: InputSpec = None, input_size: Any = None,
+                dtype: torch.dtype | None = None, batch: int = 1, seq_len: int | None = None,
+                required: bool = True) -> tuple[tuple, dict] | None:
+    """Normalise the ways of giving an input into `(args, kwargs)` of meta tensors.
+
+    `input`: a tensor, a tuple/list of args, or a dict of keyword args (real or meta tensors).
+    `input_size`: a shape like `(1, 3, 32, 32)` or a list of shapes (float tensors of `dtype`,
+    default float32; use `dtype=torch.long` for token ids). Neither: `example_inputs(model)`.
+    """
+    if input is not None:
+        if isinstance(input, torch.Tensor):
+            args, kwargs = (input,), {}
+        elif isinstance(input, dict):
+            args, kwargs = (), dict(input)
+        elif isinstance(input, (tuple, list)):
+            args, kwargs = tuple(input), {}
+        else:
+            raise InspectError(f"input must be a tensor, a tuple of tensors or a dict, got {type(input).__name__}")
+    elif input_size is not None:
+        sizes = list(input_size)
+        if not sizes or all(isinstance(s, int) for s in sizes):
+            sizes = [sizes]
+        dt = dtype or torch.float32
+        try:
+            args = tuple(torch.zeros(tuple(s), dtype=dt, device="meta") for s in sizes)
+        except TypeError:
+            raise InspectError(f"input_size must be a shape like (1, 3, 32, 32) or a list of shapes, "
+                               f"got {input_size!r}") from None
+        kwargs = {}
+    else:
+        ex = example_inputs(model, batch=batch, seq_len=seq_len)
+        if ex is None:
+            if not required:
+                return None
+            raise InspectError(f"cannot guess an input for {type(model).__name__}: pass input=<tensor> "
+                               "or input_size=(batch, ...) (e.g. input_size=(1, 3, 32, 32))")
+        args, kwargs = ex, {}
+
+    def to_meta(x: Any) -> Any:
+        return x.to("meta") if isinstance(x, torch.Tensor) else x
+
+    return tuple(to_meta(a) for a in args), {k: to_meta(v) for k, v in kwargs.items()}
+
+
+def _meta_copy(t: torch.Tensor, dtype: torch.dtype | None, device: str = "meta") -> torch.Tensor:
+    dt = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+    out = torch.empty(t.shape, dtype=dt, device=device)
+    return out.requires_grad_(t.requires_grad) if out.is_floating_point() else out
+
+
+def meta_state(model: nn.Module, dtype: torch.dtype | None = None, device: str = "meta"
+               ) -> dict[str, torch.Tensor]:
+    """Storage-free copies of every parameter and buffer (floating ones cast to `dtype` if given),
+    keyed by name; tied parameters appear once (`functional_call` re-ties them)."""
+    state = {name: _meta_copy(p, dtype, device) for name, p in model.named_parameters()}
+    for name, b in model.named_buffers():
+        state[name] = _meta_copy(b, dtype, device)
+    return state
+
+
+def run_on_meta(model: nn.Module, args: tuple, kwargs: dict, fn: Callable[[Callable[[], Any],
+                dict[str, torch.Tensor]], Any], dtype: torch.dtype | None = None,
+                fake_first: bool = False) -> Any:
+    """Call `fn(forward, state)` where `forward()` runs `model` on storage-free copies of its weights.
+
+    First on the meta device; if the forward pass refuses meta tensors (plain tensor attributes,
+    `torch.autocast(device_type="meta")`, ...) again under `FakeTensorMode` with CPU fake tensors.
+    `state` maps parameter/buffer names to the tensors `forward` uses (so `fn` can take gradients
+    with respect to them). The model itself is never modified or moved. `fake_first`: skip the meta
+    attempt, for when kernel choice matters (on meta, SDPA takes its math path and keeps the
+    attention matrix; CPU fake tensors take the flash kernel, as real devices do).
+    """
+    def cast(x: Any, device: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            dt = dtype if (dtype is not None and x.is_floating_point()) else x.dtype
+            return torch.empty(x.shape, dtype=dt, device=device)
+        return x
+
+    def attempt(device: str) -> Any:
+        state = meta_state(model, dtype, device)
+        a = tuple(cast(x, device) for x in args)
+        kw = {k: cast(v, device) for k, v in kwargs.items()}
+
+        def forward() -> Any:
+            return torch.func.functional_call(model, state, a, kw, strict=False)
+
+        return fn(forward, state)
+
+    if not fake_first:
+        try:
+            return attempt("meta")
+        except InspectError:
+            raise
+        except Exception:  # noqa: BLE001 - retried with fake tensors below
+            pass
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            return attempt("cpu")
+    except InspectError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise InspectError(f"{type(model).__name__}.forward failed on meta/fake tensors "
+                           f"(check the input): {_one_line(e)}") from e
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def shape_of(x: Any) -> Any:
+    """Output shape(s) as lists; tuples/lists/dicts of tensors keep their structure; None if no tensor."""
+    if isinstance(x, torch.Tensor):
+        return list(x.shape)
+    if isinstance(x, (tuple, list)):
+        shapes = [shape_of(v) for v in x]
+        return shapes if any(s is not None for s in shapes) else None
+    if isinstance(x, dict):
+        shapes = {k: shape_of(v) for k, v in x.items()}
+        shapes = {k: v for k, v in shapes.items() if v is not None}
+        return shapes or None
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# summary
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ModuleRow:
+    name: str  # dotted name ("" for the root)
+    type: str
+    depth: int  # 0 = the model itself, 1 = its children, ...
+    output_shape: Any  # list of ints, nested lists/dicts for several outputs, None if unknown
+    parameters: int  # all parameters under this module (tied ones once)
+    trainable: int  # those with requires_grad
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type, "depth": self.depth, "output_shape": self.output_shape,
+                "parameters": self.parameters, "trainable": self.trainable}
+
+
+@dataclass
+class Summary:
+    """What `summary()` returns: rows (modules up to `depth`), totals and bytes per dtype."""
+
+    model_type: str
+    rows: list[ModuleRow]
+    parameters: int
+    trainable_parameters: int
+    param_bytes: dict[str, int]  # dtype -> bytes of parameters
+    buffer_bytes: dict[str, int]  # dtype -> bytes of buffers
+    input_shapes: Any = None
+    output_shape: Any = None
+    depth: int = 3
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def non_trainable_parameters(self) -> int:
+        return self.parameters - self.trainable_parameters
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.param_bytes.values()) + sum(self.buffer_bytes.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": self.model_type, "parameters": self.parameters,
+                "trainable_parameters": self.trainable_parameters,
+                "non_trainable_parameters": self.non_trainable_parameters,
+                "param_bytes": dict(self.param_bytes), "buffer_bytes": dict(self.buffer_bytes),
+                "total_bytes": self.total_bytes, "input_shapes": self.input_shapes,
+                "output_shape": self.output_shape, "depth": self.depth,
+                "modules": [r.to_dict() for r in self.rows if r.depth > 0]}
+
+    def table(self, collapse_repeats: bool = True):
+        """A rich Table; runs of identical sibling modules (blocks.0 .. blocks.79) shown once, x N."""
+        from rich.table import Table
+
+        t = Table(title=f"{self.model_type}", show_lines=False)
+        for col, just in (("module", "left"), ("type", "left"), ("output shape", "left"),
+                          ("params", "right"), ("trainable", "right")):
+            t.add_column(col, justify=just)
+        for row, repeat in _display_rows(self.rows, collapse_repeats):
+            name = "  " * (row.depth - 1) + row.name.rsplit(".", 1)[-1]
+            if repeat > 1:
+                first = row.name.rsplit(".", 1)[-1]
+                name = "  " * (row.depth - 1) + f"{first}..{int(first) + repeat - 1} (x{repeat})" \
+                    if first.isdigit() else name + f" (x{repeat})"
+            shape = "-" if row.output_shape is None else _fmt_shape(row.output_shape)
+            params = f"{row.parameters:,}" + (f" each" if repeat > 1 else "")
+            t.add_row(name, row.type, shape, params, f"{row.trainable:,}")
+        return t
+
+    def __rich__(self):
+        return self.table()
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(width=120, record=True, file=_NullFile())
+        self.print(console)
+        return console.export_text()
+
+    def totals(self) -> str:
+        return (f"parameters: {self.parameters:,} (trainable {self.trainable_parameters:,}, frozen "
+                f"{self.non_trainable_parameters:,}); " + ", ".join(
+                    f"{k} {format_bytes(v)}" for k, v in self.param_bytes.items())
+                + (("; buffers " + ", ".join(f"{k} {format_bytes(v)}" for k, v in self.buffer_bytes.items()))
+                   if self.buffer_bytes else ""))
+
+    def print(self, console: Any = None) -> None:
+        from rich.console import Console
+
+        console = console or Console()
+        console.print(self.table())
+        console.print(self.totals())
+
+
+class _NullFile:
+    def write(self, *_: Any) -> int:
+        return 0
+
+    def flush(self) -> None:
+        pass
+
+
+def _fmt_shape(s: Any) -> str:
+    if isinstance(s, list) and all(isinstance(v, int) for v in s):
+        return "(" + ", ".join(str(v) for v in s) + ")"
+    if isinstance(s, list):
+        return ", ".join(_fmt_shape(v) for v in s if v is not None)
+    if isinstance(s, dict):
+        return ", ".join(f"{k}: {_fmt_shape(v)}" for k, v in s.items())
+    return str(s)
+
+
+def _display_rows(rows: list[ModuleRow], collapse: bool) -> list[tuple[ModuleRow, int]]:
+    """Rows to show; consecutive numbered siblings with the same type/params/shape collapse into one."""
+    shown = [r for r in rows if r.depth > 0]
+    if not collapse:
+        return [(r, 1) for r in shown]
+    out: list[tuple[ModuleRow, int]] = []
+    i = 0
+    while i < len(shown):
+        r = shown[i]
+        parent, _, leaf = r.name.rpartition(".")
+        j = i + 1
+        repeat = 1
+        if leaf.isdigit():
+            while j < len(shown):
+                s = shown[j]
+                if s.depth > r.depth:  # pre-order: a descendant of r or of an identical sibling
+                    j += 1
+                    continue
+                sp, _, sl = s.name.rpartition(".")
+                if (sp == parent and sl.isdigit() and s.depth == r.depth and s.type == r.type
+                        and s.parameters == r.parameters and s.output_shape == r.output_shape):
+                    repeat += 1
+                    j += 1
+                    continue
+                break
+        out.append((r, repeat))
+        if repeat > 1:
+            # show the first sibling's children, skip the others (and their children)
+            k = i + 1
+            while k < len(shown) and shown[k].name.startswith(r.name + "."):
+                out.append((shown[k], 1))
+                k += 1
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def _bytes_by_dtype(tensors: list[torch.Tensor]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in tensors:
+        k = dtype_name(t.dtype)
+        out[k] = out.get(k, 0) + t.numel() * t.element_size()
+    return out
+
+
+def summary(model: nn.Module, input: InputSpec = None, *, input_size: Any = None,
+            dtype: torch.dtype | None = None, depth: int = 3, batch: int = 1,
+            seq_len: int | None = None) -> Summary:
+    """Summarise any `nn.Module`: per-module output shape, parameters and trainable parameters.
+
+    Give `input` (a tensor, a tuple of args or a dict of kwargs) or `input_size` (a shape, float32
+    unless `dtype`); zoo models with a `config` need neither (token ids or images are made up from
+    it). Without any of these the table has parameters but no output shapes. The forward pass runs
+    on meta tensors, so it costs no memory and works on meta-device models.
+    `depth`: how many levels of submodules to list (1 = direct children).
+    """
+    if not isinstance(model, nn.Module):
+        raise InspectError(f"summary needs an nn.Module, got {type(model).__name__}")
+    if depth < 0:
+        raise InspectError(f"depth must be >= 0, got {depth}")
+    named = list(model.named_modules())
+    depth_of = {name: (0 if name == "" else name.count(".") + 1) for name, _ in named}
+    outputs: dict[str, Any] = {}
+    inputs = make_inputs(model, input, input_size, dtype, batch, seq_len, required=False)
+    input_shapes = None
+    out_shape = None
+    if inputs is not None:
+        args, kwargs = inputs
+        input_shapes = shape_of(list(args) + list(kwargs.values()))
+        handles = []
+
+        def hook_for(name: str) -> Callable:
+            def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+                outputs.setdefault(name, shape_of(out))
+            return hook
+
+        for name, m in named:
+            if depth_of[name] <= depth:
+                handles.append(m.register_forward_hook(hook_for(name)))
+        try:
+            with torch.no_grad():
+                out = run_on_meta(model, args, kwargs, lambda fwd, _s: fwd())
+            out_shape = shape_of(out)
+        finally:
+            for h in handles:
+                h.remove()
+
+    rows = []
+    for name, m in named:
+        d = depth_of[name]
+        if d > depth:
+            continue
+        n = t = 0
+        for p in m.parameters():
+            n += p.numel()
+            if p.requires_grad:
+                t += p.numel()
+        rows.append(ModuleRow(name, type(m).__name__, d, outputs.get(name), n, t))
+    params = list(model.parameters())
+    return Summary(model_type=type(model).__name__, rows=rows,
+                   parameters=sum(p.numel() for p in params),
+                   trainable_parameters=sum(p.numel() for p in params if p.requires_grad),
+                   param_bytes=_bytes_by_dtype(params), buffer_bytes=_bytes_by_dtype(list(model.buffers())),
+                   input_shapes=input_shapes, output_shape=out_shape, depth=depth)
+
+
+# --------------------------------------------------------------------------------------------------
+# everything at once (what `torchgraft inspect` prints)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Inspection:
+    """Summary, FLOPs and memory of one model; `to_dict()` is `torchgraft inspect --json`."""
+
+    name: str
+    summary: Summary
+    flops: Any  # flops.FlopsReport
+    memory: Any  # memory.MemoryEstimate
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.name, "parameters": self.summary.parameters,
+                               "trainable_parameters": self.summary.trainable_parameters}
+        f = self.flops
+        if f.unit == "token":
+            # training FLOPs per token: the analytic 6N + 12LHT when the config describes a transformer
+            out["flops_per_token"] = f.analytic_training if f.analytic_training else f.measured_training
+        else:
+            out["flops_per_sample"] = f.measured_training
+        out["flops"] = f.to_dict()
+        out["memory_bytes"] = self.memory.to_dict()
+        out["memory_settings"] = self.memory.settings()
+        out["param_bytes"] = self.summary.param_bytes
+        out["summary"] = self.summary.to_dict()
+        return out
+
+    def print(self, console: Any = None) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        console = console or Console()
+        self.summary.print(console)
+        f = self.flops
+        t = Table(title=f"training FLOPs per {f.unit}" + (f" (T={f.seq_len})" if f.seq_len else ""))
+        t.add_column("count")
+        t.add_column("FLOPs", justify="right")
+        t.add_row("measured forward", f"{f.measured_forward:,.0f}")
+        t.add_row("measured forward+backward", f"{f.measured_training:,.0f}")
+        if f.analytic_training:
+            t.add_row(f"analytic 6N + 12LHT (N={f.n_params:,})", f"{f.analytic_training:,.0f}")
+            t.add_row("measured / analytic", f"{f.ratio:.3f}")
+        console.print(t)
+        console.print(self.memory.table())
+
+
+def _identical_layers(model: nn.Module, n_layer: int) -> bool:
+    """True when the model's largest ModuleList holds `n_layer` blocks of the same type and weights."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layer]
+    if not lists:
+        return False
+    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+    def signature(b: nn.Module) -> list:
+        return [type(b).__name__] + [(n, tuple(p.shape), p.dtype) for n, p in b.named_parameters()]
+
+    first = signature(blocks[0])
+    return all(signature(b) == first for b in blocks)
+
+
+def inspect_model(spec: Any, overrides: dict[str, Any] | None = None, *, batch: int = 1,
+                  seq_len: int | None = None, precision: str = "fp32", optimizer: str = "adamw",
+                  sharding: int = 1, activation_checkpointing: bool = False, depth: int = 2) -> Inspection:
+    """Build a registered model (name, YAML path, mapping or config) on the meta device and report
+    its summary, FLOPs (per token for token models, per sample otherwise) and memory estimate.
+    An `nn.Module` is inspected as is (it needs a `config` describing its input)."""
+    from torchgraft.tools.flops import flops_report
+    from torchgraft.tools.memory import estimate_memory
+
+    from torchgraft.tools.flops import FlopCount, measure_flops
+    from torchgraft.tools.memory import PRECISIONS, ActivationTrace, _choice, trace_activations
+
+    if seq_len is not None and seq_len < 1:
+        raise InspectError(f"seq_len must be >= 1, got {seq_len}")
+    count = trace = None
+    if isinstance(spec, nn.Module):
+        model, name = spec, type(spec).__name__
+    else:
+        from torchgraft.models.registry import build
+
+        overrides = dict(overrides or {})
+        model = build(spec, device="meta", **overrides)
+        name = getattr(model, "model_name", str(spec))
+        n_layer = getattr(getattr(model, "config", None), "n_layer", None)
+        if isinstance(n_layer, int) and n_layer > 2 and _identical_layers(model, n_layer):
+            # Layers of a zoo transformer are identical: measure 1- and 2-layer versions and
+            # extrapolate linearly in depth (exact; tests compare it with the full measurement).
+            prec = _choice("precision", precision, PRECISIONS)
+            small = [build(spec, device="meta", **{**overrides, "n_layer": k}) for k in (1, 2)]
+            c1, c2 = (measure_flops(m, seq_len=seq_len) for m in small)
+            t1, t2 = (trace_activations(m, dtype=prec.activation, batch=batch, seq_len=seq_len) for m in small)
+
+            def lin(a: int, b: int) -> int:
+                return a + (n_layer - 1) * (b - a)
+
+            count = FlopCount(lin(c1.forward, c2.forward), lin(c1.forward_backward, c2.forward_backward),
+                              lin(c1.matmul_params, c2.matmul_params), c1.batch)
+            trace = ActivationTrace(lin(t1.total, t2.total), t2.loss_buffers,
+                                    t2.blocks[-1:] * n_layer, t2.block_inputs[-1:] * n_layer)
+    s = summary(model, depth=depth, batch=1, seq_len=seq_len)
+    f = flops_report(model, seq_len=seq_len, count=count)
+    m = estimate_memory(model, batch=batch, seq_len=seq_len, precision=precision, optimizer=optimizer,
+                        sharding=sharding, activation_checkpointing=activation_checkpointing, trace=trace)
+    return Inspection(name, s, f, m)
