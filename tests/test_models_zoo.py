@@ -255,3 +255,31 @@ def test_heads_on_any_backbone():
     assert TaskModel(vit, ImageClassificationHead(64, 5, pooling="cls"))(torch.randn(2, 1, 32, 32)).shape == (2, 5)
     assert ImageClassificationHead(8, 3)(torch.randn(2, 8, 4, 4)).shape == (2, 3)
     assert TaskModel(gpt, LMHead(64, 100))(ids).shape == (2, 6, 100)
+
+
+def test_gpt_rope_and_gqa_variant_and_yaml(tmp_path):
+    model = torchgraft.build("gpt-tiny", positions="rope", n_kv_head=2).eval()
+    assert "pos_emb.weight" not in model.state_dict()
+    assert model.blocks[0].attn.k_proj.weight.shape == (32, 64)
+    ids = torch.randint(0, 256, (1, 70))  # RoPE has no block_size limit
+    full = model(ids)
+    cache = model.make_kv_cache(1, 80)
+    out = torch.cat([model(ids[:, :69], kv_cache=cache), model(ids[:, 69:], kv_cache=cache)], 1)
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-4)
+    p = tmp_path / "m.yaml"
+    p.write_text("model:\n  name: llama-tiny\n  n_layer: 3\n  rope_base: 500000\n")
+    m = torchgraft.build(str(p))
+    assert len(m.blocks) == 3 and m.rotary.base == 500000.0 and m.model_name == "llama-tiny"
+
+
+def test_bad_transformer_configs_are_rejected():
+    from torchgraft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="divisible"):
+        torchgraft.build("gpt-tiny", n_head=5)
+    with pytest.raises(ConfigError, match="multiple of model.n_kv_head"):
+        torchgraft.build("llama-tiny", n_kv_head=3)
+    with pytest.raises(ConfigError, match="task"):
+        torchgraft.build("bert-tiny", task="regression")
+    with pytest.raises(ConfigError, match="multiple of"):
+        torchgraft.build("vit-digits", patch_size=5)
