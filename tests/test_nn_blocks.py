@@ -186,6 +186,29 @@ def test_rope_matches_transformers_llama_rotary():
     torch.testing.assert_close(apply_rope(q, cos, sin), hq)
 
 
+def test_llama3_rope_scaling_matches_transformers():
+    tr = pytest.importorskip("transformers")
+    from transformers.models.llama import modeling_llama as ml
+
+    scaling = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+    try:
+        cfg = tr.LlamaConfig(hidden_size=2048, num_attention_heads=32, rope_theta=500000.0,
+                             rope_scaling=scaling, max_position_embeddings=131072)
+        hf = ml.LlamaRotaryEmbedding(config=cfg)
+    except Exception as e:  # pragma: no cover - depends on the installed transformers
+        pytest.skip(f"transformers llama3 rope unavailable: {e}")
+    mine = RotaryEmbedding(64, 500000.0, scaling=dict(type="llama3", factor=32.0, low_freq_factor=1.0,
+                                                       high_freq_factor=4.0,
+                                                       original_max_position_embeddings=8192))
+    torch.testing.assert_close(mine.inv_freq, hf.inv_freq.float())
+    pos = torch.tensor([[0, 5, 1000, 20000]])
+    hcos, hsin = hf(torch.randn(1, 4, 64), pos)
+    cos, sin = mine(pos)
+    torch.testing.assert_close(cos, hcos)
+    torch.testing.assert_close(sin, hsin)
+
+
 @pytest.mark.parametrize("n_kv_head,rope", [(4, None), (2, 10000.0), (1, 500000.0)])
 def test_kv_cache_equals_no_cache(n_kv_head, rope):
     attn = Attention(32, 4, n_kv_head=n_kv_head, rope_base=rope, bias=False).eval()

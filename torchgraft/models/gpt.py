@@ -67,7 +67,14 @@ class DecoderLM(nn.Module):
         hidden = c.intermediate_size or 4 * C
         self.tok_emb = nn.Embedding(c.vocab_size, C)
         self.pos_emb = nn.Embedding(c.block_size, C) if self.positions == "learned" else None
-        self.rotary = RotaryEmbedding(self.head_dim, c.rope_base) if self.positions == "rope" else None
+        self.rotary = None
+        if self.positions == "rope":
+            scaling = None
+            if getattr(c, "rope_scaling", "none") == "llama3":
+                scaling = dict(type="llama3", factor=c.rope_factor, low_freq_factor=c.rope_low_freq_factor,
+                               high_freq_factor=c.rope_high_freq_factor,
+                               original_max_position_embeddings=c.rope_original_max_len)
+            self.rotary = RotaryEmbedding(self.head_dim, c.rope_base, scaling=scaling)
         self.drop = nn.Dropout(c.dropout) if c.dropout else nn.Identity()
         blocks = []
         for _ in range(c.n_layer):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from torchgraft.models.gpt import DecoderLM, _check_transformer_config
 from torchgraft.models.registry import register_family, register_preset
@@ -24,6 +25,12 @@ class LlamaConfig:
     activation: str = "silu"  # SwiGLU
     head_dim: int | None = None  # None = n_embd // n_head
     init_std: float = 0.02
+    # Llama 3.1+ RoPE frequency scaling (HF rope_type "llama3"); "none" = plain RoPE
+    rope_scaling: Literal["none", "llama3"] = "none"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
 
     def __post_init__(self):
         _check_transformer_config(self)
@@ -45,6 +52,11 @@ register_preset("llama2-7b", "llama", description="Llama-2 7B",
 register_preset("llama3-8b", "llama", description="Llama-3 8B (GQA 32/8)",
                 vocab_size=128256, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096,
                 intermediate_size=14336, block_size=8192, norm_eps=1e-5, rope_base=500000.0)
+register_preset("llama3.2-1b", "llama", description="Llama-3.2 1B (GQA 32/8, tied, llama3 RoPE scaling)",
+                vocab_size=128256, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048,
+                intermediate_size=8192, block_size=131072, norm_eps=1e-5, rope_base=500000.0,
+                tie_embeddings=True, rope_scaling="llama3", rope_factor=32.0, rope_low_freq_factor=1.0,
+                rope_high_freq_factor=4.0, rope_original_max_len=8192)
 register_preset("llama3-70b", "llama", description="Llama-3 70B (GQA 64/8)",
                 vocab_size=128256, n_layer=80, n_head=64, n_kv_head=8, n_embd=8192,
                 intermediate_size=28672, block_size=8192, norm_eps=1e-5, rope_base=500000.0)
