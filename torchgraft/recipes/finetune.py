@@ -1,0 +1,181 @@
+"""Fine-tune recipe: pretrained source -> transfer -> method (full | freeze | lora | dora) -> trainer.
+
+    torchgraft finetune configs/finetune-lenet.yaml finetune.method=freeze --out runs/ft
+
+The YAML is a training config (model, data, optim, schedule, trainer) plus a `finetune` section
+(see `FinetuneConfig`). Outputs in the run directory, besides the trainer's: `transfer.json` (what
+happened to every tensor), `finetune.json` (method, trainable parameters, final metrics),
+`adapter/` (PEFT-layout adapter, LoRA/DoRA) and, with `--merge`, `merged/model.safetensors`
+(adapters folded in, original parameter names) + `merged/meta.json`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from torchgraft.config import apply_overrides, from_dict, load_yaml, parse_overrides, to_dict
+from torchgraft.errors import ConfigError
+
+
+@dataclass
+class LoraSection:
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+
+
+@dataclass
+class FinetuneConfig:
+    source: str | None = None             # checkpoint folder, run dir, .safetensors or HF-layout dir
+    rules: dict[str, str | None] = field(default_factory=dict)    # {"bert.*": "*"}
+    exclude: list[str] = field(default_factory=list)             # ["fc2.*"]: keep the new head
+    policies: dict[str, str] = field(default_factory=dict)        # {"fc2.*": "reset"}
+    default_policy: str = "skip"
+    strict: bool = False
+    method: Literal["full", "freeze", "lora", "dora"] = "full"
+    freeze: list[str] = field(default_factory=list)               # frozen patterns (method freeze only)
+    unfreeze_at: dict[int, list[str]] = field(default_factory=dict)  # gradual unfreezing {step: patterns}
+    lora: LoraSection = field(default_factory=LoraSection)
+    train_also: list[str] = field(default_factory=list)           # lora/dora: also train these (e.g. head)
+    layer_decay: float | None = None
+    lr_mult: dict[str, float] = field(default_factory=dict)
+    merge: bool = False                                           # write merged weights at the end
+
+
+def split_config(source: str | Path | dict[str, Any], overrides: list[str] | dict[str, Any] | None = None
+                 ) -> tuple[FinetuneConfig, dict[str, Any]]:
+    """(finetune section, the rest as a run-config tree), with dotted overrides applied to both."""
+    tree = load_yaml(source) if not isinstance(source, dict) else dict(source)
+    if overrides:
+        tree = apply_overrides(tree, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    if "finetune" not in tree or not isinstance(tree["finetune"], dict):
+        raise ConfigError("fine-tune config needs a `finetune:` section with at least `source:` "
+                          "(see docs/finetuning.md)")
+    ft = from_dict(FinetuneConfig, tree.pop("finetune"), prefix="finetune")
+    if not ft.source:
+        raise ConfigError("finetune.source is required: a checkpoint folder, run dir, .safetensors file "
+                          "or Hugging Face model directory")
+    return ft, tree
+
+
+def load_source(path: str) -> Any:
+    """A torchgraft checkpoint / safetensors path as is, or an HF-layout directory via load_hf."""
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file() and not (p / "meta.json").is_file() \
+            and not (p / "checkpoints").is_dir():
+        try:
+            from torchgraft.interop.hf import load_hf
+        except ImportError:  # interop not available: read its safetensors directly
+            return path
+        return load_hf(p, strict=False)
+    return path
+
+
+def apply_method(model: nn.Module, ft: FinetuneConfig) -> dict[str, Any]:
+    """Freeze / inject adapters as the method asks; returns a short description."""
+    from torchgraft.tools.freeze import freeze, trainable_summary, unfreeze
+
+    info: dict[str, Any] = {"method": ft.method}
+    if ft.method == "freeze":
+        if not ft.freeze and not ft.unfreeze_at:
+            raise ConfigError("method=freeze needs finetune.freeze patterns (e.g. ['conv1', 'conv2']) "
+                              "or a finetune.unfreeze_at schedule")
+        info["frozen"] = len(freeze(model, ft.freeze or None))
+    elif ft.method in ("lora", "dora"):
+        from torchgraft.peft import apply_lora
+
+        layers = apply_lora(model, ft.lora.targets, rank=ft.lora.rank, alpha=ft.lora.alpha,
+                            dropout=ft.lora.dropout, dora=ft.method == "dora", use_rslora=ft.lora.use_rslora)
+        info["adapted_layers"] = sorted(layers)
+    if ft.train_also:
+        unfreeze(model, ft.train_also)
+    info.update(trainable_summary(model))
+    return info
+
+
+def run_finetune(config: str | Path | dict[str, Any], out_dir: str | Path, overrides: list[str] | None = None,
+                 merge: bool | None = None, data: Any = None, model: nn.Module | None = None) -> dict[str, Any]:
+    """Run the whole recipe; returns the summary also written to `out_dir/finetune.json`.
+    `data` (a DataBundle) replaces the config's `data:` section and `model` (any nn.Module, e.g. one
+    that is not in the registry) the `model:` section, for use from Python."""
+    from torchgraft.data.registry import build_data
+    from torchgraft.tools.freeze import GradualUnfreeze
+    from torchgraft.tools.param_groups import param_groups
+    from torchgraft.tools.transfer import transfer
+    from torchgraft.train import load_run_config, run_training
+    from torchgraft.train.trainer import build_model_for, model_meta, seed_everything
+
+    ft, tree = split_config(config, overrides)
+    cfg = load_run_config(tree)
+    out = Path(out_dir)
+    seed_everything(cfg.trainer.seed)
+    data = data if data is not None else build_data(cfg.data, cfg.trainer.seed)
+    model = model if model is not None else build_model_for(cfg.model, data.info)
+
+    report = transfer(load_source(ft.source), model, rules=ft.rules or None, exclude=ft.exclude,
+                      policies=ft.policies, default_policy=ft.default_policy, strict=ft.strict)
+    if not report.copied and not report.adapted:
+        raise ConfigError(f"nothing was transferred from {ft.source}: no tensor names match the target model "
+                          "(map them with finetune.rules)")
+    info = apply_method(model, ft)
+
+    callbacks = []
+    if ft.unfreeze_at:
+        callbacks.append(GradualUnfreeze(ft.unfreeze_at))
+    groups_fn = None
+    if ft.layer_decay is not None or ft.lr_mult:
+        def groups_fn(m: nn.Module) -> list[dict[str, Any]]:
+            return param_groups(m, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                layer_decay=ft.layer_decay, lr_mult=ft.lr_mult or None)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "transfer.json").write_text(json.dumps(report.to_dict(), indent=1))
+    result = run_training(cfg, out, model=model, data=data, callbacks=callbacks, param_groups_fn=groups_fn)
+    model = result.model  # the trained model (unsharded when it was trained with FSDP)
+
+    summary: dict[str, Any] = {"source": report.source, "transfer": report.summary(), **info,
+                               "metrics": result.metrics, "best": result.best, "steps": result.step,
+                               "finetune_config": to_dict(ft)}
+    from torchgraft.distributed.env import is_main_process
+
+    if not is_main_process():  # a distributed run: rank 0 writes the outputs
+        return summary
+    if ft.method in ("lora", "dora"):
+        from torchgraft.peft import save_adapter
+
+        summary["adapter"] = str(save_adapter(model, out / "adapter"))
+    if merge if merge is not None else ft.merge:
+        summary["merged"] = str(write_merged(model, out / "merged", model_meta))
+    (out / "finetune.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def write_merged(model: nn.Module, path: Path, meta_fn) -> Path:
+    """Fold adapters into the base weights and write a weights-only checkpoint with original names."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from torchgraft.peft import lora_layers, unload
+
+    if lora_layers(model):
+        unload(model, merge=True)
+    path.mkdir(parents=True, exist_ok=True)
+    state: dict[str, Any] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for k, v in model.state_dict().items():  # tied weights are stored once (safetensors refuses aliases)
+        key = (v.data_ptr(), tuple(v.shape))
+        if key not in seen:
+            seen.add(key)
+            state[k] = v.detach().cpu().clone().contiguous()
+    tmp = path / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path / "model.safetensors")
+    (path / "meta.json").write_text(json.dumps({"model": meta_fn(model), "merged": True}, indent=1))
+    return path
