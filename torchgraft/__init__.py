@@ -7,3 +7,32 @@ from torchgraft.errors import TorchgraftError
 from torchgraft.models.registry import build, get_config, list_models, materialize
 
 __all__ = ["TorchgraftError", "build", "get_config", "list_models", "materialize", "__version__"]
+
+# Lazily imported public names: {name: module}. Add entries here rather than importing eagerly.
+_LAZY: dict[str, str] = {
+    "transfer": "torchgraft.tools.transfer",
+    "TransferReport": "torchgraft.tools.transfer",
+    "freeze": "torchgraft.tools.freeze",
+    "unfreeze": "torchgraft.tools.freeze",
+    "param_groups": "torchgraft.tools.param_groups",
+    "grow": "torchgraft.tools.grow",
+    "load_hf": "torchgraft.interop.hf",
+    "save_hf": "torchgraft.interop.hf",
+    "run_training": "torchgraft.train",
+    "load_checkpoint": "torchgraft.train",
+}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name: str):  # PEP 562: import heavy/circular pieces on first use
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name == "peft":
+        import importlib
+
+        return importlib.import_module("torchgraft.peft")
+    raise AttributeError(f"module 'torchgraft' has no attribute {name!r}")

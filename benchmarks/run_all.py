@@ -1,0 +1,37 @@
+"""`make bench`: run every benchmarks/bench_*.py in its own process and report which failed.
+
+Each benchmark prints its own table (ratios against a baseline measured in the same run).
+Usage: python benchmarks/run_all.py [NAME_SUBSTRING ...]
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    here = Path(__file__).resolve().parent
+    scripts = sorted(here.glob("bench_*.py"))
+    if argv:
+        scripts = [s for s in scripts if any(a in s.name for a in argv)]
+    if not scripts:
+        print("no benchmarks matched", file=sys.stderr)
+        return 1
+    failed = []
+    for script in scripts:
+        print(f"\n=== {script.name} ===", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.call([sys.executable, str(script)], cwd=here.parent)
+        print(f"--- {script.name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in "
+              f"{time.perf_counter() - t0:.0f}s", flush=True)
+        if rc != 0:
+            failed.append(script.name)
+    if failed:
+        print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

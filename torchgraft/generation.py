@@ -1,0 +1,341 @@
+"""Autoregressive generation for decoder LMs with a KV cache.
+
+Works with any model following the decoder-LM contract (docs/architecture.md):
+`forward(input_ids (B, T), attention_mask=None, position_ids=None, kv_cache=None) -> logits (B, T, V)`
+and `make_kv_cache(batch_size, max_seq_len)`.
+
+- prefill: the whole (left-padded) prompt batch goes through the model once, filling the cache;
+- decode: one token per step per row, attending over the cache.
+Batched prompts are left-padded; the padding mask and `position_ids = cumsum(mask) - 1` make each
+row behave exactly as if it were alone. `use_cache=False` recomputes the full sequence every step
+(the reference the cached path must equal, token for token, under greedy decoding).
+
+Decoding: `temperature=0` is greedy; otherwise logits / temperature, then top-k, then top-p
+(nucleus) filtering, then a multinomial draw. `repetition_penalty` (CTRL / HF rule) divides positive
+and multiplies negative logits of tokens already in the row. Generation of a row ends at
+`eos_token_id`, at a `stop` string (needs a tokenizer; the returned text ends before it) or after
+`max_new_tokens`.
+
+Past the model's `block_size` the context shifts: when the window is full, its last
+`block_size // 2` tokens are re-encoded from position 0 and decoding goes on (with or without the
+cache alike, so the two stay equal), like nanoGPT's cropping but without re-encoding every step.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchgraft.errors import ConfigError
+
+_DEFAULT = object()
+
+
+@dataclass
+class GenerationResult:
+    """What `generate` returns, one entry per prompt (in input order).
+
+    tokens: generated ids per row (prompt excluded; eos excluded; a stop string's tokens included);
+    texts: decoded completions (only with a tokenizer; cut before a stop string);
+    finish_reasons: "eos", "stop" or "length"; prompt_lengths: prompt tokens per row (no padding).
+    """
+    tokens: list[list[int]]
+    texts: list[str] | None
+    finish_reasons: list[str]
+    prompt_lengths: list[int]
+    steps: int = 0  # decode steps run (the longest row)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- logits processing ----------------------------------------------------------------------------
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty: logits (B, V) of token ids in `seen` (B, S) are divided by `penalty` when
+    positive and multiplied when negative. Duplicates in `seen` are harmless."""
+    if penalty == 1.0:
+        return logits
+    score = logits.gather(1, seen)  # (B, S)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(1, seen, score)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (ties at the k-th value kept), the rest -inf."""
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches p
+    (always at least the most likely one)."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
+    drop_sorted = mass_before >= p
+    drop_sorted[:, 0] = False
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token per row from logits (B, V) -> (B,)."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# ---- inputs ---------------------------------------------------------------------------------------
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into input_ids (B, T) and attention_mask (B, T) (1 = real token)."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ConfigError("every prompt needs at least one token (give a non-empty prompt or a "
+                          "tokenizer with a bos token)")
+    t = max(len(r) for r in rows)
+    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, t - len(r):] = 1
+    return ids, mask
+
+
+def _prepare_inputs(prompts: Any, tokenizer: Any, attention_mask: torch.Tensor | None, add_bos: bool | None,
+                    pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(prompts, torch.Tensor):
+        ids = prompts if prompts.dim() == 2 else prompts[None]
+        if attention_mask is None:
+            mask = torch.ones_like(ids)
+        else:
+            mask = attention_mask if attention_mask.dim() == 2 else attention_mask[None]
+            if mask.shape != ids.shape:
+                raise ConfigError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(ids.shape)}")
+            if (mask[:, -1] == 0).any():
+                raise ConfigError("batched prompts must be left-padded (the last position of every "
+                                  "row must be a real token)")
+        return ids.long(), mask.long()
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                    and all(isinstance(p, str) for p in prompts)):
+        if tokenizer is None:
+            raise ConfigError("text prompts need a tokenizer (generate(model, prompts, tokenizer))")
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        rows = []
+        for text in texts:
+            bos = add_bos if add_bos is not None else (text == "")
+            if bos and tokenizer.bos_id is None:
+                raise ConfigError("an empty prompt needs a tokenizer with a bos token; give some text")
+            rows.append(tokenizer.encode(text, add_bos=bos))
+        return left_pad(rows, pad_id)
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(p, Sequence) for p in prompts):
+        return left_pad(prompts, pad_id)
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(p, int) for p in prompts):
+        return left_pad([prompts], pad_id)
+    raise ConfigError("prompts must be a string, a list of strings, a list of token-id lists or an "
+                      "input_ids tensor (B, T)")
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "block_size", None)
+
+
+def _last_logits(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """Logits of the last position (B, V). Models exposing `forward_features` + `logits` (the zoo's
+    decoder LMs) skip the vocabulary projection of the other prompt positions."""
+    if hasattr(model, "forward_features") and hasattr(model, "logits"):
+        return model.logits(model.forward_features(ids, **kwargs)[:, -1])
+    return model(ids, **kwargs)[:, -1]
+
+
+# ---- the decoding loop ----------------------------------------------------------------------------
+@torch.inference_mode()
+def iter_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, repetition_penalty: float = 1.0, use_cache: bool = True,
+                generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,), for up to `max_new_tokens` steps.
+
+    Low level: no stopping rules (the caller stops iterating); rows are independent, so a caller
+    may ignore rows it considers finished. `input_ids` (B, T) left-padded with `attention_mask`.
+    """
+    if max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise ConfigError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+    device, _ = _model_device_dtype(model)
+    ids = input_ids.to(device)
+    b, t = ids.shape
+    mask = (attention_mask if attention_mask is not None else torch.ones_like(ids)).to(device).long()
+    limit = _max_positions(model)
+    if limit is not None and t > limit:
+        raise ConfigError(f"the prompt ({t} tokens) is longer than the model's block_size ({limit}); "
+                          "shorten the prompt")
+    if max_new_tokens == 0:
+        return
+    window = limit or t + max_new_tokens  # most positions the model attends over
+    keep = max(1, window // 2)  # tokens kept when the context is full
+    cache = model.make_kv_cache(b, min(t + max_new_tokens, window)) if use_cache else None
+    seen = torch.where(mask.bool(), ids, ids[:, -1:])  # every token so far; pads -> a real token of the row
+    seq, win_mask = ids, mask  # the current context window and its padding mask
+
+    def encode(seq: torch.Tensor, win_mask: torch.Tensor, kv_cache: Any) -> torch.Tensor:
+        """Logits (B, V) after a full pass over the window (prefill, or every step without a cache)."""
+        padded = bool((win_mask == 0).any())
+        # position of each token in its own row: 0 at the first real token
+        positions = (win_mask.cumsum(-1) - 1).clamp(min=0) if padded else None  # (B, T)
+        return _last_logits(model, seq, attention_mask=win_mask if padded else None,
+                            position_ids=positions, kv_cache=kv_cache)
+
+    logits = encode(seq, win_mask, cache)  # prefill
+    for step in range(max_new_tokens):
+        logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
+        tok = next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+        yield tok
+        if step == max_new_tokens - 1:
+            return
+        seen = torch.cat([seen, tok[:, None]], dim=1)
+        seq = torch.cat([seq, tok[:, None]], dim=1)
+        win_mask = torch.cat([win_mask, torch.ones_like(tok)[:, None]], dim=1)
+        if seq.shape[1] > window:  # context full: keep the last `keep` tokens and re-encode them
+            seq, win_mask = seq[:, -keep:], win_mask[:, -keep:]
+            if cache is not None:
+                cache.reset()
+            logits = encode(seq, win_mask, cache)
+        elif cache is not None:  # decode: one token against the cache
+            padded = bool((win_mask == 0).any())
+            new_pos = win_mask.sum(-1, keepdim=True) - 1  # (B, 1)
+            logits = model(tok[:, None], attention_mask=win_mask if padded else None,
+                           position_ids=new_pos if padded else None, kv_cache=cache)[:, -1]
+        else:  # reference path: the whole window again
+            logits = encode(seq, win_mask, None)
+
+
+def _stop_index(text: str, stop: Sequence[str]) -> int:
+    """Index of the earliest stop string in `text`, or -1."""
+    hits = [i for s in stop if (i := text.find(s)) >= 0]
+    return min(hits) if hits else -1
+
+
+def generate(model: nn.Module, prompts: Any, tokenizer: Any = None, *, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float = 1.0, stop: Sequence[str] | str | None = None,
+             eos_token_id: Any = _DEFAULT, attention_mask: torch.Tensor | None = None,
+             add_bos: bool | None = None, use_cache: bool = True, seed: int | None = None,
+             generator: torch.Generator | None = None,
+             on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
+    """Generate continuations of `prompts`.
+
+    `prompts`: a string or list of strings (with `tokenizer`), a list of token-id lists, or an
+    input_ids tensor (B, T), left-padded with `attention_mask` if rows differ in length.
+    `temperature=0` is greedy. `eos_token_id` defaults to the tokenizer's eos (None = never stop
+    early). `add_bos`: prepend bos to text prompts (default: only to empty prompts).
+    `seed` / `generator`: reproducible sampling. `on_token(row, token_id)` is called for every
+    new token of an unfinished row as it is produced (streaming; see also `stream`).
+    """
+    if isinstance(stop, str):
+        stop = [stop]
+    stop = [s for s in (stop or []) if s]
+    if stop and tokenizer is None:
+        raise ConfigError("stop strings need a tokenizer to decode the output")
+    if eos_token_id is _DEFAULT:
+        eos_token_id = tokenizer.eos_id if tokenizer is not None else None
+    pad_id = tokenizer.pad_id if tokenizer is not None else (eos_token_id if eos_token_id is not None else 0)
+    ids, mask = _prepare_inputs(prompts, tokenizer, attention_mask, add_bos, pad_id)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=_model_device_dtype(model)[0]).manual_seed(seed)
+    b = ids.shape[0]
+    out: list[list[int]] = [[] for _ in range(b)]
+    reasons = ["length"] * b
+    texts: list[str] | None = [""] * b if tokenizer is not None else None
+    done = [False] * b
+    steps = 0
+    for tok in iter_tokens(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                           use_cache=use_cache, generator=generator):
+        steps += 1
+        for row, t in enumerate(tok.tolist()):
+            if done[row]:
+                continue
+            if eos_token_id is not None and t == eos_token_id:
+                done[row], reasons[row] = True, "eos"
+                continue
+            out[row].append(t)
+            if on_token is not None:
+                on_token(row, t)
+            if stop:
+                text = tokenizer.decode(out[row])
+                if _stop_index(text, stop) >= 0:
+                    done[row], reasons[row] = True, "stop"
+        if all(done):
+            break
+    if texts is not None:
+        for row in range(b):
+            text = tokenizer.decode(out[row])
+            cut = _stop_index(text, stop) if stop else -1
+            texts[row] = text[:cut] if cut >= 0 else text
+    return GenerationResult(tokens=out, texts=texts, finish_reasons=reasons,
+                            prompt_lengths=mask.sum(-1).tolist(), steps=steps)
+
+
+def stream(model: nn.Module, prompt: str, tokenizer: Any, *, stop: Sequence[str] | str | None = None,
+           **kwargs: Any) -> Iterator[str]:
+    """Generate from one text prompt, yielding text pieces as soon as they are final.
+
+    Pieces are held back while the decoded text ends in an incomplete UTF-8 sequence (byte-level
+    BPE) or in the beginning of a stop string; the concatenated pieces equal
+    `generate(...).texts[0]`. Takes the keyword arguments of `generate`.
+    """
+    if isinstance(stop, str):
+        stop = [stop]
+    stop = [s for s in (stop or []) if s]
+    emitted = 0
+    tokens: list[int] = []
+    eos = kwargs.pop("eos_token_id", _DEFAULT)
+    eos = tokenizer.eos_id if eos is _DEFAULT else eos
+    add_bos = kwargs.pop("add_bos", None)
+    seed = kwargs.pop("seed", None)
+    generator = kwargs.pop("generator", None)
+    ids, mask = _prepare_inputs(prompt, tokenizer, None, add_bos, tokenizer.pad_id)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=_model_device_dtype(model)[0]).manual_seed(seed)
+    for tok in iter_tokens(model, ids, mask, generator=generator, **kwargs):
+        t = int(tok[0])
+        if eos is not None and t == eos:
+            break
+        tokens.append(t)
+        text = tokenizer.decode(tokens)
+        cut = _stop_index(text, stop) if stop else -1
+        if cut >= 0:
+            if cut > emitted:
+                yield text[emitted:cut]
+            return
+        safe = len(text.rstrip("\ufffd"))  # an incomplete multi-byte character: wait for its bytes
+        hold = 0  # longest suffix that could still grow into a stop string
+        for s in stop:
+            hold = max([hold] + [k for k in range(1, min(len(s) - 1, safe) + 1)
+                                 if text[:safe].endswith(s[:k])])
+        safe -= hold
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    text = tokenizer.decode(tokens)
+    if len(text) > emitted:
+        yield text[emitted:]

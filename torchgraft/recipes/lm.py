@@ -1,0 +1,186 @@
+"""Language-model recipes: load a trained LM with its tokenizer, and measure perplexity.
+
+`load_lm(path)` accepts
+- a run directory (`config.yaml`, `checkpoints/step_*/`): its newest good checkpoint;
+- a checkpoint folder (`model.safetensors` + `meta.json` + `manifest.json`);
+- a Hugging Face layout directory (`config.json` + `model.safetensors`), via `torchgraft.load_hf`.
+The tokenizer is the first `tokenizer.json` found in the checkpoint folder, the run directory or
+the HF directory; failing that it is rebuilt from the run's `data:` section (tokenizer spec and
+source), which gives the same tokenizer because char/byte/bpe tokenizers are deterministic.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchgraft.data.tokenizers import Tokenizer, load_tokenizer
+from torchgraft.errors import CheckpointError, ConfigError
+
+
+@dataclass
+class LoadedLM:
+    model: nn.Module
+    tokenizer: Tokenizer | None
+    data: dict[str, Any] | None  # the run's `data:` section, when known
+    path: Path                   # the directory the weights came from
+
+
+def _is_hf_dir(p: Path) -> bool:
+    return p.is_dir() and (p / "config.json").is_file() and (
+        (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()) \
+        and not (p / "meta.json").is_file()
+
+
+def _run_data_section(run_dir: Path | None, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The `data:` section of the run config, from meta.json or the run's config.yaml."""
+    for key in ("run_config", "config", "run"):
+        section = meta.get(key)
+        if isinstance(section, dict) and isinstance(section.get("data"), dict):
+            return section["data"]
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        from torchgraft.config import load_yaml
+
+        data = load_yaml(run_dir / "config.yaml").get("data")
+        if isinstance(data, dict):
+            return data
+    return None
+
+
+def _tokenizer_from_data(data: dict[str, Any] | None) -> Tokenizer | None:
+    if not data or data.get("name") != "text":
+        return None
+    from torchgraft.data.text import resolve_tokenizer
+
+    tok, _ = resolve_tokenizer(str(data.get("tokenizer", "char")), str(data.get("source", "builtin")),
+                               str(data.get("field", "text")), int(data.get("vocab_size", 4096)),
+                               data.get("cache_dir"))
+    return tok
+
+
+def find_tokenizer(*dirs: Path | None) -> Tokenizer | None:
+    """The first tokenizer.json in `dirs` (or their `tokenizer/` subfolder), else None."""
+    for d in dirs:
+        if d is None:
+            continue
+        for cand in (d / "tokenizer.json", d / "tokenizer" / "tokenizer.json"):
+            if cand.is_file():
+                return load_tokenizer(cand)
+    return None
+
+
+def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LoadedLM:
+    """Load a decoder LM and its tokenizer from a run dir, checkpoint folder or HF directory."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"model path not found: {p} (give a run directory, a checkpoint folder "
+                              "or a Hugging Face model directory)")
+    if _is_hf_dir(p):
+        import torchgraft
+
+        model = torchgraft.load_hf(p).to(device)
+        return LoadedLM(model.eval(), find_tokenizer(p), None, p)
+
+    from torchgraft.models.registry import build
+    from torchgraft.train.checkpoint import load_latest
+
+    ck = load_latest(p)
+    m = ck.meta.get("model") or {}
+    if not m.get("family"):
+        raise CheckpointError(f"checkpoint {ck.path} does not name a registered model family")
+    model = build({"family": m["family"], **m.get("config", {})}, device=device)
+    model.model_name = m.get("name", m["family"])
+    model.load_state_dict(ck.model_state)
+    ck_dir = Path(ck.path)
+    run_dir = ck_dir.parent.parent if ck_dir.parent.name == "checkpoints" else None
+    data = _run_data_section(run_dir, ck.meta)
+    tok = find_tokenizer(ck_dir, run_dir) or _tokenizer_from_data(data)
+    return LoadedLM(model.eval(), tok, data, ck_dir)
+
+
+# ---- perplexity -----------------------------------------------------------------------------------
+@torch.inference_mode()
+def perplexity(model: nn.Module, dataset: Any, batch_size: int = 16, max_batches: int | None = None,
+               device: str | torch.device | None = None) -> dict[str, float]:
+    """Mean next-token NLL (nats) and its exp over an LM dataset of {"input_ids", "labels"} items
+    (labels already shifted, -100 ignored). Every predicted token counts once."""
+    if len(dataset) == 0:
+        raise ConfigError("the evaluation set is empty (text shorter than seq_len + 1 tokens)")
+    model.eval()
+    device = device or next(model.parameters()).device
+    total, count = 0.0, 0
+    n = len(dataset)
+    for bi, start in enumerate(range(0, n, batch_size)):
+        if max_batches is not None and bi >= max_batches:
+            break
+        idx = torch.arange(start, min(start + batch_size, n))
+        if hasattr(dataset, "get_batch"):
+            batch = dataset.get_batch(idx)
+        else:
+            rows = [dataset[int(i)] for i in idx]
+            batch = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "labels")}
+        x, y = batch["input_ids"].to(device), batch["labels"].to(device)
+        logits = model(x).float()  # (B, T, V)
+        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100,
+                                 reduction="sum").item()
+        count += int((y != -100).sum())
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
+
+
+def eval_lm(path: str | Path, data: str | None = None, *, field: str = "text", seq_len: int | None = None,
+            batch_size: int = 16, max_batches: int | None = None, device: str = "cpu",
+            cache_dir: str | None = None) -> dict[str, Any]:
+    """`torchgraft eval`: perplexity of the LM at `path`.
+
+    Without `data`: the validation split of the run's own `data:` section. With `data` (a .txt /
+    .jsonl file, a directory or 'builtin'): all of that text, tokenized with the model's tokenizer,
+    in windows of `seq_len` tokens (default: the run's seq_len, else the model's block_size).
+    """
+    from torchgraft.data.text import PackedWindows, TokenStream, build_shards
+
+    lm = load_lm(path, device=device)
+    block = getattr(getattr(lm.model, "config", None), "block_size", None)
+    run_seq = int(lm.data["seq_len"]) if lm.data and "seq_len" in lm.data else None
+    seq_len = seq_len or run_seq or block or 256
+    if block is not None and seq_len > block:
+        raise ConfigError(f"seq_len {seq_len} exceeds the model's block_size {block}")
+    if data is None:
+        if not lm.data:
+            raise ConfigError(f"{path} has no run config to take validation data from; pass --data "
+                              "FILE_OR_DIR (or 'builtin')")
+        from torchgraft.data import build_data
+
+        section = {**lm.data, "seq_len": seq_len, "progress": False} if lm.data.get("name") == "text" \
+            else dict(lm.data)
+        bundle = build_data(section)
+        if bundle.val is None:
+            raise ConfigError("the run's data has no validation split; pass --data FILE_OR_DIR")
+        dataset, what = bundle.val, f"validation split of {lm.data.get('name')}"
+    else:
+        if lm.tokenizer is None:
+            raise ConfigError(f"no tokenizer.json found for {path}; put one next to the weights")
+        shard_dir = build_shards(data, field, lm.tokenizer, cache_dir, progress=False)
+        stream = TokenStream(shard_dir)
+        dataset, what = PackedWindows(stream, 0, len(stream), seq_len), str(data)
+    vocab = getattr(getattr(lm.model, "config", None), "vocab_size", None)
+    if lm.tokenizer is not None and vocab is not None and lm.tokenizer.vocab_size > vocab:
+        raise ConfigError(f"tokenizer has {lm.tokenizer.vocab_size} ids but the model only {vocab}; "
+                          "wrong tokenizer for this model")
+    out = perplexity(lm.model, dataset, batch_size=batch_size, max_batches=max_batches)
+    return {**out, "data": what, "seq_len": seq_len, "model": str(lm.path)}
+
+
+def format_eval(result: dict[str, Any]) -> str:
+    return (f"{result['data']}: loss {result['loss']:.4f} nats/token, perplexity "
+            f"{result['perplexity']:.3f} over {result['tokens']:,} tokens (seq_len {result['seq_len']})")
+
+
+def to_json(result: dict[str, Any]) -> str:
+    return json.dumps(result)

@@ -1,0 +1,373 @@
+"""Checkpoints that cannot be lost: atomic folders of safetensors + JSON with a sha256 manifest.
+
+Layout of `<run>/checkpoints/step_00000100/`:
+    model.safetensors      weights under the model's state_dict() names
+    optimizer.safetensors  optimizer tensors (state.<param index>.<key>)
+    optimizer.json         optimizer param groups and non-tensor state
+    rng.safetensors        torch CPU / CUDA generator states
+    trainer_state.json     step, data loader position, python/numpy RNG, counters, best metric, ...
+    meta.json              model name + config, run config, step, metrics
+    manifest.json          sha256 and size of every other file (written last)
+
+A checkpoint is written under a temporary name, each file fsynced, then the folder is renamed
+into place, so a crash leaves either the old set or the new one. Loading verifies the manifest and
+falls back to the previous good checkpoint with a warning. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from torchgraft.errors import CheckpointError
+
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """The newest checkpoint was unusable and an older one is used instead."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# ---------------------------------------------------------------- low-level atomic file writing
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temp file + fsync + rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _write_bytes(tmp, data)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True).encode()
+
+
+def _state_dict_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached contiguous CPU tensors; tied (shared-storage) entries are cloned so every name stays."""
+    out, seen = {}, set()
+    for k, v in sd.items():
+        t = v.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else None
+        if key is not None and key in seen:
+            t = t.clone()
+        elif key is not None:
+            seen.add(key)
+        out[k] = t.contiguous()
+    return out
+
+
+# ---------------------------------------------------------------- optimizer <-> files
+
+def optimizer_to_files(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = t
+    for pid, st in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(st)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+    """Load a JSON-restored optimizer state, turning lists back into tuples where the group had them."""
+    groups = sd["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"cannot resume: the checkpoint's optimizer has {len(groups)} parameter "
+                              f"groups, this run has {len(optimizer.param_groups)}")
+    for saved, current in zip(groups, optimizer.param_groups):
+        for k, v in current.items():
+            if isinstance(v, tuple) and isinstance(saved.get(k), list):
+                saved[k] = tuple(saved[k])
+    optimizer.load_state_dict(sd)
+
+
+# ---------------------------------------------------------------- RNG
+
+def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON part: python + numpy states, tensor part: torch CPU + CUDA states)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    js = {"python": [py[0], list(py[1]), py[2]],
+          "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
+                    float(np_state[4])]}
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    return js, tensors
+
+
+def restore_rng(js: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    v, internal, gauss = js["python"]
+    random.setstate((v, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = js["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k.split(".")[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda][: torch.cuda.device_count()])
+
+
+# ---------------------------------------------------------------- writing / verifying a checkpoint
+
+def write_checkpoint(path: str | Path, *, model_state: dict[str, torch.Tensor], meta: dict[str, Any],
+                     optimizer_state: dict[str, Any] | None = None,
+                     trainer_state: dict[str, Any] | None = None,
+                     rng_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint folder atomically (temp folder, fsync every file, manifest, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files: dict[str, bytes] = {"model.safetensors": st_save(_state_dict_tensors(model_state),
+                                                            metadata={"format": "pt"})}
+    if optimizer_state is not None:
+        tensors, js = optimizer_to_files(optimizer_state)
+        files["optimizer.safetensors"] = st_save(tensors)
+        files["optimizer.json"] = _json_bytes(js)
+    if rng_tensors is not None:
+        files["rng.safetensors"] = st_save({k: v.contiguous() for k, v in rng_tensors.items()})
+    if trainer_state is not None:
+        files["trainer_state.json"] = _json_bytes(trainer_state)
+    files["meta.json"] = _json_bytes(meta)
+    manifest = {"format_version": FORMAT_VERSION, "step": meta.get("step"),
+                "files": {n: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)}
+                          for n, b in files.items()}}
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for name, data in files.items():
+        _write_bytes(tmp / name, data)
+    _write_bytes(tmp / "manifest.json", _json_bytes(manifest))
+    _fsync_dir(tmp)
+    if path.exists():  # re-saving the same step (e.g. after a resume): move the old one aside first
+        trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+        os.replace(path, trash)
+        os.replace(tmp, path)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def read_verified(path: str | Path) -> dict[str, bytes]:
+    """Read every file of a checkpoint and check it against the manifest; CheckpointError if not."""
+    path = Path(path)
+    mpath = path / "manifest.json"
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        manifest = json.loads(mpath.read_bytes())
+        entries = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} has no manifest.json (incomplete write?)") from None
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {path} has an unreadable manifest.json") from None
+    out = {}
+    for name, info in entries.items():
+        fpath = path / name
+        try:
+            data = fpath.read_bytes()
+        except OSError:
+            raise CheckpointError(f"checkpoint {path} is missing {name}") from None
+        if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: {name} is corrupted (sha256 mismatch)")
+        out[name] = data
+    return out
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    model_state: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    optimizer_state: dict[str, Any] | None
+    trainer_state: dict[str, Any] | None
+    rng_tensors: dict[str, torch.Tensor] | None
+
+
+def _parse(path: Path, files: dict[str, bytes]) -> LoadedCheckpoint:
+    try:
+        model_state = st_load(files["model.safetensors"])
+        meta = json.loads(files["meta.json"])
+        opt = None
+        if "optimizer.safetensors" in files:
+            opt = optimizer_from_files(st_load(files["optimizer.safetensors"]),
+                                       json.loads(files["optimizer.json"]))
+        ts = json.loads(files["trainer_state.json"]) if "trainer_state.json" in files else None
+        rng = st_load(files["rng.safetensors"]) if "rng.safetensors" in files else None
+    except (KeyError, ValueError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+    return LoadedCheckpoint(path, model_state, meta, opt, ts, rng)
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Checkpoint folders under `root` (a checkpoints/ folder), oldest step first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def _checkpoints_root(path: Path) -> Path | None:
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints"
+    if list_checkpoints(path):
+        return path
+    return None
+
+
+def load_latest(path: str | Path, *, before: Path | None = None) -> LoadedCheckpoint:
+    """Load the newest good checkpoint of a run dir / checkpoints dir / checkpoint folder.
+
+    A checkpoint folder that fails verification falls back to the previous good one in the same
+    parent with a `CheckpointFallbackWarning`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path} (give a run directory or a "
+                              f"checkpoints/step_XXXXXXXX folder)")
+    root = _checkpoints_root(path)
+    if root is not None:
+        candidates = list_checkpoints(root)
+        if not candidates:
+            raise CheckpointError(f"no checkpoints in {root}")
+    elif (path / "manifest.json").exists() or _STEP_DIR.match(path.name):
+        siblings = list_checkpoints(path.parent) if _STEP_DIR.match(path.name) else []
+        candidates = [p for p in siblings if p.name <= path.name] or [path]
+        if path not in candidates:
+            candidates.append(path)
+    else:
+        raise CheckpointError(f"{path} is neither a run directory nor a checkpoint folder "
+                              f"(expected checkpoints/ or manifest.json inside)")
+    errors = []
+    for cand in reversed(candidates):
+        try:
+            loaded = _parse(cand, read_verified(cand))
+        except CheckpointError as e:
+            errors.append(str(e))
+            warnings.warn(f"{e}; falling back to the previous checkpoint", CheckpointFallbackWarning,
+                          stacklevel=2)
+            continue
+        return loaded
+    raise CheckpointError(f"no good checkpoint under {path}: " + "; ".join(errors))
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(model state_dict, meta) of the newest good checkpoint at `path`, manifest verified."""
+    ck = load_latest(path)
+    return ck.model_state, ck.meta
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild a registered model from a checkpoint's meta.json and load its weights."""
+    from torchgraft.models.registry import build
+
+    state, meta = load_checkpoint(path)
+    m = meta.get("model") or {}
+    if not m.get("family"):
+        raise CheckpointError(f"checkpoint at {path} does not name a registered model family; "
+                              f"build the model yourself and load_state_dict(load_checkpoint(...)[0])")
+    model = build({"family": m["family"], **m.get("config", {})}, device=device)
+    model.model_name = m.get("name", m["family"])
+    model.load_state_dict(state)
+    return model
+
+
+class CheckpointManager:
+    """Saves step checkpoints under `root`, keeps the last K plus the best, tracks `best.json`."""
+
+    def __init__(self, root: str | Path, keep_last: int = 2):
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def path_for(self, step: int) -> Path:
+        return self.root / step_dir_name(step)
+
+    def save(self, step: int, **parts: Any) -> Path:
+        self.clean_temp()
+        return write_checkpoint(self.path_for(step), **parts)
+
+    def mark_best(self, step: int, metric: str, value: float) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.root / "best.json", _json_bytes(
+            {"name": step_dir_name(step), "step": step, "metric": metric, "value": value}))
+
+    def best_name(self) -> str | None:
+        try:
+            return json.loads((self.root / "best.json").read_text())["name"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def prune(self) -> None:
+        """Delete all but the last `keep_last` checkpoints and the best one (rename, then remove)."""
+        ckpts = list_checkpoints(self.root)
+        keep = set(p.name for p in ckpts[-self.keep_last:]) if self.keep_last else {ckpts[-1].name} if ckpts else set()
+        best = self.best_name()
+        if best:
+            keep.add(best)
+        for p in ckpts:
+            if p.name not in keep:
+                trash = p.with_name(f".trash-{p.name}-{os.getpid()}")
+                os.replace(p, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+
+    def clean_temp(self) -> None:
+        """Remove leftovers of interrupted writes/deletes (.tmp-*, .trash-*)."""
+        if self.root.is_dir():
+            for p in self.root.iterdir():
+                if p.name.startswith((".tmp-", ".trash-")) and p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
