@@ -222,6 +222,7 @@ class Trainer:
         self.flops_per_step: int | None = None
         self.peak_flops = device_peak_flops(self.device, t.precision)
         self.logger: MetricsLogger | None = None
+        self.scaler_skip = False  # the last step was skipped by the fp16 GradScaler
 
     def load_initial_weights(self, path: str) -> None:
         """`trainer.init_from`: load weights (manifest verified) into the model before training."""
@@ -290,6 +291,9 @@ class Trainer:
             norm = norm.full_tensor()
         loss_val, norm_val = loss_acc.item(), norm.item()
         ok = math.isfinite(loss_val) and math.isfinite(norm_val)
+        # fp16: overflowing gradients with a finite loss are the GradScaler's normal calibration
+        # (it skips the update and lowers the scale), not a diverging run
+        self.scaler_skip = not ok and self.scaler is not None and math.isfinite(loss_val)
         if ok:
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -446,7 +450,7 @@ class Trainer:
                     s.consecutive_bad = 0
                 else:
                     s.skipped_steps += 1
-                    s.consecutive_bad += 1
+                    s.consecutive_bad += 0 if self.scaler_skip else 1
                     if s.consecutive_bad >= t.max_bad_steps:
                         self._stop_non_finite(loss, gnorm)
                 final = s.step >= t.max_steps
