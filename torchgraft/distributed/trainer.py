@@ -33,7 +33,7 @@ from torchgraft.distributed.env import DistInfo, barrier, init_distributed
 from torchgraft.distributed.parallel import find_blocks, grad_sync, parallelize, strategy_of, unwrap
 from torchgraft.errors import CheckpointError, ConfigError
 from torchgraft.train.checkpoint import (FORMAT_VERSION, _fsync_dir, _json_bytes, _state_dict_tensors,
-                                         _write_bytes, capture_rng, list_checkpoints, load_latest,
+                                         _write_bytes, capture_rng, list_checkpoints, load_latest, publish_dir,
                                          load_optimizer_state, read_verified, restore_rng)
 from torchgraft.train.config import RunConfig, load_run_config
 from torchgraft.train.trainer import Trainer, TrainState, build_model_for, model_meta, resolve_device
@@ -358,14 +358,6 @@ def write_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.opti
         _write_bytes(tmp / "manifest.json", _json_bytes(
             {"format_version": FORMAT_VERSION, "step": meta.get("step"), "files": entries}))
         _fsync_dir(tmp / "dcp")
-        _fsync_dir(tmp)
-        if path.exists():
-            trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
-            os.replace(path, trash)
-            os.replace(tmp, path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        publish_dir(tmp, path)
     barrier()
     return path

@@ -190,6 +190,12 @@ def write_checkpoint(path: str | Path, *, model_state: dict[str, torch.Tensor], 
     for name, data in files.items():
         _write_bytes(tmp / name, data)
     _write_bytes(tmp / "manifest.json", _json_bytes(manifest))
+    publish_dir(tmp, path)
+    return path
+
+
+def publish_dir(tmp: Path, path: Path) -> None:
+    """Atomically make the fully written folder `tmp` visible as `path` (fsync, then rename)."""
     _fsync_dir(tmp)
     if path.exists():  # re-saving the same step (e.g. after a resume): move the old one aside first
         trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
@@ -199,7 +205,6 @@ def write_checkpoint(path: str | Path, *, model_state: dict[str, torch.Tensor], 
     else:
         os.replace(tmp, path)
     _fsync_dir(path.parent)
-    return path
 
 
 def read_verified(path: str | Path) -> dict[str, bytes]:
