@@ -65,17 +65,7 @@ def test_bad_options_are_named():
         build_data({"name": "digits", "label": [1]})
     with pytest.raises(ConfigError, match="did you mean 'digits'"):
         build_data({"name": "digit"})
-    assert {"digits", "chars"} <= set(list_datasets())
-
-
-def test_chars_dataset_windows_shift_by_one():
-    b = build_data({"name": "chars", "block_size": 32})
-    batch = b.train.get_batch(torch.tensor([0, 5]))
-    assert batch["input_ids"].shape == (2, 32)
-    assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
-    itos = b.info["itos"]
-    assert "".join(itos[i] for i in batch["input_ids"][0].tolist()) in "".join(
-        itos[i] for i in b.train.ids[:40].tolist())
+    assert {"digits", "text"} <= set(list_datasets())  # character-level text: "text", tokenizer char
 
 
 def test_sampler_epochs_are_permutations_and_state_is_o1():

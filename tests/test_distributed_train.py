@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -59,12 +60,14 @@ def test_cli_fsdp_two_processes_resumes_across_world_sizes(tmp_path):
     assert (run / "checkpoints" / "step_00000002" / "dcp" / ".metadata").is_file()
 
     # ... resumed on 2 processes (1 -> 2) up to step 4 through the CLI (--nproc re-launches torchrun) ...
+    shutil.rmtree(run / "tokenizer")  # rank 0 of the resumed run writes the data's tokenizer again
     r = _cli("train", str(cfg), "--out", str(run), "--nproc", "2", "--resume",
              "distributed.strategy=fsdp", "trainer.max_steps=4")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("done: step 4") == 1, r.stdout          # only rank 0 reports
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4], steps                              # one writer: rank 0
+    assert (run / "tokenizer" / "tokenizer.json").is_file()
     shards = sorted(p.name for p in (run / "checkpoints" / "step_00000004" / "dcp").glob("*.distcp"))
     assert len(shards) == 2, shards                               # written by 2 ranks
 

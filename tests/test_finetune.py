@@ -154,7 +154,8 @@ def test_hf_layout_source_through_load_hf(tmp_path):
                         "policies": {"tok_emb.weight": "vocab"},  # the char data has a smaller vocabulary
                         "lora": {"targets": ["q_proj", "v_proj"], "rank": 2}},
            "model": {"name": "gpt-tiny"},
-           "data": {"name": "chars", "block_size": 32, "max_chars": 20000},
+           "data": {"name": "text", "tokenizer": "char", "seq_len": 32, "max_tokens": 20000,
+                    "cache_dir": str(tmp_path / "cache"), "progress": False},
            "trainer": {"max_steps": 3, "batch_size": 4, "eval_max_batches": 1, "eval_batch_size": 4, **QUIET}}
     summary = run_finetune(cfg, tmp_path / "run")
     assert summary["source"] == type(torchgraft.load_hf(tmp_path / "hf")).__name__  # a model, not the file

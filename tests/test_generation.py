@@ -184,3 +184,45 @@ def test_cli_generate_streams_from_a_run_dir(char_setup, tmp_path, capsys):
         main(["generate", str(tmp_path / "nothing"), "--prompt", "x"])
     assert e.value.code == 2 and "not found" in capsys.readouterr().err
     assert json.loads((run / "tokenizer_config.json").read_text())["eos_token"] == "<|endoftext|>"
+
+
+def test_trained_run_saves_its_tokenizer_for_generate_and_convert(tmp_path, capsys, monkeypatch):
+    """`torchgraft train` writes <run>/tokenizer/; generate uses it (no rebuild) and convert copies it."""
+    from pathlib import Path
+
+    import torchgraft.recipes.lm as lm_mod
+    from torchgraft.cli import main
+    from torchgraft.data.tokenizers import load_tokenizer
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "gpt-char.yaml"
+    run, hf = tmp_path / "run", tmp_path / "hf"
+    main(["train", str(config), "--out", str(run), "trainer.max_steps=2", "trainer.eval_max_batches=1",
+          "trainer.progress=false", "trainer.tensorboard=false", "trainer.measure_flops=false",
+          f"data.cache_dir={tmp_path / 'cache'}", "data.progress=false", "data.seq_len=32"])
+    capsys.readouterr()
+    saved = run / "tokenizer" / "tokenizer.json"
+    assert saved.is_file() and (run / "tokenizer" / "tokenizer_config.json").is_file()
+    tok = load_tokenizer(saved)
+    assert tok.vocab_size == 106 and tok.eos_token == "<|endoftext|>"
+
+    def no_rebuild(data):
+        raise AssertionError("the tokenizer was rebuilt from the config instead of read from the run")
+
+    monkeypatch.setattr(lm_mod, "_tokenizer_from_data", no_rebuild)
+    main(["generate", str(run), "--prompt", "The", "--max-new-tokens", "5", "-t", "0"])
+    out = capsys.readouterr().out
+    lm = lm_mod.load_lm(run)
+    assert out == "The" + generate(lm.model, "The", lm.tokenizer, max_new_tokens=5).texts[0] + "\n"
+    main(["convert", str(run), str(hf)])
+    assert (hf / "tokenizer.json").read_text() == saved.read_text()
+    assert (hf / "tokenizer_config.json").is_file() and "tokenizer" in capsys.readouterr().out
+    back = lm_mod.load_lm(hf)  # the HF directory carries the tokenizer, and the same weights
+    assert back.tokenizer.fingerprint() == tok.fingerprint()
+    assert generate(back.model, "The", back.tokenizer, max_new_tokens=5).texts == \
+        generate(lm.model, "The", lm.tokenizer, max_new_tokens=5).texts
+    # a run without the saved file (older runs): convert rebuilds the same tokenizer from the config
+    monkeypatch.undo()
+    for f in (run / "tokenizer").iterdir():
+        f.unlink()
+    main(["convert", str(run), str(tmp_path / "hf2")])
+    assert load_tokenizer(tmp_path / "hf2").fingerprint() == tok.fingerprint()

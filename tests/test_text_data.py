@@ -49,6 +49,21 @@ def test_batches_via_get_batch_match_items(tmp_path):
     assert torch.equal(b.train[1]["input_ids"][:8], b.train[0]["input_ids"][8:])  # stride 8 overlaps
 
 
+def test_max_tokens_uses_a_prefix_of_the_same_stream(tmp_path):
+    full = _build(tmp_path, seq_len=32)
+    small = _build(tmp_path, seq_len=32, max_tokens=2000, val_fraction=0.2)
+    assert small.info["shard_dir"] == full.info["shard_dir"]  # same shards, same tokenizer
+    assert small.info["tokenizer"].fingerprint() == full.info["tokenizer"].fingerprint()
+    assert small.info["n_train_tokens"] == 1600 and small.info["n_val_tokens"] == 400
+    assert len(small.train) == (1600 - 33) // 32 + 1 and len(small.val) == (400 - 33) // 32 + 1
+    assert torch.equal(small.train[3]["input_ids"], full.train[3]["input_ids"])
+    assert torch.equal(small.val[0]["input_ids"], full.train.get_batch(torch.tensor([50]))["input_ids"][0])
+    with pytest.raises(ConfigError, match="max_tokens"):
+        _build(tmp_path, max_tokens=0)
+    with pytest.raises(ConfigError, match="max_tokens"):
+        _build(tmp_path, seq_len=32, max_tokens=40)
+
+
 def test_shards_are_written_once_and_reused(tmp_path, monkeypatch):
     b = _build(tmp_path, seq_len=64)
     meta = os.path.join(b.info["shard_dir"], "meta.json")

@@ -227,13 +227,15 @@ def test_autocast_precisions_on_cpu(tmp_path, precision, dtype):
 
 
 def test_gpt_tiny_on_chars_loss_goes_down(tmp_path):
-    c = {"model": {"name": "gpt-tiny"}, "data": {"name": "chars", "block_size": 64},
+    c = {"model": {"name": "gpt-tiny"},
+         "data": {"name": "text", "tokenizer": "char", "seq_len": 64, "cache_dir": str(tmp_path / "cache"),
+                  "progress": False},
          "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.1},
          "trainer": {"max_steps": 40, "batch_size": 16, "grad_accum_steps": 2, "eval_every": 40,
                      "eval_max_batches": 4, "progress": False, "tensorboard": False, "log_every": 1,
                      "grad_clip": 1.0}}
     res = run_training(c, tmp_path)
-    assert res.model.config.vocab_size == 103  # filled from the data
+    assert res.model.config.vocab_size == 106  # filled from the data (3 specials + 103 characters)
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert recs[0]["loss"] > 4.0 and res.metrics["val_loss"] < 3.0 and recs[-1]["tokens_per_s"] > 0
 

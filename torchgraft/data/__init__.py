@@ -1,6 +1,5 @@
 """Datasets, tokenizers, packing and stateful loaders. Importing registers the built-in datasets."""
 from torchgraft.data.registry import DataBundle, build_data, list_datasets, register_dataset
-from torchgraft.data import chars as _chars  # noqa: F401,E402  (registers "chars")
 from torchgraft.data import digits as _digits  # noqa: F401,E402  (registers "digits")
 from torchgraft.data import text as _text  # noqa: F401,E402  (registers "text")
 

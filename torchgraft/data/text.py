@@ -8,7 +8,8 @@ Pipeline (registered as the dataset "text"):
    shards (`uint16` when the vocabulary fits, else `uint32`) under a cache directory keyed by the
    source (paths, sizes, mtimes), the field and the tokenizer, with a progress bar; later runs
    memory-map the same shards;
-3. the stream is split deterministically: the last `val_fraction` of tokens is validation;
+3. the stream (or its first `max_tokens` tokens) is split deterministically: the last
+   `val_fraction` of tokens is validation;
 4. `PackedWindows` cuts each part into fixed windows of `seq_len + 1` tokens (map-style, so a
    sampler's index order alone fixes the batches, which keeps exact resume exact).
 
@@ -340,6 +341,7 @@ class TextDataConfig:
     seq_len: int = 256               # tokens per training window
     stride: int | None = None        # train window step (default seq_len; smaller = overlapping)
     val_fraction: float = 0.1        # last fraction of the token stream held out
+    max_tokens: int | None = None    # use only the first N tokens of the stream (quick experiments)
     cache_dir: str | None = None     # default $TORCHGRAFT_CACHE/text or ~/.cache/torchgraft/text
     shard_tokens: int = 1 << 26      # tokens per shard file
     progress: bool = True            # progress bar while tokenizing
@@ -355,10 +357,12 @@ def build_text(options: dict[str, Any], seed: int = 0) -> DataBundle:
         raise ConfigError(f"data.stride must be >= 1, got {cfg.stride}")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.max_tokens is not None and cfg.max_tokens < 1:
+        raise ConfigError(f"data.max_tokens must be >= 1 (or null for all), got {cfg.max_tokens}")
     tok, _ = resolve_tokenizer(cfg.tokenizer, cfg.source, cfg.field, cfg.vocab_size, cfg.cache_dir)
     shard_dir = build_shards(cfg.source, cfg.field, tok, cfg.cache_dir, cfg.shard_tokens, cfg.progress)
     stream = TokenStream(shard_dir)
-    n = len(stream)
+    n = len(stream) if cfg.max_tokens is None else min(len(stream), cfg.max_tokens)  # shards stay whole
     n_val = int(round(n * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
     if n_val:
         n_val = max(n_val, cfg.seq_len + 1)
@@ -367,7 +371,7 @@ def build_text(options: dict[str, Any], seed: int = 0) -> DataBundle:
     val = PackedWindows(stream, n_train, n, cfg.seq_len) if n_val else None
     if len(train) == 0:
         raise ConfigError(f"the training split has {n_train} tokens, fewer than seq_len + 1 = "
-                          f"{cfg.seq_len + 1}; lower data.seq_len or add text")
+                          f"{cfg.seq_len + 1}; lower data.seq_len, raise data.max_tokens or add text")
     info = {"vocab_size": tok.vocab_size, "tokenizer": tok,
             "tokenizer_path": str(shard_dir / "tokenizer.json"), "seq_len": cfg.seq_len,
             "eos_id": tok.eos_id, "pad_id": tok.pad_id, "n_train_tokens": n_train,

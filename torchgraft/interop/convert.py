@@ -5,7 +5,9 @@
   `manifest.json`), so `torchgraft.train.checkpoint.load_model(DST)` rebuilds it.
 - torchgraft -> HF: a checkpoint folder or run directory (its newest good checkpoint) -> `save_hf`.
 
-Tokenizer files found next to the source are copied along.
+Tokenizer files found next to the source (for a run: the checkpoint folder, the run root or
+`<run>/tokenizer/`, where the trainer saves it) are copied along; a run without one gets the tokenizer
+rebuilt from its config's `data:` section (`torchgraft.recipes.lm.checkpoint_tokenizer`).
 """
 from __future__ import annotations
 
@@ -125,6 +127,16 @@ def torchgraft_to_hf(src: str | Path, dst: str | Path, *, dtype: torch.dtype | N
     save_hf(model, dst, max_shard_size=max_shard_size, dtype=dtype,
             config_overrides={k: v for k, v in special.items() if k in SPECIAL_TOKEN_FIELDS})
     copied = _copy_tokenizer(_tokenizer_dirs(src, ckpt), dst)
+    if not copied:  # a run saved before the trainer wrote its tokenizer: rebuild it from the config
+        from torchgraft.recipes.lm import checkpoint_tokenizer
+
+        try:
+            tok = checkpoint_tokenizer(ckpt, loaded.meta)
+        except ConfigError:  # e.g. the run's text source is gone: convert the weights alone
+            tok = None
+        if tok is not None:
+            tok.save(dst)
+            copied = ["tokenizer.json", "tokenizer_config.json (rebuilt from the run's data section)"]
     n = sum(t.numel() for t in model.state_dict().values())
     extra = f"; tokenizer: {', '.join(copied)}" if copied else ""
     return ConvertResult(src, dst, "hf", f"{ckpt.name} ({model.model_name}) -> {arch}: "

@@ -4,9 +4,10 @@
 - a run directory (`config.yaml`, `checkpoints/step_*/`): its newest good checkpoint;
 - a checkpoint folder (`model.safetensors` + `meta.json` + `manifest.json`);
 - a Hugging Face layout directory (`config.json` + `model.safetensors`), via `torchgraft.load_hf`.
-The tokenizer is the first `tokenizer.json` found in the checkpoint folder, the run directory or
-the HF directory; failing that it is rebuilt from the run's `data:` section (tokenizer spec and
-source), which gives the same tokenizer because char/byte/bpe tokenizers are deterministic.
+The tokenizer is the first `tokenizer.json` found in the checkpoint folder, the run directory (root or
+`tokenizer/`, where the trainer saves it) or the HF directory; failing that (runs saved before the
+trainer wrote it) it is rebuilt from the run's `data:` section (tokenizer spec and source), which gives
+the same tokenizer because char/byte/bpe tokenizers are deterministic.
 """
 from __future__ import annotations
 
@@ -75,6 +76,14 @@ def find_tokenizer(*dirs: Path | None) -> Tokenizer | None:
     return None
 
 
+def checkpoint_tokenizer(ck_dir: Path, meta: dict[str, Any]) -> Tokenizer | None:
+    """The tokenizer of a trainer checkpoint folder: a saved tokenizer.json (the checkpoint folder, then
+    its run directory's root or `tokenizer/`, where the trainer saves it), else one rebuilt from the
+    run's `data:` section (runs saved before the trainer wrote it), else None."""
+    run_dir = ck_dir.parent.parent if ck_dir.parent.name == "checkpoints" else None
+    return find_tokenizer(ck_dir, run_dir) or _tokenizer_from_data(_run_data_section(run_dir, meta))
+
+
 def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LoadedLM:
     """Load a decoder LM and its tokenizer from a run dir, checkpoint folder or HF directory."""
     p = Path(path).expanduser()
@@ -100,7 +109,7 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LoadedLM:
     ck_dir = Path(ck.path)
     run_dir = ck_dir.parent.parent if ck_dir.parent.name == "checkpoints" else None
     data = _run_data_section(run_dir, ck.meta)
-    tok = find_tokenizer(ck_dir, run_dir) or _tokenizer_from_data(data)
+    tok = checkpoint_tokenizer(ck_dir, ck.meta)
     return LoadedLM(model.eval(), tok, data, ck_dir)
 
 

@@ -108,6 +108,15 @@ def model_meta(model: nn.Module) -> dict[str, Any]:
             "config": to_dict(mcfg) if dataclasses.is_dataclass(mcfg) else None}
 
 
+def save_run_tokenizer(run_dir: Path, info: dict[str, Any]) -> Path | None:
+    """Write the data's tokenizer (`DataBundle.info["tokenizer"]`) as `run_dir/tokenizer/` (tokenizer.json
+    + tokenizer_config.json), which `generate`, `eval` and `convert` use. None if there is none."""
+    tok = info.get("tokenizer")
+    if tok is None or not hasattr(tok, "save"):
+        return None
+    return tok.save(run_dir / "tokenizer")
+
+
 def _logits(out: Any) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
@@ -427,6 +436,7 @@ class Trainer:
         s = self.state
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            save_run_tokenizer(self.run_dir, self.data.info)
         self.logger = self.make_logger(s.step if resumed else None)
         unit = "tokens" if self.task == "lm" else "samples"
         bar = ProgressBar(t.max_steps, s.step, enabled=t.progress and self.is_main, unit=unit)
