@@ -121,16 +121,20 @@ def _logits(out: Any) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
-def loss_sum_and_count(model: nn.Module, batch: dict[str, torch.Tensor], task: str
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sum of per-target cross-entropy, number of targets, number correct) for one (micro-)batch."""
-    labels = batch["labels"]
+def flat_logits_and_labels(model: nn.Module, batch: dict[str, torch.Tensor], task: str
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the model on a batch; return float32 logits (N, K) and labels (N,) over every target."""
     if task == "lm":
         logits = _logits(model(batch["input_ids"], attention_mask=batch.get("attention_mask")))  # (B, T, V)
     else:
         logits = _logits(model(batch["inputs"]))  # (B, K)
-    logits = logits.reshape(-1, logits.shape[-1]).float()
-    labels = labels.reshape(-1)
+    return logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1)
+
+
+def loss_sum_and_count(model: nn.Module, batch: dict[str, torch.Tensor], task: str
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum of per-target cross-entropy, number of targets, number correct) for one (micro-)batch."""
+    logits, labels = flat_logits_and_labels(model, batch, task)
     loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
     valid = labels != IGNORE_INDEX
     correct = ((logits.argmax(-1) == labels) & valid).sum()
@@ -142,12 +146,7 @@ def step_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str,
     """Training loss of one micro-batch: summed cross-entropy / `total` targets of the whole step
     (so accumulated micro-batches give exactly the full batch's gradient), or the plain mean over
     this batch's targets when `total` is None (a single micro-batch)."""
-    labels = batch["labels"].reshape(-1)
-    if task == "lm":
-        logits = _logits(model(batch["input_ids"], attention_mask=batch.get("attention_mask")))  # (B, T, V)
-    else:
-        logits = _logits(model(batch["inputs"]))  # (B, K)
-    logits = logits.reshape(-1, logits.shape[-1]).float()
+    logits, labels = flat_logits_and_labels(model, batch, task)
     if total is None:
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / total
