@@ -272,3 +272,9 @@ def test_compile_matches_eager(tmp_path):
     compiled = run_training(cfg(max_steps=3, compile=True), tmp_path / "c").model.state_dict()
     for k in eager:
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_without_checkpoints_warns_and_starts_fresh(tmp_path):
+    with pytest.warns(UserWarning, match="no checkpoint .* to resume from"):
+        res = run_training(cfg(max_steps=2), tmp_path / "run", resume=True)
+    assert res.step == 2

@@ -13,6 +13,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -441,6 +442,8 @@ class Trainer:
         bar = ProgressBar(t.max_steps, s.step, enabled=t.progress and self.is_main, unit=unit)
         if resumed:
             bar.print(f"resumed from step {s.step}")
+        elif resume and self.is_main:
+            warnings.warn(f"no checkpoint in {self.ckpt.root} to resume from: starting a new run", stacklevel=2)
         self.callbacks.on_train_start(self)
         start = time.perf_counter()
         last_t, last_step, last_targets, last_samples = start, s.step, s.targets_seen, s.samples_seen
