@@ -17,6 +17,7 @@ from torchgraft.errors import ConfigError
 from torchgraft.models.registry import register_family, register_preset
 from torchgraft.nn.attention import Attention, make_attention_mask
 from torchgraft.nn.embedding import TokenPositionEmbedding
+from torchgraft.nn.init import normal_init_
 from torchgraft.nn.mlp import MLP
 from torchgraft.nn.norm import LayerNorm
 from torchgraft.nn.transformer import PostNormBlock
@@ -92,16 +93,7 @@ class Bert(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """BERT init: normal(0, init_std) Linear/Embedding weights, zero biases, unit LayerNorms."""
-        std = self.config.init_std
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, 0.0, std)
-            elif isinstance(m, nn.LayerNorm):
-                m.reset_parameters()
+        normal_init_(self, self.config.init_std)
 
     def forward_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                          token_type_ids: torch.Tensor | None = None,

@@ -19,6 +19,7 @@ from torch import nn
 from torchgraft.errors import ConfigError
 from torchgraft.models.registry import register_family, register_preset
 from torchgraft.nn.attention import Attention, make_attention_mask
+from torchgraft.nn.init import normal_init_
 from torchgraft.nn.kv_cache import KVCache
 from torchgraft.nn.mlp import MLP, GatedMLP
 from torchgraft.nn.norm import make_norm
@@ -98,14 +99,9 @@ class DecoderLM(nn.Module):
         """normal(0, init_std) for Linear/Embedding weights, zero biases, unit norms; residual output
         projections (o_proj, fc_out, down_proj) get std / sqrt(2 * n_layer) (GPT-2)."""
         std = self.config.init_std
+        normal_init_(self, std)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, 0.0, std)
-            elif isinstance(m, (nn.LayerNorm, RotaryEmbedding)) or hasattr(m, "eps") and hasattr(m, "weight"):
+            if isinstance(m, RotaryEmbedding):
                 m.reset_parameters()
         scaled = std / math.sqrt(2 * max(1, self.config.n_layer))
         for name, p in self.named_parameters():
