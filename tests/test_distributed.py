@@ -7,6 +7,7 @@ reference and the 2 -> 1 resume run in the pytest process.
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import socket
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from torchgraft.distributed import (
-    DistributedStatefulSampler, all_reduce_mean, apply_activation_checkpointing, export_safetensors,
+    DistributedStatefulSampler, all_reduce_mean, apply_activation_checkpointing, cleanup, export_safetensors,
     find_blocks, grad_sync, init_distributed, load_sharded, local_numel, parallelize, read_extra,
     save_sharded, strategy_of, torchrun_command, unwrap)
 from torchgraft.errors import CheckpointError, ConfigError
@@ -344,8 +345,9 @@ def _worker(rank: int, world: int, port: int, root: str, ref_losses: list[float]
     losses = train(m, opt, s, data, STEPS - SPLIT, world=world)
     _close(losses, ref_losses[SPLIT:], "resume 2 -> 2 (fsdp -> ddp)")
 
-    import torch.distributed as dist
-    dist.destroy_process_group()
+    del model, m, opt
+    gc.collect()  # drop DDP/FSDP objects (and their communication hooks) before the group goes
+    cleanup()
 
 
 def test_two_processes_match_one_and_reshard(reference):

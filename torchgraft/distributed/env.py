@@ -128,8 +128,10 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Destroy the default process group if this process created one."""
+    """Destroy the default process group if this process created one. All ranks meet at a barrier
+    first, so no rank tears down the group (rank 0 hosts its store) while another still uses it."""
     if dist.is_available() and dist.is_initialized():
+        barrier()
         dist.destroy_process_group()
 
 
