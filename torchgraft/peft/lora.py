@@ -134,6 +134,21 @@ class LoRALayer(nn.Module):
         w.copy_((new - self.delta_weight().float()).to(w.dtype))
         self.merged = False
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """base(x) + B(A(dropout(x))) * scaling, or DoRA's magnitude-rescaled version of it."""
+        result = self.base_layer(x)
+        if self.merged or self.disabled:
+            return result
+        A, B = self.lora_A[ADAPTER], self.lora_B[ADAPTER]
+        h = self.lora_dropout(x).to(A.weight.dtype)
+        lora = B(A(h)) * self.scaling  # (..., out) or (B, out, H', W')
+        update = self._dora_update(h, result, lora) if self.use_dora else lora
+        return result + update.to(result.dtype)
+
+    def _dora_update(self, h: torch.Tensor, result: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to `result`, given the dropped-out input `h` and the LoRA branch."""
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         return (f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:.4g}, dora={self.use_dora}, "
                 f"merged={self.merged}")
@@ -173,16 +188,8 @@ class LoRALinear(LoRALayer):
     def _dora_scale_shape(self) -> tuple[int, ...]:
         return (1, -1) if self.fan_in_fan_out else (-1, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        if self.merged or self.disabled:
-            return result
+    def _dora_update(self, h: torch.Tensor, result: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
         A, B = self.lora_A[ADAPTER], self.lora_B[ADAPTER]
-        dtype = result.dtype
-        h = self.lora_dropout(x).to(A.weight.dtype)
-        lora = B(A(h)) * self.scaling  # (..., out)
-        if not self.use_dora:
-            return result + lora.to(dtype)
         w = self._w_out_in(self.base_layer.weight).to(h.dtype)  # (out, in)
         with torch.no_grad():
             lora_w = (B.weight @ A.weight) * self.scaling
@@ -192,7 +199,7 @@ class LoRALinear(LoRALayer):
             base = result if self.base_layer.bias is None else result - self.base_layer.bias
         else:
             base = F.linear(h, w)
-        return result + ((scale - 1) * base + scale * lora).to(dtype)
+        return (scale - 1) * base + scale * lora
 
 
 class LoRAConv2d(LoRALayer):
@@ -226,16 +233,7 @@ class LoRAConv2d(LoRALayer):
     def _dora_scale_shape(self) -> tuple[int, ...]:
         return (-1, 1, 1, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        if self.merged or self.disabled:
-            return result
-        A, B = self.lora_A[ADAPTER], self.lora_B[ADAPTER]
-        dtype = result.dtype
-        h = self.lora_dropout(x).to(A.weight.dtype)
-        lora = B(A(h)) * self.scaling  # (B, out, H', W')
-        if not self.use_dora:
-            return result + lora.to(dtype)
+    def _dora_update(self, h: torch.Tensor, result: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
         w = self.base_layer.weight.to(h.dtype)
         with torch.no_grad():
             lora_w = self.delta_weight()
@@ -246,7 +244,7 @@ class LoRAConv2d(LoRALayer):
         else:
             c = self.base_layer
             base = F.conv2d(h, w, None, c.stride, c.padding, c.dilation, c.groups)
-        return result + ((scale - 1) * base + scale * lora).to(dtype)
+        return (scale - 1) * base + scale * lora
 
 
 class LoRAEmbedding(LoRALayer):
