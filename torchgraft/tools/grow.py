@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from torchgraft.errors import ConfigError
+from torchgraft.tools.console import recording_console
 
 # residual-branch output layers zeroed in a new transformer block (ours, HF Llama/GPT-2, timm, ...)
 OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "c_proj", "fc_out", "down_proj", "fc2", "proj_out", "wo", "w2")
@@ -61,19 +62,9 @@ class GrowReport:
         return t
 
     def __str__(self) -> str:
-        from rich.console import Console
-
-        console = Console(width=140, record=True, file=_Null(), force_terminal=False)
+        console = recording_console(140)
         console.print(self.table())
         return console.export_text().rstrip()
-
-
-class _Null:
-    def write(self, s: str) -> int:
-        return len(s)
-
-    def flush(self) -> None:
-        pass
 
 
 def _n_params(m: nn.Module) -> int:
