@@ -71,6 +71,8 @@ def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
         if k is not None:
             ids[n] = rank[k]
             seen_block = True
+        elif parts is not None and parts.role_of(n) == "classifier":
+            ids[n] = n_layers + 1  # a declared head is the last layer wherever it is registered
         else:
             ids[n] = n_layers + 1 if seen_block else 0
     return ids, n_layers

@@ -195,8 +195,8 @@ def summary(model: nn.Module, input: InputSpec = None, *, input_size: Any = None
     """Summarise any `nn.Module`: per-module output shape, parameters and trainable parameters.
 
     Give `input` (a tensor, a tuple of args or a dict of kwargs) or `input_size` (a shape, float32
-    unless `dtype`); zoo models with a `config` need neither (token ids or images are made up from
-    it). Without any of these the table has parameters but no output shapes. The forward pass runs
+    unless `dtype`); zoo models need neither (their declared `ModelParts.example_inputs`, or for
+    undeclared models with a `config`, token ids or images made up from it). Without any of these the table has parameters but no output shapes. The forward pass runs
     on meta tensors, so it costs no memory and works on meta-device models.
     `depth`: how many levels of submodules to list (1 = direct children).
     """
