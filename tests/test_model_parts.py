@@ -174,3 +174,25 @@ def test_peft_registers_its_names_and_dora_is_a_variant():
     assert all(isinstance(l.variant, DoRALinear) and l.use_dora for l in layers.values())
     layers = apply_lora(torchgraft.build("gpt-tiny"), ["v_proj"], rank=2)
     assert all(type(l.variant) is LoRAVariant and not l.use_dora for l in layers.values())
+
+
+def test_docs_family_example():
+    """docs/models.md "How to add a model family" runs as written (then unregisters itself)."""
+    import re
+    from pathlib import Path
+
+    from torchgraft.models import registry
+
+    text = Path(__file__).parent.parent.joinpath("docs/models.md").read_text()
+    section = text.split("## How to add a model family", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    try:
+        exec(compile(code, "docs/models.md", "exec"), scope)
+        model, report = scope["model"], scope["report"]
+        assert model.head.out_features == 3 and report.max_abs_diff == 0.0
+        assert len(scope["bigger"].blocks) == 4
+        assert [n for n, _ in find_blocks(model)] == ["blocks.0", "blocks.1"]
+    finally:
+        registry._PRESETS.pop("tiny-encoder-s", None)
+        registry._FAMILIES.pop("tiny-encoder", None)
