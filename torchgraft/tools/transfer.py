@@ -337,6 +337,20 @@ def _resolve_policy(policy: Policy) -> PolicyFn:
 
 
 @torch.no_grad()
+def _policy_fns(dst: nn.Module, policies: Mapping[str, Policy] | None, default_policy: Policy
+                ) -> tuple[dict[str, PolicyFn], PolicyFn]:
+    """Resolve the policies; `auto` follows `dst`'s declared parts (name heuristics only when it
+    declares nothing)."""
+    fns = {pat: _resolve_policy(p) for pat, p in dict(policies or {}).items()}
+    default_fn = _resolve_policy(default_policy)
+    parts = parts_of(dst)
+    if parts is None:
+        return fns, default_fn
+    declared = declared_auto_policy(parts)
+    return ({pat: declared if fn is auto_policy else fn for pat, fn in fns.items()},
+            declared if default_fn is auto_policy else default_fn)
+
+
 def transfer(
     src: Source,
     dst: nn.Module,
@@ -363,14 +377,7 @@ def transfer(
     state, where = load_state(src)
     rename = _compile_rules(rules)
     exclude = [exclude] if isinstance(exclude, str) else list(exclude or [])
-    policies = dict(policies or {})
-    pol_fns = {pat: _resolve_policy(p) for pat, p in policies.items()}
-    default_fn = _resolve_policy(default_policy)
-    parts = parts_of(dst)
-    if parts is not None:  # `auto` follows the declared parts; name heuristics only for undeclared models
-        declared = declared_auto_policy(parts)
-        pol_fns = {pat: declared if fn is auto_policy else fn for pat, fn in pol_fns.items()}
-        default_fn = declared if default_fn is auto_policy else default_fn
+    pol_fns, default_fn = _policy_fns(dst, policies, default_policy)
 
     dst_state = dst.state_dict()  # detached tensors sharing storage with dst's parameters/buffers
     report = TransferReport(source=where)
