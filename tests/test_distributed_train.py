@@ -28,8 +28,10 @@ CONFIG = """\
 model: {family: gpt, n_layer: 2, n_head: 2, n_embd: 32, block_size: 32}
 data: {name: text, source: builtin, tokenizer: char, seq_len: 32, val_fraction: 0.1}
 optim: {name: adamw, lr: 2.0e-3, weight_decay: 0.1}
-trainer: {max_steps: 6, batch_size: 8, seed: 0, eval_every: 3, eval_max_batches: 2, eval_batch_size: 16,
-          log_every: 1, checkpoint_every: 2, progress: false, tensorboard: false}
+trainer: {max_steps: 6, batch_size: 8, seed: 0}
+eval: {every: 3, max_batches: 2, batch_size: 16}
+checkpoint: {every: 2}
+logging: {every: 1, progress: false, tensorboard: false}
 """
 
 

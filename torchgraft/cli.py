@@ -87,7 +87,7 @@ def train_cmd(
 ) -> None:
     """Train a model from a YAML config; `--resume` (or resume=true) continues the run exactly."""
     from torchgraft.distributed.env import launched_by_torchrun, relaunch_with_torchrun
-    from torchgraft.train.cli import train_from_cli
+    from torchgraft.recipes.training import train_from_cli
 
     if nproc != 1 and not launched_by_torchrun():
         from torchgraft.config import load_yaml, parse_overrides

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from torchgraft.errors import CheckpointError, TransferError
+from torchgraft.io import step_of
 from torchgraft.tools.adapt import POLICIES, PolicyFn, PolicyMismatch
 
 Source = Union[nn.Module, Mapping[str, torch.Tensor], str, Path]
@@ -160,9 +161,9 @@ def newest_checkpoint(path: str | Path) -> Path:
     ckdir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     steps = []
     for d in ckdir.glob("step_*"):
-        m = re.fullmatch(r"step_(\d+)", d.name)
-        if m and d.is_dir() and (d / "model.safetensors").is_file():
-            steps.append((int(m.group(1)), d))
+        step = step_of(d.name)
+        if step is not None and d.is_dir() and (d / "model.safetensors").is_file():
+            steps.append((step, d))
     if not steps:
         raise CheckpointError(f"no checkpoint in {p}: expected model.safetensors or "
                               "checkpoints/step_XXXXXXXX/model.safetensors (check the path)")
