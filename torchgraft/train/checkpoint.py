@@ -345,6 +345,11 @@ class CheckpointManager:
     def path_for(self, step: int) -> Path:
         return self.root / step_dir_name(step)
 
+    def save(self, step: int, **parts: Any) -> Path:
+        """Write a single-file checkpoint of `step` (`write_checkpoint` arguments)."""
+        self.clean_temp()
+        return write_checkpoint(self.path_for(step), **parts)
+
     def newest_verified(self) -> Path | None:
         """The newest checkpoint whose manifest verifies (falling back with a warning), None if none."""
         ckpts = list_checkpoints(self.root)
