@@ -21,6 +21,15 @@ from torchgraft.train.optim import ParamGroupsFn
 from torchgraft.train.trainer import Trainer, TrainResult
 
 
+def load_checked_config(tree: dict, overrides: dict | list[str] | None = None) -> RunConfig:
+    """`load_run_config` plus the `distributed:` section's validation (done by its own package)."""
+    from torchgraft.distributed.config import distributed_config
+
+    cfg = load_run_config(tree, overrides)
+    distributed_config(cfg.distributed)
+    return cfg
+
+
 def make_engine(cfg: RunConfig, out_dir: str | Path | None = None, resume: bool = False) -> LocalEngine:
     """The engine a run needs: distributed when asked for by the config, the launcher or the checkpoint."""
     from torchgraft.distributed.engine import DistributedEngine, wants_distributed
@@ -52,7 +61,7 @@ def train_from_cli(config: Path, overrides: list[str], out: Path | None, resume:
     ov = parse_overrides(overrides)
     if "resume" in ov:  # `resume=true` works like --resume
         resume = bool(ov.pop("resume")) or resume
-    cfg = load_run_config(tree, ov)
+    cfg = load_checked_config(tree, ov)
     run_dir = out or Path("runs") / Path(config).stem
     result = run_training(cfg, run_dir, resume=resume)
     main = is_main_process()
