@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchgraft.data.run_tokenizer import checkpoint_tokenizer, find_tokenizer  # noqa: F401  (re-exported)
+from torchgraft.data.run_tokenizer import checkpoint_tokenizer, find_tokenizer, run_data_section
 from torchgraft.data.tokenizers import Tokenizer
 from torchgraft.errors import CheckpointError, ConfigError
 
@@ -64,7 +64,7 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LoadedLM:
     model.load_state_dict(ck.model_state)
     ck_dir = Path(ck.path)
     run_dir = ck_dir.parent.parent if ck_dir.parent.name == "checkpoints" else None
-    data = _run_data_section(run_dir, ck.meta)
+    data = run_data_section(run_dir, ck.meta)
     tok = checkpoint_tokenizer(ck_dir, ck.meta)
     return LoadedLM(model.eval(), tok, data, ck_dir)
 

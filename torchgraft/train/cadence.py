@@ -1,5 +1,6 @@
 """When the loop does its periodic work, each in one small object: validate (with best metric and
-early stopping), checkpoint, log (with throughput). The `Trainer` calls them in order after each step."""
+early stopping), log (with throughput); saving is `torchgraft.train.checkpointer.Checkpointer`.
+The `Trainer` calls them in order after each step."""
 from __future__ import annotations
 
 import time
@@ -7,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torchgraft.errors import ConfigError
-from torchgraft.train.config import CheckpointConfig, EvalConfig, LoggingConfig
+from torchgraft.train.config import EvalConfig, LoggingConfig
 
 
 def every(n: int, step: int) -> bool:
@@ -64,24 +65,6 @@ class Validator:
             state.stop_reason = (f"early stopping: {self.metric} did not improve for "
                                  f"{state.evals_without_improvement} evaluations")
         return False
-
-
-class CheckpointCadence:
-    """Decides when to save: every `every` steps, at the end or a stop, on a new best (`save_best`),
-    never inside a streak of non-finite steps."""
-
-    def __init__(self, cfg: CheckpointConfig, eval_every: int):
-        self.cfg, self.eval_every = cfg, eval_every
-        self.last_saved = -1
-
-    def due(self, state: TrainState, final: bool, improved: bool) -> bool:
-        if state.consecutive_bad:
-            return False
-        save_best = improved and self.cfg.save_best and self.eval_every > 0
-        return every(self.cfg.every, state.step) or final or state.should_stop or save_best
-
-    def saved(self, step: int) -> None:
-        self.last_saved = step
 
 
 class Throughput:

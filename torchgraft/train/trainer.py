@@ -26,11 +26,10 @@ from torchgraft.config import to_dict
 from torchgraft.data.loader import StatefulLoader, iter_eval_batches
 from torchgraft.data.registry import DataBundle, build_data
 from torchgraft.errors import CheckpointError, ConfigError, TorchgraftError
-from torchgraft.train.cadence import (CheckpointCadence, LogCadence, Throughput, TrainState, Validator,
-                                      eval_line)
+from torchgraft.train.cadence import LogCadence, Throughput, TrainState, Validator, eval_line
 from torchgraft.train.callbacks import Callback, CallbackList
-from torchgraft.train.checkpoint import (CheckpointManager, capture_rng, checkpoint_files, list_checkpoints,
-                                         restore_rng, write_checkpoint_dir)
+from torchgraft.train.checkpoint import capture_rng, list_checkpoints, restore_rng
+from torchgraft.train.checkpointer import Checkpointer
 from torchgraft.train.config import RunConfig, load_run_config
 from torchgraft.train.engine import LocalEngine, resolve_device  # noqa: F401  (resolve_device: public here too)
 from torchgraft.train.logging import MetricsLogger, ProgressBar
@@ -181,12 +180,13 @@ class Trainer:
         self.loader = StatefulLoader(self.data.train, self.engine.sampler(len(self.data.train), t.batch_size, t.seed),
                                      self.data.collate_fn)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=self.cfg.checkpoint.keep_last)
         self.callbacks = CallbackList(callbacks)
         self.state = TrainState()
         metric = self.cfg.eval.best_metric or self.task.default_metric
         self.validator = Validator(self.cfg.eval, metric, self.task.higher_is_better(metric))
-        self.checkpoints = CheckpointCadence(self.cfg.checkpoint, self.cfg.eval.every)
+        self.checkpoints = Checkpointer(self.run_dir / "checkpoints", self.cfg.checkpoint, self.cfg.eval.every,
+                                        self.engine)
+        self.ckpt = self.checkpoints.manager
         self.log_cadence = LogCadence(self.cfg.logging)
         self.flops_per_step: int | None = None
         self.peak_flops = device_peak_flops(self.device, t.precision)
@@ -292,42 +292,25 @@ class Trainer:
     def save_checkpoint(self, best: bool = False) -> Path:
         """Write the checkpoint of this step in the engine's layout (every process calls it)."""
         s = self.state
-        path = self.ckpt.path_for(s.step)
-        model_state, optim_state, write_shards = self.engine.checkpoint_parts(self.model, self.optimizer)
-        files: dict[str, bytes] = {}
+        trainer_state = meta = None
         if self.is_main:
-            self.ckpt.clean_temp()
-            trainer_state = self.state_dict()
-            rng_tensors = trainer_state.pop("rng_tensors")
-            meta = {"model": model_meta(self.model), "step": s.step, "metrics": s.last_eval,
-                    "run_config": self.cfg.to_dict(), "task": self.task.name}
-            if write_shards is not None:
-                meta["sharded"] = True
             from torchgraft import __version__
-            meta["torchgraft_version"] = __version__
-            files = checkpoint_files(model_state=model_state, meta=meta, optimizer_state=optim_state,
-                                     trainer_state=trainer_state, rng_tensors=rng_tensors)
-        write_checkpoint_dir(path, files, write_shards=write_shards, main=self.is_main, barrier=self.engine.barrier)
+
+            trainer_state = self.state_dict()
+            meta = {"model": model_meta(self.model), "step": s.step, "metrics": s.last_eval,
+                    "run_config": self.cfg.to_dict(), "task": self.task.name, "torchgraft_version": __version__}
+        path = self.checkpoints.save(s.step, self.model, self.optimizer, trainer_state, meta,
+                                     best=(self.validator.metric, s.best_value) if best else None)
         if self.is_main:
-            if best:
-                self.ckpt.mark_best(s.step, self.validator.metric, s.best_value)
-            self.ckpt.prune()
             self.callbacks.on_checkpoint(self, path)
-        self.engine.barrier()
-        self.checkpoints.saved(s.step)
         return path
 
     def restore(self) -> bool:
         """Load the newest good checkpoint of the run directory; False when there is none."""
-        if self.is_main:
-            self.ckpt.clean_temp()
-        self.engine.barrier()
-        chosen = self.engine.broadcast(str(self.ckpt.newest_verified() or "") if self.is_main else None)
-        if not chosen:
-            return False
-        trainer_state, rng_tensors = self.engine.load_checkpoint(Path(chosen), self.model, self.optimizer)
-        self.load_state_dict({**trainer_state, "rng_tensors": rng_tensors})
-        return True
+        sd = self.checkpoints.restore(self.model, self.optimizer)
+        if sd is not None:
+            self.load_state_dict(sd)
+        return sd is not None
 
     # ---- the loop
     def fit(self, resume: bool = False) -> TrainResult:
@@ -364,7 +347,7 @@ class Trainer:
             warnings.warn(f"no checkpoint in {self.ckpt.root} to resume from: starting a new run", stacklevel=3)
         self.callbacks.on_train_start(self)
         self.throughput = Throughput(s, self.task.unit, self.flops_per_step, self.peak_flops)
-        self.checkpoints.saved(s.step if resumed else -1)
+        self.checkpoints.last_saved = s.step if resumed else -1
         self._first_step, self._last = s.step, StepOutput(float("nan"), float("nan"), True, torch.zeros(()))
 
     def _step(self) -> StepOutput:
