@@ -628,6 +628,8 @@ def export(model: nn.Module, example: Any = None, format: Format = "onnx", path:
     try:
         sig = _signature(work, example, dynamic, kv_cache, output_names)
         ep = trace(sig, name)
+        n_out = len(ep.graph_signature.user_outputs)
+        sig.output_names = (sig.output_names + [f"output_{i}" for i in range(len(sig.output_names), n_out)])[:n_out]
         meta = model_metadata(work, sig, metadata, opset if format == "onnx" else None)
         if format == "onnx":
             external = _nbytes(work) > EXTERNAL_DATA_BYTES

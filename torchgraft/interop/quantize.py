@@ -7,6 +7,7 @@ measures accuracy and speed). The torchgraft metadata of the source file is kept
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -32,8 +33,13 @@ def quantize_int8(src: str | Path, dst: str | Path, *, per_channel: bool = False
     try:
         out = tmp / dst.name
         external = (src.parent / (src.name + ".data")).is_file()
-        quantize_dynamic(src, out, weight_type=QuantType.QInt8, per_channel=per_channel,
-                         op_types_to_quantize=list(QUANT_OPS), use_external_data_format=external)
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # the quantiser logs a pre-processing hint on the root logger
+        try:
+            quantize_dynamic(src, out, weight_type=QuantType.QInt8, per_channel=per_channel,
+                             op_types_to_quantize=list(QUANT_OPS), use_external_data_format=external)
+        finally:
+            logging.disable(previous)
         model = onnx.load(str(out), load_external_data=False)
         source = onnx.load(str(src), load_external_data=False)
         keep = {p.key: p.value for p in model.metadata_props}
