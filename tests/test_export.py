@@ -233,7 +233,7 @@ def test_cli_export_check_and_int8_on_a_trained_run(lenet_run, tmp_path, capsys)
     q_diff = float(stdout.split("check int8: max abs diff vs eager PyTorch ")[1].split()[0])
     assert 0 < q_diff < 0.1  # int8: close, not exact
     q = tmp_path / "lenet.int8.onnx"
-    assert q.stat().st_size < out.stat().st_size / 2
+    assert q.stat().st_size < 0.7 * out.stat().st_size  # fc weights int8 (convs stay fp32)
     meta = read_metadata(out)
     assert meta["labels"] == [0, 1, 2, 3, 4] and meta["family"] == "lenet"
     assert meta["config"]["num_classes"] == 5 and meta["checkpoint"].startswith("step_")
