@@ -124,18 +124,24 @@ class FixedBatch(nn.Module):
 class TwoHeads(nn.Module):
     def __init__(self):
         super().__init__()
-        self.body, self.pi, self.v = nn.Linear(6, 16), nn.Linear(16, 3), nn.Linear(16, 1)
+        self.body, self.pi, self.v = nn.Linear(6, 256), nn.Linear(256, 3), nn.Linear(256, 1)
 
     def forward(self, obs):
         h = torch.tanh(self.body(obs))
         return self.pi(h), self.v(h)
 
 
-def test_user_module_exports_with_explicit_example(tmp_path, one_thread):
+def test_user_module_exports_with_explicit_example(tmp_path, one_thread, monkeypatch):
+    import torchgraft.interop.export as ex
+
+    monkeypatch.setattr(ex, "EXTERNAL_DATA_BYTES", 0)  # as if the model were over 2 GB
     m = TwoHeads()
     res = torchgraft.export(m, torch.randn(2, 6), format="onnx", path=tmp_path / "u.onnx", check=True)
     assert res.input_names == ["input_0"] and res.output_names == ["logits", "output_1"]
     assert res.max_abs_diff <= 1e-5 and res.checked_shapes == [[(2, 6)], [(3, 6)]]
+    assert (tmp_path / "u.onnx.data").stat().st_size >= 0.8 * sum(p.numel() * 4 for p in m.parameters())
+    assert any("external data" in n for n in res.notes)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["u.onnx", "u.onnx.data"]  # no temp leftovers
     with pytest.raises(ConfigError, match="pass example"):
         torchgraft.export(m, format="pt2", path=tmp_path / "u.pt2")
 
@@ -192,6 +198,51 @@ def test_unmerged_lora_is_merged_into_a_copy(tmp_path, one_thread):
         assert (prog(ids, torch.ones_like(ids)) - want).abs().max() <= 1e-5
     ep = torch.export.load(str(tmp_path / "lora.pt2"))
     assert not any("lora" in k for k in ep.state_dict)  # merged weights only
+
+
+def test_export_sources_lora_run_and_hf_dir(tmp_path, one_thread):
+    """A LoRA fine-tune run (adapter tensors in its checkpoint) and a Hugging Face dir load for export."""
+    import json
+
+    from torchgraft.interop.export_source import load_export_source
+    from torchgraft.interop.hf import save_hf
+    from torchgraft.peft import apply_lora, save_adapter
+    from torchgraft.train.checkpoint import write_checkpoint
+    from torchgraft.train.trainer import model_meta
+
+    model = torchgraft.build("gpt-tiny").eval()
+    apply_lora(model, ["q_proj", "v_proj"], rank=2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.3)
+    run = tmp_path / "ft"
+    write_checkpoint(run / "checkpoints" / "step_00000003", model_state=model.state_dict(),
+                     meta={"model": model_meta(model), "step": 3})
+    save_adapter(model, run / "adapter")
+    (run / "config.yaml").write_text(json.dumps({"model": {"name": "gpt-tiny"}}))
+    src = load_export_source(run)
+    assert "recreated 4 LoRA adapter(s)" in src.notes[0] and src.metadata["checkpoint"] == "step_00000003"
+    ids = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        want = model(ids)
+        assert (src.model(ids) - want).abs().max() <= 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = torchgraft.export(src.model, (ids,), format="pt2", path=tmp_path / "ft.pt2", check=True)
+    assert "merged 4 LoRA" in res.notes[0] and res.max_abs_diff <= 1e-5
+    with torch.no_grad():
+        got = torch.export.load(str(tmp_path / "ft.pt2")).module()(ids, torch.ones_like(ids))
+    assert (got - want).abs().max() <= 1e-5
+
+    hf = tmp_path / "hf"
+    plain = torchgraft.build("llama-tiny").eval()
+    save_hf(plain, hf)
+    (hf / "tokenizer.json").write_text("{}")
+    src = load_export_source(hf)
+    assert src.metadata["tokenizer"] == str(hf.resolve())
+    with torch.no_grad():
+        assert (src.model(ids) - plain(ids)).abs().max() <= 1e-6
 
 
 # ---- int8 --------------------------------------------------------------------------------------------
