@@ -574,16 +574,17 @@ def _write_pt2(ep: torch.export.ExportedProgram, path: Path, metadata: dict[str,
 
 def merged_copy(model: nn.Module) -> tuple[nn.Module, int]:
     """A copy of `model` with its LoRA/DoRA adapters folded in (the model itself is unchanged), and
-    the number of adapters merged (0: the model itself, no copy)."""
+    the number of adapters that were not merged yet (0 for an already merged model, which exports
+    like any other; a model without adapters is returned as it is)."""
     from torchgraft.peft.lora import lora_layers, unload
 
     layers = lora_layers(model)
-    unmerged = [n for n, l in layers.items() if not l.merged]
     if not layers:
         return model, 0
+    unmerged = sum(not l.merged for l in layers.values())
     twin = copy.deepcopy(model)
-    unload(twin, merge=True)
-    return twin, len(unmerged) or len(layers)
+    unload(twin, merge=True)  # wrappers replaced by their (merged) base layers: plain weights in the graph
+    return twin, unmerged
 
 
 def export(model: nn.Module, example: Any = None, format: Format = "onnx", path: str | Path | None = None, *,
