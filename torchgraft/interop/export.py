@@ -96,31 +96,37 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def example_inputs(model: nn.Module, batch_size: int = 2, seq_len: int | None = 8) -> tuple[torch.Tensor, ...]:
-    """Positional example inputs of `model.forward` for a batch.
+    """Positional example inputs of `model.forward` for a batch, with random values.
 
-    A model that declares them (`parts_of(model).example_inputs`) gives them; otherwise the forward
-    contract is read from its config: token models (`vocab_size`) get `input_ids` (B, T), image
-    models (`in_chans`) get images (B, C, H, W) at `image_size` (224 without one). A user's own
-    module has neither: pass `example` to `export`.
+    The shapes come from the model (`torchgraft.tools.meta.example_inputs`: its declared
+    `parts().example_inputs`, else its config's forward contract); the values are redrawn at random
+    (token ids below `vocab_size`, normal floats) so that `check` compares on real data, not zeros.
+    A user's own module declares none: pass `example` to `export`.
     """
-    from torchgraft.models.parts import parts_of
+    from torchgraft.tools.meta import example_inputs as declared_inputs
 
-    parts = parts_of(model)
-    if parts is not None and getattr(parts, "example_inputs", None) is not None:
-        return tuple(parts.example_inputs(batch_size, seq_len))
-    cfg = config_of(model)
-    device = _device(model)
-    if cfg is not None and hasattr(cfg, "vocab_size"):
-        block = getattr(cfg, "block_size", None)
-        t = min(seq_len or block or 8, block or seq_len or 8)
-        gen = torch.Generator().manual_seed(0)
-        return (torch.randint(0, cfg.vocab_size, (batch_size, t), generator=gen).to(device),)
-    if cfg is not None and hasattr(cfg, "in_chans"):
-        side = getattr(cfg, "image_size", 224)
-        gen = torch.Generator().manual_seed(0)
-        return (torch.randn(batch_size, cfg.in_chans, side, side, generator=gen).to(device),)
-    raise ConfigError(f"cannot make example inputs for {type(model).__name__} (it declares none and has "
-                      "no zoo config); pass example=(tensor, ...) with the inputs of its forward")
+    shapes = declared_inputs(model, batch_size, seq_len, device=_device(model))
+    if shapes is None:
+        raise ConfigError(f"cannot make example inputs for {type(model).__name__} (it declares none and has "
+                          "no zoo config); pass example=(tensor, ...) with the inputs of its forward")
+    return random_like(model, shapes)
+
+
+def random_like(model: nn.Module, inputs: Sequence[torch.Tensor], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random tensors with the shapes/dtypes/devices of `inputs`: normal floats, token ids below the
+    model's `vocab_size` (or below the inputs' own maximum + 1), bools kept."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = getattr(config_of(model), "vocab_size", None)
+    out = []
+    for x in inputs:
+        if x.dtype.is_floating_point:
+            out.append(torch.randn(x.shape, generator=gen).to(x))
+        elif x.dtype == torch.bool:
+            out.append(x.clone())
+        else:
+            high = vocab or int(x.max()) + 1 if x.numel() else 1
+            out.append(torch.randint(0, max(1, high), x.shape, generator=gen).to(x))
+    return tuple(out)
 
 
 def is_token_input(x: Any) -> bool:
