@@ -44,10 +44,6 @@ def _inputs(model, res, batch: int, size: int | None) -> tuple[torch.Tensor, ...
     return ids, torch.ones_like(ids)
 
 
-def _timed(fn, rounds: int) -> list[float]:
-    return [fn() for _ in range(rounds)]
-
-
 def bench_latency(tmp: Path, rounds: int) -> list[dict]:
     rows = []
     for label, preset, ov, batches, size in CASES:
