@@ -1,0 +1,194 @@
+"""Training-step speed: torchgraft's engine on its GPT vs a minimal GPT with every standard trick.
+
+Same shapes on both sides: a character-level GPT (4 layers, 4 heads, 128 wide, block 64, the
+built-in corpus through the char tokenizer), batch 12 x 64 tokens, AdamW (lr 1e-3, weight decay
+0.1 on matrices), grad clipping at 1.0, fp32.
+
+- ours: `torchgraft.train.run_training` with model `gpt-tiny` resized to those shapes and the data
+  `text` (char) dataset: the real engine (sampler, collate, task loss, clipping, schedule, logging);
+  `trainer.compile` on or off (`--compile`, default: both when the machine has a compiler).
+- reference: a minimal GPT written below in the style of nanoGPT with the usual tricks: one fused
+  QKV projection, `F.scaled_dot_product_attention(is_causal=True)`, tied head, foreach AdamW, a
+  hand-written loop over random windows of the same token stream, `.item()` only at log time.
+
+Step time is the median time between consecutive step ends after a warm-up; runs alternate and
+the headline is the median over rounds of reference_time / our_time measured back to back
+(> 1: ours is faster). Goal (issue 14): >= 1.05.
+
+    python benchmarks/bench_gpt_step.py [--rounds 3] [--steps 40] [--compile {on,off,both}]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+N_LAYER, N_HEAD, N_EMBD, BLOCK, BATCH = 4, 4, 128, 64, 12
+LR, WEIGHT_DECAY, WARMUP = 1e-3, 0.1, 5
+
+
+# ---- the reference: a minimal GPT with the standard tricks ------------------------------------------
+class RefBlock(nn.Module):
+    def __init__(self, c: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.ln_1 = nn.LayerNorm(c)
+        self.c_attn = nn.Linear(c, 3 * c)  # fused QKV
+        self.c_proj = nn.Linear(c, c)
+        self.ln_2 = nn.LayerNorm(c)
+        self.c_fc = nn.Linear(c, 4 * c)
+        self.mlp_proj = nn.Linear(4 * c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).reshape(b, t, c))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class RefGPT(nn.Module):
+    def __init__(self, vocab: int, n_layer: int = N_LAYER, n_head: int = N_HEAD, c: int = N_EMBD,
+                 block: int = BLOCK):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, c)
+        self.wpe = nn.Embedding(block, c)
+        self.h = nn.ModuleList(RefBlock(c, n_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(c)
+        self.apply(self._init)
+        for name, p in self.named_parameters():
+            if name.endswith(("c_proj.weight", "mlp_proj.weight")):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
+        for block in self.h:
+            x = block(x)
+        logits = F.linear(self.ln_f(x), self.wte.weight)  # tied head
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+
+def reference_step_time(tokens: torch.Tensor, vocab: int, steps: int) -> float:
+    torch.manual_seed(0)
+    model = RefGPT(vocab)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                             {"params": other, "weight_decay": 0.0}], lr=LR, betas=(0.9, 0.99), foreach=True)
+    g = torch.Generator().manual_seed(0)
+    stamps = []
+    for step in range(WARMUP + steps):
+        ix = torch.randint(len(tokens) - BLOCK - 1, (BATCH,), generator=g)
+        x = torch.stack([tokens[i: i + BLOCK] for i in ix])
+        y = torch.stack([tokens[i + 1: i + 1 + BLOCK] for i in ix])
+        loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 10 == 0:
+            loss.item()
+        stamps.append(time.perf_counter())
+    return _median_step(stamps[WARMUP - 1:])
+
+
+# ---- ours: the engine ----------------------------------------------------------------------------
+def _median_step(stamps: list[float]) -> float:
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+
+
+def engine_config(steps: int, compile: bool) -> dict[str, Any]:
+    return {
+        "model": {"name": "gpt-tiny", "n_layer": N_LAYER, "n_head": N_HEAD, "n_embd": N_EMBD, "block_size": BLOCK},
+        "data": {"name": "text", "source": "builtin", "tokenizer": "char", "seq_len": BLOCK, "val_fraction": 0.01},
+        "optim": {"name": "adamw", "lr": LR, "weight_decay": WEIGHT_DECAY, "betas": [0.9, 0.99]},
+        "schedule": {"name": "constant"},
+        "trainer": {"max_steps": WARMUP + steps + 1, "batch_size": BATCH, "precision": "fp32",
+                    "grad_clip": 1.0, "compile": compile},
+        "eval": {"every": 0, "max_batches": 1},
+        "checkpoint": {"every": 0, "save_best": False},
+        "logging": {"every": 10, "progress": False, "tensorboard": False, "measure_flops": False},
+    }
+
+
+def engine_step_time(steps: int, compile: bool, data: Any, out: Path) -> float:
+    from torchgraft.train import Callback, run_training
+
+    class Clock(Callback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_end(self, trainer, record):  # noqa: ANN001
+            self.times.append(time.perf_counter())
+
+    clock = Clock()
+    torch.manual_seed(0)
+    run_training(engine_config(steps, compile), out, data=data, callbacks=[clock])
+    return _median_step(clock.times[WARMUP - 1: WARMUP + steps])  # the last step also evaluates
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--compile", choices=["on", "off", "both"], default="both")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from torchgraft.data import build_data
+
+    cfg = engine_config(a.steps, False)
+    data = build_data(cfg["data"], 0)
+    tokens = torch.cat([data.train[i]["input_ids"] for i in range(len(data.train))])  # the windows, end to end
+    vocab = data.info["vocab_size"]
+    variants = {"on": [True], "off": [False], "both": [False, True]}[a.compile]
+    times: dict[str, list[float]] = {"reference": [], **{f"ours_compile_{c}": [] for c in variants}}
+    with tempfile.TemporaryDirectory() as tmp:
+        if True in variants:  # compile once outside the timed rounds (warm caches)
+            engine_step_time(2, True, data, Path(tmp) / "warm")
+        for r in range(a.rounds):
+            times["reference"].append(reference_step_time(tokens, vocab, a.steps))
+            for c in variants:
+                times[f"ours_compile_{c}"].append(engine_step_time(a.steps, c, data, Path(tmp) / f"{c}-{r}"))
+    tok = BATCH * BLOCK
+    result: dict[str, Any] = {"benchmark": "gpt_step", "threads": torch.get_num_threads(),
+                              "shape": f"L{N_LAYER} H{N_HEAD} C{N_EMBD} V{vocab}, batch {BATCH} x {BLOCK}",
+                              "reference_tok_s": tok / statistics.median(times["reference"])}
+    for c in variants:
+        key = f"ours_compile_{c}"
+        result[f"{key}_tok_s"] = tok / statistics.median(times[key])
+        result[f"ratio_compile_{c}"] = statistics.median(r / o for r, o in zip(times["reference"], times[key]))
+    if a.json:
+        print(json.dumps(result))
+        return result
+    print(f"gpt step ({result['shape']}, {result['threads']} threads, median of {a.rounds} alternating rounds):")
+    print(f"  reference (minimal GPT, fused QKV, SDPA, tied head, foreach AdamW): "
+          f"{result['reference_tok_s']:.0f} tok/s")
+    for c in variants:
+        print(f"  torchgraft engine, compile={c}: {result[f'ours_compile_{c}_tok_s']:.0f} tok/s, "
+              f"ours/reference {result[f'ratio_compile_{c}']:.3f}x (goal >= 1.05)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
