@@ -98,7 +98,7 @@ class MemoryEstimate:
     precision: str
     optimizer_name: str
     sharding: int
-    activation_checkpointing: bool
+    activation_checkpointing: bool | int | str
     activations_method: str
     activations_analytic: int | None = None  # the transformer formula, when the model has a config
 
@@ -235,12 +235,28 @@ def trace_activations(model: nn.Module, input: InputSpec = None, *, input_size: 
         return run_on_meta(model, args, kwargs, run, dtype=dtype, fake_first=True)
 
 
-def _ac_every(activation_checkpointing: bool | int) -> int:
-    """0 = off, 1 = every block (True), k = every k-th block (blocks 0, k, 2k, ...)."""
-    every = int(activation_checkpointing)
-    if every < 0:
-        raise InspectError(f"activation_checkpointing must be a bool or k >= 0, got {activation_checkpointing!r}")
-    return every
+SELECTIVE = "selective"
+
+
+def _ac_every(activation_checkpointing: bool | int | str) -> int:
+    """0 = off, 1 = every block (True, "selective"), k = every k-th block (blocks 0, k, 2k, ...)."""
+    if activation_checkpointing == SELECTIVE:
+        return 1
+    if isinstance(activation_checkpointing, str) or int(activation_checkpointing) < 0:
+        raise InspectError(f"activation_checkpointing must be a bool, k >= 0 or 'selective', got "
+                           f"{activation_checkpointing!r}")
+    return int(activation_checkpointing)
+
+
+def selective_layer_elements(config: Any, batch: int, seq_len: int, gated: bool) -> int:
+    """Elements one block keeps under selective checkpointing (matmul and attention outputs are
+    saved, pointwise ops recomputed): its input, q/k/v, the attention output, the output
+    projection, the MLP's input projections (1, or 2 when gated) and its output projection."""
+    s, b, h = seq_len, batch, config.n_embd
+    d = getattr(config, "head_dim", None) or h // config.n_head
+    q, kv = config.n_head * d, (getattr(config, "n_kv_head", None) or config.n_head) * d
+    i = getattr(config, "intermediate_size", None) or 4 * h
+    return s * b * (h + q + 2 * kv + q + h + (2 if gated else 1) * i + h)
 
 
 def lm_loss_bytes(n_tokens: int, vocab: int, width: int, dtype_bytes: int, chunked_ce: int | None = None) -> int:
@@ -269,7 +285,11 @@ def analytic_activations(config: Any, batch: int, seq_len: int, dtype_bytes: int
     layer = s * b * (2 * h + 4 * h_attn) + s * b * (2 * h + k * i)
     every = _ac_every(activation_checkpointing)
     n_ckpt = -(-L // every) if every else 0  # blocks 0, k, 2k, ...
-    per_layers = n_ckpt * s * b * h + (L - n_ckpt) * layer + (layer if n_ckpt else 0)
+    if activation_checkpointing == SELECTIVE:  # every block keeps its matmul / attention outputs
+        sel = selective_layer_elements(config, b, s, gated)
+        per_layers = L * sel + (layer - sel)  # + the pointwise tensors of the block being recomputed
+    else:
+        per_layers = n_ckpt * s * b * h + (L - n_ckpt) * layer + (layer if n_ckpt else 0)
     elements = per_layers + 2 * s * b * h
     total = elements * dtype_bytes
     vocab = getattr(config, "vocab_size", None)
@@ -291,8 +311,9 @@ def estimate_memory(model: nn.Module, batch: int = 1, seq_len: int | None = None
     optimizer states, 16-bit autocast activations); bf16-true, fp16-true (everything 16-bit).
     `optimizer`: adamw, adam, sgd (momentum), sgd-nomomentum. `sharding`: FSDP/ZeRO-3 world size.
     `trace`: an `ActivationTrace` made elsewhere (same batch, seq_len and precision) to use as is.
-    `activation_checkpointing`: True (every block) or k (every k-th block, as
-    `distributed.parallel`'s `activation_checkpointing: k`). `chunked_ce`: rows per chunk of the
+    `activation_checkpointing`: True (every block), k (every k-th block, as
+    `distributed.parallel`'s `activation_checkpointing: k`) or "selective" (op-level: matmul and
+    attention outputs kept; with traced activations the blocks' part comes from the formula). `chunked_ce`: rows per chunk of the
     chunked LM loss (`task: {name: lm, chunked_ce: n}`), None = plain cross-entropy.
     """
     prec = _choice("precision", precision, PRECISIONS)
@@ -340,7 +361,13 @@ def estimate_memory(model: nn.Module, batch: int = 1, seq_len: int | None = None
             act += lm_loss_bytes(n_tok, vocab, tr.hidden_width, act_bytes, chunked_ce) - lm_loss_bytes(
                 n_tok, vocab, tr.hidden_width, act_bytes)
         every = _ac_every(activation_checkpointing)
-        if every and tr.blocks:
+        if activation_checkpointing == SELECTIVE and tr.blocks:
+            if cfg is None or seq is None or not hasattr(cfg, "n_embd"):
+                raise InspectError("activation_checkpointing='selective' needs a transformer config "
+                                   "(n_layer, n_head, n_embd) on model.config")
+            kept = selective_layer_elements(cfg, batch, seq, gated) * act_bytes
+            act = act - sum(tr.blocks) + len(tr.blocks) * kept + max(tr.blocks) - kept
+        elif every and tr.blocks:
             # checkpointed blocks keep only their input; one of them is recomputed during backward
             ckpt = range(0, len(tr.blocks), every)
             act = (act - sum(tr.blocks[i] for i in ckpt) + sum(tr.block_inputs[i] for i in ckpt)
