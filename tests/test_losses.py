@@ -79,3 +79,45 @@ def test_chunked_ce_rejects_bad_arguments():
         chunked_cross_entropy(h, w, y, chunk_size=0)
     with pytest.raises(ValueError, match="rows"):
         chunked_cross_entropy(h, w, y[:3])
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])  # tied and untied heads
+def test_lm_task_chunked_ce_equals_plain_loss_grads_and_eval(name):
+    import torchgraft
+    from torchgraft.train.tasks import build_task
+
+    torch.manual_seed(0)
+    model = torchgraft.build(name)
+    ids = torch.randint(0, 256, (3, 20))
+    labels = torch.randint(0, 256, (3, 20))
+    labels[1, :6] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    out = []
+    for spec in ("lm", {"name": "lm", "chunked_ce": 16}):
+        task = build_task(spec)
+        model.zero_grad()
+        loss = task.loss_sum(model, batch) / task.count(batch)  # as the trainer normalises it
+        loss.backward()
+        with torch.no_grad():
+            sums = task.eval_sums(model, batch)
+        out.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, sums))
+    (l1, g1, s1), (l2, g2, s2) = out
+    assert torch.allclose(l1, l2, rtol=1e-6, atol=1e-6)
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], rtol=1e-6, atol=1e-6), n
+    assert int(s1["count"]) == int(s2["count"]) and int(s1["correct"]) == int(s2["correct"])
+    assert torch.allclose(s1["loss"], s2["loss"], rtol=1e-6)
+
+
+def test_lm_task_chunked_ce_rejects_bad_values_and_models():
+    from torchgraft.errors import ConfigError
+    from torchgraft.train.tasks import build_task
+
+    for bad in (0, -3, 1.5, True, "big"):
+        with pytest.raises(ConfigError, match="chunked_ce"):
+            build_task({"name": "lm", "chunked_ce": bad})
+    task = build_task({"name": "lm", "chunked_ce": 8})
+    plain = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10))
+    batch = {"input_ids": torch.zeros(1, 3, dtype=torch.long), "labels": torch.zeros(1, 3, dtype=torch.long)}
+    with pytest.raises(ConfigError, match="output_embedding"):
+        task.loss_sum(plain, batch)

@@ -107,3 +107,26 @@ def cross_entropy_peak_bytes(n_rows: int, vocab_size: int, chunk_size: int | Non
     compute-dtype copy. Used by `tools/memory.py`."""
     rows = n_rows if chunk_size is None else min(chunk_size, n_rows)
     return 2 * rows * vocab_size * bytes_per_logit
+
+
+@torch.no_grad()
+def chunked_cross_entropy_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                chunk_size: int = 1024, ignore_index: int = IGNORE_INDEX
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Evaluation statistics without the full logits: (summed CE as float64, target count,
+    correct argmax predictions), `chunk_size` rows at a time."""
+    h = hidden.reshape(-1, hidden.shape[-1])  # (N, C)
+    y = labels.reshape(-1)
+    dtype = _compute_dtype(h)
+    w = weight.to(dtype)
+    loss = torch.zeros((), dtype=torch.float64, device=h.device)
+    correct = torch.zeros((), dtype=torch.long, device=h.device)
+    with torch.autocast(h.device.type, enabled=False):
+        for start in range(0, h.shape[0], chunk_size):
+            logits = (h[start:start + chunk_size].to(dtype) @ w.t()).float()  # (n_c, V)
+            yc = y[start:start + chunk_size]
+            valid = yc != ignore_index
+            loss += torch.nn.functional.cross_entropy(logits, yc, ignore_index=ignore_index,
+                                                      reduction="sum").double()
+            correct += ((logits.argmax(-1) == yc) & valid).sum()
+    return loss, (y != ignore_index).sum(), correct
