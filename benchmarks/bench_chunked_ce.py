@@ -2,8 +2,8 @@
 
 A llama-style model (RMSNorm, SwiGLU, GQA, RoPE, untied head) with a 128k vocabulary on CPU: the
 plain step materialises the (B*T, V) float32 logits, their log-softmax and gradients; the chunked
-step (`torchgraft.nn.losses.chunked_cross_entropy`, via the LM task's `chunked_ce` option when
-available) holds `chunk x V` at a time. Peak bytes are torch's own allocator accounting of the
+step (the LM task with `chunked_ce: chunk`, i.e. `torchgraft.nn.losses.chunked_cross_entropy`)
+holds `chunk x V` at a time. Both sides are the LM task's `loss_sum` (summed over tokens). Peak bytes are torch's own allocator accounting of the
 step (`tools.memory.measure_peak_memory`; weights built outside the step are not counted, the
 gradients it creates are). Also checks the loss and every gradient agree, and prints the memory
 estimate (`tools.memory.estimate_memory`) for both.
@@ -18,14 +18,13 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 
 def run(vocab: int = 128256, batch: int = 4, seq: int = 256, chunk: int = 256, n_layer: int = 2,
         n_embd: int = 256) -> dict[str, Any]:
     import torchgraft
-    from torchgraft.nn.losses import chunked_cross_entropy
     from torchgraft.tools.memory import estimate_memory, measure_peak_memory
+    from torchgraft.train.tasks import build_task
 
     torch.manual_seed(0)
     model = torchgraft.build({"name": "llama-tiny", "vocab_size": vocab, "n_layer": n_layer, "n_embd": n_embd,
@@ -33,13 +32,14 @@ def run(vocab: int = 128256, batch: int = 4, seq: int = 256, chunk: int = 256, n
     ids = torch.randint(0, vocab, (batch, seq))
     labels = torch.randint(0, vocab, (batch, seq))
 
-    def plain_loss() -> torch.Tensor:
-        logits = model(ids)  # (B, T, V)
-        return F.cross_entropy(logits.reshape(-1, vocab).float(), labels.reshape(-1), reduction="sum")
+    lm_batch = {"input_ids": ids, "labels": labels}
+    plain_task, chunked_task = build_task("lm"), build_task({"name": "lm", "chunked_ce": chunk})
 
-    def chunked_loss() -> torch.Tensor:
-        hidden = model.forward_features(ids)  # (B, T, C)
-        return chunked_cross_entropy(hidden, model.output_embedding(), labels, chunk_size=chunk)
+    def plain_loss() -> torch.Tensor:  # (B, T, V) float32 logits, log-softmax, gradients
+        return plain_task.loss_sum(model, lm_batch)
+
+    def chunked_loss() -> torch.Tensor:  # hidden states + the head weight, `chunk` rows at a time
+        return chunked_task.loss_sum(model, lm_batch)
 
     results = {}
     for name, loss_fn in (("plain", plain_loss), ("chunked", chunked_loss)):
