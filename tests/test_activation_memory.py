@@ -58,3 +58,15 @@ def test_estimate_orders_like_the_measurement_and_knows_chunked_ce():
     # the (B*T, V) float32 logits, their log-softmax and gradient dominate the plain estimate
     assert chunked.activations < 0.5 * plain.activations
     assert abs(traced_chunked.activations - chunked.activations) < 0.2 * chunked.activations
+
+
+def test_inspect_cli_knows_chunked_ce_and_selective_checkpointing(capsys):
+    import json
+
+    from torchgraft.cli import main
+
+    acts = []
+    for extra in ([], ["--chunked-ce", "32"], ["--chunked-ce", "32", "--selective-checkpointing"]):
+        main(["inspect", "llama-tiny", "vocab_size=128256", "--batch", "2", "--seq", "128", "--json", *extra])
+        acts.append(json.loads(capsys.readouterr().out)["memory_bytes"]["activations"])
+    assert acts[2] < acts[1] < 0.5 * acts[0]
