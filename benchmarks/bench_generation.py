@@ -1,18 +1,23 @@
-"""Generation speed: torchgraft's KV-cache `generate` vs transformers' `generate`, same model, same prompts.
+"""Generation speed: torchgraft's static-cache `generate` (eager and compiled) vs transformers' `generate`.
 
 A GPT-2-shaped `transformers.GPT2LMHeadModel` with random weights is saved to a temporary
 directory and loaded into torchgraft with `torchgraft.load_hf`, so both sides run identical
-weights. Both decode greedily from the same left-padded prompt batch for a fixed number of new
-tokens (no early eos); the greedy outputs are checked to be identical before timing. Prints the
-new-token throughput of each and the ratio (ours / transformers) measured in this one run.
+weights. For each batch size (1 and 4 by default; the batch-4 prompts are ragged, left-padded),
+both decode greedily from the same prompts for a fixed number of new tokens (no early eos); the
+greedy outputs of every variant are checked to be identical to transformers' before timing.
+Variants: torchgraft eager (static KV cache), torchgraft compiled (`compile=True`: the decode step
+under torch.compile; compile time is reported separately, not timed), transformers. Runs
+alternate; each round times every variant once; the printed ratio is the median over rounds of
+ours / transformers tokens/s measured back to back.
 
-    python benchmarks/bench_generation.py                 # GPT-2 124M shape
-    python benchmarks/bench_generation.py --n-layer 4     # quicker
+    python benchmarks/bench_generation.py                    # GPT-2 124M shape, batch 1 and 4
+    python benchmarks/bench_generation.py --n-layer 4 --no-compile   # quicker
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from typing import Any
@@ -20,18 +25,15 @@ from typing import Any
 import torch
 
 
-def _time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def run(n_layer: int = 12, n_embd: int = 768, n_head: int = 12, vocab_size: int = 50257,
-        batch: int = 4, prompt_len: int = 32, new_tokens: int = 48, repeats: int = 2,
-        threads: int | None = None) -> dict[str, Any]:
+        batches: tuple[int, ...] = (1, 4), prompt_len: int = 32, new_tokens: int = 32, rounds: int = 3,
+        compile: bool = True, threads: int | None = None, device: str = "cpu") -> dict[str, Any]:
     import transformers
 
     import torchgraft
@@ -47,34 +49,56 @@ def run(n_layer: int = 12, n_embd: int = 768, n_head: int = 12, vocab_size: int 
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         ours = torchgraft.load_hf(d).eval()
+    hf.to(device)
+    ours.to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab_size, (batch, prompt_len), generator=g)
-    mask = torch.ones_like(ids)
-    for row in range(1, batch):  # ragged prompts: left padding on all but the first row
-        mask[row, : row * prompt_len // (2 * batch)] = 0
-    ids = ids.masked_fill(mask == 0, 0)
+    cases = []
+    for batch in batches:
+        g = torch.Generator().manual_seed(batch)
+        ids = torch.randint(0, vocab_size, (batch, prompt_len), generator=g)
+        mask = torch.ones_like(ids)
+        for row in range(1, batch):  # ragged prompts: left padding on all but the first row
+            mask[row, : row * prompt_len // (2 * batch)] = 0
+        ids = ids.masked_fill(mask == 0, 0).to(device)
+        mask = mask.to(device)
 
-    def ours_fn():
-        return generate(ours, ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=None)
+        def ours_fn(compiled: bool, ids=ids, mask=mask):
+            out = generate(ours, ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=None,
+                           compile=compiled)
+            sync()
+            return out.tokens
 
-    def hf_fn():
-        with torch.inference_mode():
-            return hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                               eos_token_id=None)
+        def hf_fn(ids=ids, mask=mask):
+            with torch.inference_mode():
+                out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                                  eos_token_id=None)
+            sync()
+            return out[:, prompt_len:].tolist()
 
-    same = ours_fn().tokens == hf_fn()[:, prompt_len:].tolist()  # also the warm-up of both sides
-    t_ours = t_hf = float("inf")
-    for _ in range(repeats):  # interleaved, best of `repeats`: load drifts hit both sides alike
-        t_ours = min(t_ours, _time(ours_fn, 1))
-        t_hf = min(t_hf, _time(hf_fn, 1))
-    n = batch * new_tokens
+        variants = {"eager": lambda f=ours_fn: f(False)}
+        expected = hf_fn()  # also the warm-up of transformers
+        same = {"eager": variants["eager"]() == expected}
+        compile_s = None
+        if compile:
+            variants["compiled"] = lambda f=ours_fn: f(True)
+            compile_s = _timed(lambda: same.__setitem__("compiled", variants["compiled"]() == expected))
+        times: dict[str, list[float]] = {k: [] for k in [*variants, "transformers"]}
+        for _ in range(rounds):  # alternate: load drifts hit every variant alike
+            for name, fn in variants.items():
+                times[name].append(_timed(fn))
+            times["transformers"].append(_timed(hf_fn))
+        n = batch * new_tokens
+        case = {"batch": batch, "greedy_outputs_identical": same, "compile_s": compile_s,
+                "transformers_tok_s": n / statistics.median(times["transformers"])}
+        for name in variants:
+            case[f"torchgraft_{name}_tok_s"] = n / statistics.median(times[name])
+            case[f"ratio_{name}"] = statistics.median(h / o for o, h in zip(times[name], times["transformers"]))
+        cases.append(case)
     return {"benchmark": "generation", "model": f"gpt2-shape L{n_layer} C{n_embd} V{vocab_size}",
-            "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "threads": torch.get_num_threads(), "greedy_outputs_identical": same,
-            "torchgraft_tok_s": n / t_ours, "transformers_tok_s": n / t_hf,
-            "ratio": (n / t_ours) / (n / t_hf)}
+            "device": device, "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds,
+            "threads": torch.get_num_threads(), "cases": cases}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -82,22 +106,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--n-layer", type=int, default=12)
     p.add_argument("--n-embd", type=int, default=768)
     p.add_argument("--n-head", type=int, default=12)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=48)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled variant")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     a = p.parse_args(argv)
-    r = run(a.n_layer, a.n_embd, a.n_head, batch=a.batch, prompt_len=a.prompt_len,
-            new_tokens=a.new_tokens, repeats=a.repeats, threads=a.threads)
+    r = run(a.n_layer, a.n_embd, a.n_head, batches=tuple(a.batch), prompt_len=a.prompt_len,
+            new_tokens=a.new_tokens, rounds=a.rounds, compile=not a.no_compile, threads=a.threads,
+            device=a.device)
     if a.json:
         print(json.dumps(r))
-    else:
-        print(f"generation ({r['model']}, batch {r['batch']}, prompt {r['prompt_len']}, "
-              f"{r['new_tokens']} new tokens, {r['threads']} threads): torchgraft "
-              f"{r['torchgraft_tok_s']:.1f} tok/s, transformers {r['transformers_tok_s']:.1f} tok/s, "
-              f"ratio {r['ratio']:.2f}x; greedy outputs identical: {r['greedy_outputs_identical']}")
+        return r
+    print(f"generation ({r['model']}, {r['device']}, prompt {r['prompt_len']}, {r['new_tokens']} new tokens, "
+          f"{r['threads']} threads, median of {r['rounds']} alternating rounds):")
+    for c in r["cases"]:
+        line = (f"  batch {c['batch']}: transformers {c['transformers_tok_s']:.1f} tok/s; torchgraft eager "
+                f"{c['torchgraft_eager_tok_s']:.1f} tok/s ({c['ratio_eager']:.2f}x)")
+        if "ratio_compiled" in c:
+            line += (f", compiled {c['torchgraft_compiled_tok_s']:.1f} tok/s ({c['ratio_compiled']:.2f}x; "
+                     f"compile {c['compile_s']:.0f}s)")
+        print(line + f"; greedy outputs identical: {c['greedy_outputs_identical']}")
     return r
 
 

@@ -6,6 +6,12 @@ the peak memory. Meant for the device tool (one H200), never for the test suite:
 
     python benchmarks/gpu_check.py                      # defaults: batch 16 x 1024 tokens, 20 steps
     python benchmarks/gpu_check.py --json $OUT/gpu_check.json --no-compile
+    python benchmarks/gpu_check.py --generation-only    # only the generation part
+
+Then the generation benchmark on the same device (`benchmarks/bench_generation.py` with
+device cuda): GPT-2 124M shape, batch 1 and 4, torchgraft eager vs compiled (the static-cache
+decode step under torch.compile mode "reduce-overhead", i.e. CUDA graphs) vs transformers'
+`generate`, greedy outputs checked identical (`--no-generation` skips it).
 
 On a machine without CUDA it prints "no CUDA device" and exits 0 (1 with --strict).
 """
@@ -223,6 +229,27 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def run_generation(args: argparse.Namespace) -> dict:
+    """bench_generation on CUDA: tokens/s of torchgraft eager / compiled (CUDA graphs) vs transformers."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_generation import run as bench_generation
+
+    r = bench_generation(batches=(1, 4), prompt_len=args.gen_prompt, new_tokens=args.gen_tokens,
+                         rounds=3, compile=args.compile, device="cuda")
+    out = {}
+    for c in r["cases"]:
+        b = c["batch"]
+        out[f"gen_b{b}_transformers_tok_s"] = round(c["transformers_tok_s"], 1)
+        out[f"gen_b{b}_eager_tok_s"] = round(c["torchgraft_eager_tok_s"], 1)
+        out[f"gen_b{b}_eager_ratio"] = round(c["ratio_eager"], 3)
+        if "ratio_compiled" in c:
+            out[f"gen_b{b}_cudagraph_tok_s"] = round(c["torchgraft_compiled_tok_s"], 1)
+            out[f"gen_b{b}_cudagraph_ratio"] = round(c["ratio_compiled"], 3)
+            out[f"gen_b{b}_compile_s"] = round(c["compile_s"], 1)
+        out[f"gen_b{b}_greedy_identical"] = c["greedy_outputs_identical"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=16)
@@ -236,29 +263,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--builtin-model", action="store_true", help="skip the zoo's gpt2 preset")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     p.add_argument("--strict", action="store_true", help="exit 1 when no CUDA device is present")
+    p.add_argument("--no-generation", dest="generation", action="store_false",
+                   help="skip the generation benchmark")
+    p.add_argument("--generation-only", action="store_true", help="only the generation benchmark")
+    p.add_argument("--gen-prompt", type=int, default=32, help="generation: prompt tokens")
+    p.add_argument("--gen-tokens", type=int, default=128, help="generation: new tokens per row")
     args = p.parse_args(argv)
 
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device (torch %s, cuda build: %s); nothing measured. "
               "Run it on a GPU machine (e.g. through the device tool)." % (torch.__version__, torch.version.cuda))
         return 1 if args.strict else 0
-    try:
-        result = run(args)
-    except Exception:
-        traceback.print_exc()
-        print("gpu_check: FAILED (see the traceback above)")
-        return 1
-    finally:
-        from torchgraft.distributed import cleanup
+    result: dict = {}
+    failed = False
+    if not args.generation_only:
+        try:
+            result.update(run(args))
+        except Exception:
+            traceback.print_exc()
+            print("gpu_check: training check FAILED (see the traceback above)")
+            failed = True
+        finally:
+            from torchgraft.distributed import cleanup
 
-        cleanup()
+            cleanup()
+    if args.generation or args.generation_only:
+        try:
+            result.update(run_generation(args))
+        except Exception:
+            traceback.print_exc()
+            print("gpu_check: generation check FAILED (see the traceback above)")
+            failed = True
     width = max(len(k) for k in result)
     for k, v in result.items():
         print(f"{k:<{width}}  {v}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 """`make bench`: run every benchmarks/bench_*.py in its own process and report which failed.
 
-Each benchmark prints its own table (ratios against a baseline measured in the same run).
+Each benchmark prints its own table (ratios against a baseline measured in the same run):
+bench_trainer (engine overhead), bench_gpt_step (engine vs a minimal GPT), bench_generation
+(static-cache / compiled generate vs transformers, batch 1 and 4), bench_chunked_ce (peak memory,
+plain vs chunked cross-entropy at V = 128k), and any other bench_*.py. gpu_check.py is not a bench_* script:
+it needs CUDA (run it on a GPU machine).
 Usage: python benchmarks/run_all.py [NAME_SUBSTRING ...]
 """
 from __future__ import annotations

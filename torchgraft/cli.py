@@ -57,6 +57,9 @@ def inspect_cmd(
     optimizer: str = typer.Option("adamw", "--optimizer", help="adamw, adam, sgd, sgd-nomomentum"),
     shards: int = typer.Option(1, "--shards", help="FSDP world size the weights are sharded over"),
     checkpointing: bool = typer.Option(False, "--checkpointing", help="activation checkpointing per block"),
+    selective: bool = typer.Option(False, "--selective-checkpointing",
+                                   help="op-level selective checkpointing (keep matmul/attention outputs)"),
+    chunked_ce: Optional[int] = typer.Option(None, "--chunked-ce", help="LM loss in chunks of N token rows"),
     depth: int = typer.Option(2, "--depth", help="module levels in the summary table"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
@@ -68,7 +71,8 @@ def inspect_cmd(
 
     ov = {k.removeprefix("model."): v for k, v in parse_overrides(overrides or []).items()}
     report = inspect_model(model, ov, batch=batch, seq_len=seq, precision=precision, optimizer=optimizer,
-                           sharding=shards, activation_checkpointing=checkpointing, depth=depth)
+                           sharding=shards, activation_checkpointing="selective" if selective else checkpointing,
+                           depth=depth, chunked_ce=chunked_ce)
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
     else:

@@ -22,6 +22,8 @@ cache alike, so the two stay equal), like nanoGPT's cropping but without re-enco
 """
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 from torchgraft.errors import ConfigError
+from torchgraft.nn.kv_cache import StaticKVCache, static_attention_mask
 
 _DEFAULT = object()
 
@@ -161,16 +164,132 @@ def _last_logits(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> torch.Te
     return model(ids, **kwargs)[:, -1]
 
 
+# ---- static-cache decoding -----------------------------------------------------------------------
+class StaticDecoder:
+    """Fixed-shape decoding state of one model for `batch_size` rows and `max_seq_len` slots.
+
+    Everything the decode step reads or writes is a preallocated tensor: the `StaticKVCache`
+    buffers and its write slot `cache.index` (1,), `slot_mask` (B, L) (1 = a real token in that
+    slot) and `positions` (B, 1) (the next token's position in its own row). `step(tok)` writes
+    the new token's keys/values, advances the state in place and returns logits (B, V): one graph
+    with the same shapes every step, so `torch.compile` (and CUDA graphs, mode "reduce-overhead")
+    compile it once. `prefill` runs the prompt batch through the model in one eager pass.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int, max_seq_len: int, compile: bool = False,
+                 mode: str | None = None):
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        self.cache = StaticKVCache.from_cache(model.make_kv_cache(batch_size, max_seq_len))
+        device = self.cache.device
+        self.slot_mask = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self._decode_index = self.cache.index
+        self.compile_requested = compile
+        self.compiled = False
+        self._step: Callable[..., torch.Tensor] = _decode_step
+        if compile:
+            self._step = self._compile(mode)
+
+    def _compile(self, mode: str | None) -> Callable[..., torch.Tensor]:
+        """`torch.compile(_decode_step)` with fixed shapes; buffers get static addresses (CUDA graphs)."""
+        if mode is None:
+            mode = "reduce-overhead" if self.cache.device.type == "cuda" else "default"
+        for t in [*self.cache.k, *self.cache.v, self.slot_mask, self.positions, self._decode_index]:
+            torch._dynamo.mark_static_address(t)
+        try:
+            step = torch.compile(_decode_step, fullgraph=True, dynamic=False, mode=mode)
+        except RuntimeError as e:  # e.g. dynamo does not support this Python
+            warnings.warn(f"torch.compile is unavailable ({e}); decoding eagerly", stacklevel=3)
+            return _decode_step
+        self.compiled = True
+        return step
+
+    def prefill(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Write the (left-padded) prompt batch ids (B, T) into slots [0, T); logits of its last
+        position (B, V). Also used to re-encode the window after a context shift."""
+        t = ids.shape[1]
+        self.slot_mask.zero_()
+        self.slot_mask[:, :t] = mask.bool()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T), 0 at each row's first real token
+        self.cache.index = torch.arange(t, device=ids.device)
+        try:
+            logits = _last_logits(model, ids, attention_mask=static_attention_mask(self.slot_mask, 0, t),
+                                  position_ids=positions, kv_cache=self.cache)
+        finally:
+            self.cache.index = self._decode_index
+        self.positions.copy_(mask.sum(-1, keepdim=True))
+        self._decode_index.fill_(t)
+        return logits
+
+    def step(self, model: nn.Module, tok: torch.Tensor) -> torch.Tensor:
+        """Decode one token per row, tok (B,) -> logits (B, V) of the next one."""
+        if self.compiled:
+            try:
+                return self._step(model, self, tok)
+            except Exception as e:  # no compiler toolchain, an unsupported op...: decode eagerly
+                if not _compile_failure(e):
+                    raise
+                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); decoding eagerly", stacklevel=3)
+                self.compiled, self._step = False, _decode_step
+        return self._step(model, self, tok)
+
+
+def _compile_failure(e: Exception) -> bool:
+    """True for errors raised by the compiler stack itself (not by the model's own code)."""
+    mod = type(e).__module__ or ""
+    return mod.startswith(("torch._dynamo", "torch._inductor", "torch.fx"))
+
+
+def _decode_step(model: nn.Module, state: StaticDecoder, tok: torch.Tensor) -> torch.Tensor:
+    """One token per row against the static cache; advances `state` in place; logits (B, V)."""
+    cache = state.cache
+    state.slot_mask.index_fill_(1, cache.index, True)
+    logits = model(tok[:, None], attention_mask=state.slot_mask[:, None, None, :],  # (B, 1, 1, L)
+                   position_ids=state.positions, kv_cache=cache)[:, -1]
+    state.positions.add_(1)
+    cache.index.add_(1)
+    return logits
+
+
+_DECODERS: "weakref.WeakKeyDictionary[nn.Module, StaticDecoder]" = weakref.WeakKeyDictionary()
+
+
+def static_decoder(model: nn.Module, batch_size: int, max_seq_len: int, compile: bool = False) -> StaticDecoder:
+    """The model's `StaticDecoder` for this shape, reused across calls (a compiled step is compiled
+    once per model and shape; one decoder is kept per model, so a new shape frees the old buffers)."""
+    dec = _DECODERS.get(model)
+    device, dtype = _model_device_dtype(model)
+    if (dec is None or (dec.batch_size, dec.max_seq_len) != (batch_size, max_seq_len)
+            or dec.cache.device != device or dec.cache.dtype != dtype or dec.compile_requested != compile):
+        _DECODERS.pop(model, None)  # free the old buffers first
+        dec = StaticDecoder(model, batch_size, max_seq_len, compile=compile)
+        _DECODERS[model] = dec
+    return dec
+
+
+def _cache_length(needed: int, window: int) -> int:
+    """Static cache slots: `needed` rounded up to a multiple of 64 (so prompts of similar length
+    share one compiled step), never more than the context window."""
+    return min(window, -(-needed // 64) * 64)
+
+
 # ---- the decoding loop ----------------------------------------------------------------------------
+CACHES = ("static", "dynamic")
+
+
 @torch.inference_mode()
 def iter_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, repetition_penalty: float = 1.0, use_cache: bool = True,
+                cache: str = "static", compile: bool = False,
                 generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), for up to `max_new_tokens` steps.
 
     Low level: no stopping rules (the caller stops iterating); rows are independent, so a caller
     may ignore rows it considers finished. `input_ids` (B, T) left-padded with `attention_mask`.
+    `cache`: "static" (preallocated fixed-shape cache, `StaticDecoder`; `compile=True` compiles its
+    decode step) or "dynamic" (`KVCache` growing by one position per step, eager).
     """
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -180,6 +299,10 @@ def iter_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
     if repetition_penalty <= 0:
         raise ConfigError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+    if cache not in CACHES:
+        raise ConfigError(f"cache must be one of {', '.join(CACHES)}, got {cache!r}")
+    if compile and not (use_cache and cache == "static"):
+        raise ConfigError("compile=True compiles the static-cache decode step; use cache='static' with use_cache")
     device, _ = _model_device_dtype(model)
     ids = input_ids.to(device)
     b, t = ids.shape
@@ -192,40 +315,55 @@ def iter_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         return
     window = limit or t + max_new_tokens  # most positions the model attends over
     keep = max(1, window // 2)  # tokens kept when the context is full
-    cache = model.make_kv_cache(b, min(t + max_new_tokens, window)) if use_cache else None
-    seen = torch.where(mask.bool(), ids, ids[:, -1:])  # every token so far; pads -> a real token of the row
+    static = dynamic = None
+    if use_cache and cache == "static":
+        static = static_decoder(model, b, _cache_length(t + max_new_tokens, window), compile)
+    elif use_cache:
+        dynamic = model.make_kv_cache(b, min(t + max_new_tokens, window))
+    penalize = repetition_penalty != 1.0
+    seen = torch.where(mask.bool(), ids, ids[:, -1:]) if penalize else None  # pads -> a real token of the row
+    track = static is None or t + max_new_tokens > window  # the window itself is needed
     seq, win_mask = ids, mask  # the current context window and its padding mask
+    n_window = t  # its length
 
-    def encode(seq: torch.Tensor, win_mask: torch.Tensor, kv_cache: Any) -> torch.Tensor:
+    def encode(seq: torch.Tensor, win_mask: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) after a full pass over the window (prefill, or every step without a cache)."""
+        if static is not None:
+            return static.prefill(model, seq, win_mask)
         padded = bool((win_mask == 0).any())
         # position of each token in its own row: 0 at the first real token
         positions = (win_mask.cumsum(-1) - 1).clamp(min=0) if padded else None  # (B, T)
         return _last_logits(model, seq, attention_mask=win_mask if padded else None,
-                            position_ids=positions, kv_cache=kv_cache)
+                            position_ids=positions, kv_cache=dynamic)
 
-    logits = encode(seq, win_mask, cache)  # prefill
+    logits = encode(seq, win_mask)  # prefill
     for step in range(max_new_tokens):
-        logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
+        if penalize:
+            logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
         tok = next_token(logits, temperature, top_k, top_p, generator)  # (B,)
         yield tok
         if step == max_new_tokens - 1:
             return
-        seen = torch.cat([seen, tok[:, None]], dim=1)
-        seq = torch.cat([seq, tok[:, None]], dim=1)
-        win_mask = torch.cat([win_mask, torch.ones_like(tok)[:, None]], dim=1)
-        if seq.shape[1] > window:  # context full: keep the last `keep` tokens and re-encode them
-            seq, win_mask = seq[:, -keep:], win_mask[:, -keep:]
-            if cache is not None:
-                cache.reset()
-            logits = encode(seq, win_mask, cache)
-        elif cache is not None:  # decode: one token against the cache
+        if penalize:
+            seen = torch.cat([seen, tok[:, None]], dim=1)
+        n_window += 1
+        if track:
+            seq = torch.cat([seq, tok[:, None]], dim=1)
+            win_mask = torch.cat([win_mask, torch.ones_like(tok)[:, None]], dim=1)
+        if n_window > window:  # context full: keep the last `keep` tokens and re-encode them
+            seq, win_mask, n_window = seq[:, -keep:], win_mask[:, -keep:], keep
+            if dynamic is not None:
+                dynamic.reset()
+            logits = encode(seq, win_mask)
+        elif static is not None:  # decode: one token against the fixed-shape cache
+            logits = static.step(model, tok)
+        elif dynamic is not None:  # decode against the growing cache
             padded = bool((win_mask == 0).any())
             new_pos = win_mask.sum(-1, keepdim=True) - 1  # (B, 1)
             logits = model(tok[:, None], attention_mask=win_mask if padded else None,
-                           position_ids=new_pos if padded else None, kv_cache=cache)[:, -1]
+                           position_ids=new_pos if padded else None, kv_cache=dynamic)[:, -1]
         else:  # reference path: the whole window again
-            logits = encode(seq, win_mask, None)
+            logits = encode(seq, win_mask)
 
 
 def _stop_index(text: str, stop: Sequence[str]) -> int:
@@ -238,7 +376,8 @@ def generate(model: nn.Module, prompts: Any, tokenizer: Any = None, *, max_new_t
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, stop: Sequence[str] | str | None = None,
              eos_token_id: Any = _DEFAULT, attention_mask: torch.Tensor | None = None,
-             add_bos: bool | None = None, use_cache: bool = True, seed: int | None = None,
+             add_bos: bool | None = None, use_cache: bool = True, cache: str = "static",
+             compile: bool = False, seed: int | None = None,
              generator: torch.Generator | None = None,
              on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
     """Generate continuations of `prompts`.
@@ -247,6 +386,9 @@ def generate(model: nn.Module, prompts: Any, tokenizer: Any = None, *, max_new_t
     input_ids tensor (B, T), left-padded with `attention_mask` if rows differ in length.
     `temperature=0` is greedy. `eos_token_id` defaults to the tokenizer's eos (None = never stop
     early). `add_bos`: prepend bos to text prompts (default: only to empty prompts).
+    `cache`: "static" (fixed-shape preallocated KV cache, the default) or "dynamic";
+    `compile=True` compiles the static-cache decode step (once per model and shape; CUDA graphs on
+    GPU; falls back to eager with a warning when compiling is unavailable).
     `seed` / `generator`: reproducible sampling. `on_token(row, token_id)` is called for every
     new token of an unfinished row as it is produced (streaming; see also `stream`).
     """
@@ -269,7 +411,7 @@ def generate(model: nn.Module, prompts: Any, tokenizer: Any = None, *, max_new_t
     steps = 0
     for tok in iter_tokens(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                           use_cache=use_cache, generator=generator):
+                           use_cache=use_cache, cache=cache, compile=compile, generator=generator):
         steps += 1
         for row, t in enumerate(tok.tolist()):
             if done[row]:

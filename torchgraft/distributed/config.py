@@ -17,7 +17,8 @@ class DistributedConfig:
     strategy: none (one process, or plain replicas without gradient sync: not useful), ddp
       (replicate + all-reduce), fsdp (FSDP2: parameters, gradients and optimizer state sharded).
       With several processes and strategy none, ddp is used.
-    activation_checkpointing: none | full | k (every k-th block) - recompute instead of store.
+    activation_checkpointing: none | full | k (every k-th block) | selective (every block, keeping
+      matmul / attention outputs) - recompute instead of store.
     mixed_precision (fsdp): bf16 | fp16 | none - compute dtype of the gathered parameters;
       gradients are reduced in fp32 and master weights stay fp32. ddp uses trainer.precision.
     cpu_offload (fsdp): keep sharded parameters, gradients and optimizer state on the CPU.

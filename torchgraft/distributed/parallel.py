@@ -3,7 +3,9 @@
 Models never know how they are parallelised (torchtitan style). The steps, in order:
 1. find the repeated blocks (children of a ModuleList named `blocks` / `layers` / `h`, ResNet-style
    stages `layer1..N`, given module classes, or a name pattern);
-2. activation checkpointing on every block or every k-th block (names in `state_dict()` unchanged);
+2. activation checkpointing on every block or every k-th block, or "selective" (every block, but
+   matmul and attention outputs are kept: only the cheap pointwise ops are recomputed);
+   names in `state_dict()` unchanged;
 3. DDP (replicate + all-reduce) or FSDP2 (`fully_shard` on each block, then on the root);
 4. if the model was built on the meta device, materialise it *after* sharding, so each rank only
    ever allocates its own shard, then run the model's `reset_parameters` / `init_weights`.
@@ -93,11 +95,16 @@ def _outermost(model: nn.Module, pred) -> list[tuple[str, nn.Module]]:
 # activation checkpointing
 # --------------------------------------------------------------------------------------------
 
+SELECTIVE = "selective"
+
+
 def _ac_every(activation_checkpointing: str | int | bool | None) -> int:
-    """0 = off, 1 = every block, k = every k-th block (blocks 0, k, 2k, ...)."""
+    """0 = off, 1 = every block, k = every k-th block (blocks 0, k, 2k, ...); "selective" = every block."""
     ac = activation_checkpointing
     if ac is None or ac is False:
         return 0
+    if isinstance(ac, str) and ac.strip().lower() == SELECTIVE:
+        return 1
     if ac is True:
         return 1
     if isinstance(ac, str):
@@ -109,11 +116,34 @@ def _ac_every(activation_checkpointing: str | int | bool | None) -> int:
         if key.isdigit():
             ac = int(key)
         else:
-            raise ConfigError(f"activation_checkpointing={ac!r} is not valid; use none, full or an "
-                              "integer k (checkpoint every k-th block)")
+            raise ConfigError(f"activation_checkpointing={ac!r} is not valid; use none, full, selective "
+                              "or an integer k (checkpoint every k-th block)")
     if isinstance(ac, int) and ac >= 0:
         return ac
-    raise ConfigError(f"activation_checkpointing={ac!r} is not valid; use none, full or an integer k >= 1")
+    raise ConfigError(f"activation_checkpointing={ac!r} is not valid; use none, full, selective or an "
+                      "integer k >= 1")
+
+
+def _saved_ops() -> set:
+    """Ops whose outputs selective checkpointing keeps: matmuls and attention (expensive to redo)."""
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu")
+    return {getattr(aten, n).default for n in names if hasattr(aten, n)}
+
+
+def selective_checkpoint_context():
+    """`context_fn` for `torch.utils.checkpoint`: keep matmul / attention outputs, recompute the
+    rest of the block (norms, activations, residual adds, RoPE) during backward. Saves the
+    pointwise activations' memory for little recompute (torchtitan's "op" selective AC)."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    saved = _saved_ops()
+
+    def policy(ctx, op, *args, **kwargs):  # noqa: ANN001, ANN202
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+    return create_selective_checkpoint_contexts(policy)
 
 
 def apply_activation_checkpointing(model: nn.Module, activation_checkpointing: str | int | bool = "full",
@@ -127,6 +157,7 @@ def apply_activation_checkpointing(model: nn.Module, activation_checkpointing: s
     every = _ac_every(activation_checkpointing)
     if every == 0:
         return []
+    selective = isinstance(activation_checkpointing, str) and activation_checkpointing.strip().lower() == SELECTIVE
     if blocks is None:
         blocks = find_blocks(model)
     if not blocks:
@@ -137,7 +168,10 @@ def apply_activation_checkpointing(model: nn.Module, activation_checkpointing: s
     done = []
     for i, (name, block) in enumerate(blocks):
         if i % every == 0:
-            checkpoint(block)
+            if selective:
+                checkpoint(block, context_fn=selective_checkpoint_context)
+            else:
+                checkpoint(block)
             done.append(name)
     return done
 
@@ -186,7 +220,8 @@ def parallelize(model: nn.Module, strategy: Strategy = "fsdp", *,
       gradients in fp32, while the sharded master weights stay fp32. With DDP use the trainer's
       autocast instead.
     - `cpu_offload` (FSDP): keep sharded params, grads and optimizer state in CPU memory.
-    - `activation_checkpointing`: "none", "full" or k (every k-th block).
+    - `activation_checkpointing`: "none", "full", k (every k-th block) or "selective" (every
+      block, keeping matmul / attention outputs and recomputing only pointwise ops).
     - `block_types` / `block_pattern`: how to find the blocks (default: see `find_blocks`).
     - A model on the meta device is sharded first and materialised afterwards on `device`, running
       `reset_parameters()` / `init_weights()` (see `torchgraft.models.registry.materialize`), so the

@@ -149,8 +149,13 @@ class DecoderLM(nn.Module):
         return self.lm_head(hidden)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
-        return self.logits(self.forward_features(input_ids, attention_mask, position_ids, kv_cache))
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """Logits (B, T, V); with `return_hidden=True` the final-norm hidden states (B, T, C) instead,
+        for a loss that applies `output_embedding()` itself (chunked cross-entropy), while still
+        going through `forward` (DDP / torch.compile wrappers see the call)."""
+        hidden = self.forward_features(input_ids, attention_mask, position_ids, kv_cache)
+        return hidden if return_hidden else self.logits(hidden)
 
     def output_embedding(self) -> torch.Tensor:
         """The (vocab, C) matrix that produces logits (tok_emb.weight when tied)."""

@@ -107,3 +107,91 @@ class KVCache:
         return (f"KVCache(n_layer={self.n_layer}, batch_size={self.batch_size}, pos={self.pos}, "
                 f"max_seq_len={self.max_seq_len}, n_kv_head={self.n_kv_head}, head_dim={self.head_dim}, "
                 f"dtype={self.dtype})")
+
+
+class StaticLayerKVCache:
+    """One layer of a `StaticKVCache`: writes at the parent's slot `index`, returns whole buffers."""
+
+    pos = 0  # see StaticKVCache: positions and masks are explicit
+
+    def __init__(self, parent: "StaticKVCache", k: torch.Tensor, v: torch.Tensor):
+        self.parent = parent
+        self.k = k
+        self.v = v
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `k`, `v` (B, H_kv, T, D) into slots `parent.index` (T,); return the full buffers
+        (B, H_kv, max_seq_len, D). In-place `index_copy_` with a tensor index: one compiled graph
+        serves every decode step."""
+        index = self.parent.index
+        self.k.index_copy_(2, index, k.to(self.k.dtype))
+        self.v.index_copy_(2, index, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class StaticKVCache:
+    """Fixed-shape KV cache for compiled decoding (`torch.compile` / CUDA graphs).
+
+    Unlike `KVCache`, attention always runs over all `max_seq_len` slots, and nothing about the
+    fill level lives on the host: the caller (the generation loop) owns it as tensors.
+
+    - `index` (T,) long tensor: the slots the next forward writes (set it, or `index.copy_(...)`
+      in place for a compiled step, before each forward);
+    - the model must get explicit `position_ids` and a 4-D bool mask (B, 1, T, max_seq_len) that
+      hides the empty slots (`static_attention_mask`);
+    - `pos` is always 0 and `advance` does nothing, so the model reads no host position.
+    Buffers can be shared with a `KVCache` (`from_cache`).
+    """
+
+    pos = 0
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
+        self.k, self.v = k, v
+        self.n_layer = len(k)
+        self.batch_size, self.n_kv_head, self.max_seq_len, self.head_dim = k[0].shape
+        self.index = torch.zeros(1, dtype=torch.long, device=k[0].device)
+        self._layers = [StaticLayerKVCache(self, k[i], v[i]) for i in range(self.n_layer)]
+
+    @classmethod
+    def from_cache(cls, cache: KVCache) -> "StaticKVCache":
+        """A static view of a `KVCache`'s preallocated buffers (e.g. from `model.make_kv_cache`)."""
+        return cls(cache.k, cache.v)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
+
+    def layer(self, i: int) -> StaticLayerKVCache:
+        return self._layers[i]
+
+    def advance(self, n: int) -> None:
+        """Nothing to do: the caller moves `index`."""
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def __repr__(self) -> str:
+        return (f"StaticKVCache(n_layer={self.n_layer}, batch_size={self.batch_size}, "
+                f"max_seq_len={self.max_seq_len}, n_kv_head={self.n_kv_head}, head_dim={self.head_dim}, "
+                f"dtype={self.dtype})")
+
+
+def static_attention_mask(slot_mask: torch.Tensor, start: int, q_len: int) -> torch.Tensor:
+    """4-D bool mask (B, 1, q_len, L) for queries in slots [start, start + q_len) of a static cache.
+
+    `slot_mask` (B, L): 1 = a real token is (or will be, for these queries) in that slot. Query `i`
+    sees real slots <= its own; a query with nothing to see (left padding) falls back to plain
+    causal attention over its slots, as `make_attention_mask` does, so results match the dynamic
+    cache. Empty slots past the queries are never seen.
+    """
+    b, length = slot_mask.shape
+    q = torch.arange(start, start + q_len, device=slot_mask.device)
+    k = torch.arange(length, device=slot_mask.device)
+    causal = (k[None, :] <= q[:, None])[None, None]  # (1, 1, Tq, L)
+    mask = causal & slot_mask.bool()[:, None, None, :]
+    empty = ~mask.any(dim=-1, keepdim=True)
+    return torch.where(empty, causal, mask)

@@ -20,8 +20,12 @@ Activations are counted in one of two ways:
       s * b * (2h + 4 * h_attn)   attention: norm input, qkv input, q, k, v, output
     + s * b * (2h + k * i)        MLP: norm input, fc input, k = 2 (GELU MLP) or 4 (SwiGLU) tensors of width i
   plus 2 * s * b * h (final norm, head input) and, for LMs, the loss: log-softmax output and two
-  gradient buffers of (s * b * vocab) float32. With activation checkpointing (per block), the
-  per-layer term becomes one (s * b * h) block input per layer plus one layer recomputed.
+  gradient buffers of (s * b * vocab) float32. With activation checkpointing of every k-th block
+  (k = 1: every block), a checkpointed layer keeps only its (s * b * h) input, the others keep
+  everything, and one checkpointed layer is recomputed at a time.
+- chunked cross-entropy (`chunked_ce=n`, `torchgraft.nn.losses`): the LM loss term becomes two
+  (n * vocab) float32 chunk buffers, a float32 (vocab * h) weight-gradient accumulator and the
+  (s * b * h) hidden-state gradient, instead of three (s * b * vocab) float32 tensors.
 See docs/inspect.md for the validation against measured CPU peaks.
 """
 from __future__ import annotations
@@ -77,6 +81,8 @@ class ActivationTrace:
     loss_buffers: int  # transient gradient buffers of the output / loss during backward
     blocks: list[int] = field(default_factory=list)  # saved bytes inside each repeated block
     block_inputs: list[int] = field(default_factory=list)  # bytes of each block's input
+    logits_shape: tuple[int, int] | None = None  # (N, V) of an LM's flattened logits
+    hidden_width: int = 0  # C of the hidden states fed to an LM head
 
 
 @dataclass
@@ -92,7 +98,7 @@ class MemoryEstimate:
     precision: str
     optimizer_name: str
     sharding: int
-    activation_checkpointing: bool
+    activation_checkpointing: bool | int | str
     activations_method: str
     activations_analytic: int | None = None  # the transformer formula, when the model has a config
 
@@ -168,6 +174,7 @@ def trace_activations(model: nn.Module, input: InputSpec = None, *, input_size: 
     found = _largest_module_list(model)
     block_ids = {id(b): i for i, b in enumerate(found[1])} if found else {}
     n_blocks = len(block_ids)
+    lm_shape: list[tuple[int, int]] = []
 
     def run(forward, state):  # noqa: ANN001, ANN202
         weight_keys = {t.untyped_storage()._cdata for t in state.values()}
@@ -208,6 +215,7 @@ def trace_activations(model: nn.Module, input: InputSpec = None, *, input_size: 
                 out = forward()
                 if _is_lm(model, out):
                     logits = out.float().reshape(-1, out.shape[-1])
+                    lm_shape[:] = [tuple(logits.shape)]
                     target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
                     F.cross_entropy(logits, target)
                     loss_buffers = 2 * logits.numel() * 4  # grad of log-softmax output and of the logits
@@ -219,18 +227,53 @@ def trace_activations(model: nn.Module, input: InputSpec = None, *, input_size: 
             for h in handles:
                 h.remove()
         return ActivationTrace(total=sum(seen.values()), loss_buffers=loss_buffers,
-                               blocks=per_block, block_inputs=block_in)
+                               blocks=per_block, block_inputs=block_in,
+                               logits_shape=lm_shape[0] if lm_shape else None,
+                               hidden_width=getattr(getattr(model, "config", None), "n_embd", 0))
 
     with torch.enable_grad():
         return run_on_meta(model, args, kwargs, run, dtype=dtype, fake_first=True)
 
 
+SELECTIVE = "selective"
+
+
+def _ac_every(activation_checkpointing: bool | int | str) -> int:
+    """0 = off, 1 = every block (True, "selective"), k = every k-th block (blocks 0, k, 2k, ...)."""
+    if activation_checkpointing == SELECTIVE:
+        return 1
+    if isinstance(activation_checkpointing, str) or int(activation_checkpointing) < 0:
+        raise InspectError(f"activation_checkpointing must be a bool, k >= 0 or 'selective', got "
+                           f"{activation_checkpointing!r}")
+    return int(activation_checkpointing)
+
+
+def selective_layer_elements(config: Any, batch: int, seq_len: int, gated: bool) -> int:
+    """Elements one block keeps under selective checkpointing (matmul and attention outputs are
+    saved, pointwise ops recomputed): its input, q/k/v, the attention output, the output
+    projection, the MLP's input projections (1, or 2 when gated) and its output projection."""
+    s, b, h = seq_len, batch, config.n_embd
+    d = getattr(config, "head_dim", None) or h // config.n_head
+    q, kv = config.n_head * d, (getattr(config, "n_kv_head", None) or config.n_head) * d
+    i = getattr(config, "intermediate_size", None) or 4 * h
+    return s * b * (h + q + 2 * kv + q + h + (2 if gated else 1) * i + h)
+
+
+def lm_loss_bytes(n_tokens: int, vocab: int, width: int, dtype_bytes: int, chunked_ce: int | None = None) -> int:
+    """Logit-sized buffers of the LM loss in forward + backward (module docstring)."""
+    if not chunked_ce:
+        return 3 * n_tokens * vocab * 4  # log-softmax output + 2 gradient buffers, float32
+    rows = min(chunked_ce, n_tokens)
+    return 2 * rows * vocab * 4 + vocab * width * 4 + n_tokens * width * dtype_bytes
+
+
 def analytic_activations(config: Any, batch: int, seq_len: int, dtype_bytes: int,
-                         activation_checkpointing: bool = False, gated: bool = False,
-                         lm: bool = True) -> int | None:
+                         activation_checkpointing: bool | int = False, gated: bool = False,
+                         lm: bool = True, chunked_ce: int | None = None) -> int | None:
     """The transformer activation formula (module docstring) for a config with transformer fields.
 
-    `gated`: SwiGLU-style MLP (3 projections); `lm`: the output is vocabulary logits fed to a loss.
+    `gated`: SwiGLU-style MLP (3 projections); `lm`: the output is vocabulary logits fed to a loss;
+    `activation_checkpointing`: True / k (every k-th block); `chunked_ce`: rows per loss chunk.
     """
     need = ("n_layer", "n_head", "n_embd")
     if config is None or not all(hasattr(config, k) for k in need):
@@ -240,23 +283,26 @@ def analytic_activations(config: Any, batch: int, seq_len: int, dtype_bytes: int
     i = getattr(config, "intermediate_size", None) or 4 * h
     k = 4 if gated else 2
     layer = s * b * (2 * h + 4 * h_attn) + s * b * (2 * h + k * i)
-    if activation_checkpointing:
-        per_layers = L * s * b * h + layer
+    every = _ac_every(activation_checkpointing)
+    n_ckpt = -(-L // every) if every else 0  # blocks 0, k, 2k, ...
+    if activation_checkpointing == SELECTIVE:  # every block keeps its matmul / attention outputs
+        sel = selective_layer_elements(config, b, s, gated)
+        per_layers = L * sel + (layer - sel)  # + the pointwise tensors of the block being recomputed
     else:
-        per_layers = L * layer
+        per_layers = n_ckpt * s * b * h + (L - n_ckpt) * layer + (layer if n_ckpt else 0)
     elements = per_layers + 2 * s * b * h
     total = elements * dtype_bytes
     vocab = getattr(config, "vocab_size", None)
     if vocab and lm:
-        total += 3 * s * b * vocab * 4  # log-softmax output + 2 gradient buffers, float32
+        total += lm_loss_bytes(s * b, vocab, h, dtype_bytes, chunked_ce)
     return int(total)
 
 
 def estimate_memory(model: nn.Module, batch: int = 1, seq_len: int | None = None,
                     precision: str = "fp32", optimizer: str = "adamw", sharding: int = 1,
-                    activation_checkpointing: bool = False, *, input: InputSpec = None,
+                    activation_checkpointing: bool | int = False, *, input: InputSpec = None,
                     input_size: Any = None, activations: Literal["traced", "analytic"] = "traced",
-                    trace: ActivationTrace | None = None) -> MemoryEstimate:
+                    trace: ActivationTrace | None = None, chunked_ce: int | None = None) -> MemoryEstimate:
     """Per-device training memory of `model` (see the module docstring for the formula).
 
     `batch`, `seq_len`: per-device micro-batch (seq_len for token models, default `block_size`);
@@ -265,6 +311,10 @@ def estimate_memory(model: nn.Module, batch: int = 1, seq_len: int | None = None
     optimizer states, 16-bit autocast activations); bf16-true, fp16-true (everything 16-bit).
     `optimizer`: adamw, adam, sgd (momentum), sgd-nomomentum. `sharding`: FSDP/ZeRO-3 world size.
     `trace`: an `ActivationTrace` made elsewhere (same batch, seq_len and precision) to use as is.
+    `activation_checkpointing`: True (every block), k (every k-th block, as
+    `distributed.parallel`'s `activation_checkpointing: k`) or "selective" (op-level: matmul and
+    attention outputs kept; with traced activations the blocks' part comes from the formula). `chunked_ce`: rows per chunk of the
+    chunked LM loss (`task: {name: lm, chunked_ce: n}`), None = plain cross-entropy.
     """
     prec = _choice("precision", precision, PRECISIONS)
     n_states = _choice("optimizer", optimizer, OPTIMIZER_STATES)
@@ -293,8 +343,8 @@ def estimate_memory(model: nn.Module, batch: int = 1, seq_len: int | None = None
         seq = seq_len or getattr(cfg, "block_size", None) or 128
     gated = any(hasattr(m, "gate_proj") for m in model.modules())
     lm = hasattr(model, "lm_head")  # decoder LMs (docs/architecture.md); None when tied
-    analytic = (analytic_activations(cfg, batch, seq, act_bytes, activation_checkpointing, gated, lm)
-                if seq else None)
+    analytic = (analytic_activations(cfg, batch, seq, act_bytes, activation_checkpointing, gated, lm,
+                                     chunked_ce) if seq else None)
 
     if activations == "analytic":
         if analytic is None:
@@ -305,9 +355,23 @@ def estimate_memory(model: nn.Module, batch: int = 1, seq_len: int | None = None
         tr = trace or trace_activations(model, input, input_size=input_size, dtype=prec.activation,
                                         batch=batch, seq_len=seq)
         act = tr.total + tr.loss_buffers
-        if activation_checkpointing and tr.blocks:
-            # each block keeps only its input; one block's activations are recomputed during backward
-            act = act - sum(tr.blocks) + sum(tr.block_inputs) + max(tr.blocks)
+        if chunked_ce and tr.logits_shape is not None:
+            # the traced plain loss keeps the (N, V) log-softmax output and 2 gradient buffers
+            n_tok, vocab = tr.logits_shape
+            act += lm_loss_bytes(n_tok, vocab, tr.hidden_width, act_bytes, chunked_ce) - lm_loss_bytes(
+                n_tok, vocab, tr.hidden_width, act_bytes)
+        every = _ac_every(activation_checkpointing)
+        if activation_checkpointing == SELECTIVE and tr.blocks:
+            if cfg is None or seq is None or not hasattr(cfg, "n_embd"):
+                raise InspectError("activation_checkpointing='selective' needs a transformer config "
+                                   "(n_layer, n_head, n_embd) on model.config")
+            kept = selective_layer_elements(cfg, batch, seq, gated) * act_bytes
+            act = act - sum(tr.blocks) + len(tr.blocks) * kept + max(tr.blocks) - kept
+        elif every and tr.blocks:
+            # checkpointed blocks keep only their input; one of them is recomputed during backward
+            ckpt = range(0, len(tr.blocks), every)
+            act = (act - sum(tr.blocks[i] for i in ckpt) + sum(tr.block_inputs[i] for i in ckpt)
+                   + max(tr.blocks[i] for i in ckpt))
     return MemoryEstimate(weights=int(weights), gradients=int(grads), optimizer=int(opt), activations=int(act),
                           batch=batch, seq_len=seq, precision=precision, optimizer_name=optimizer,
                           sharding=S, activation_checkpointing=activation_checkpointing,

@@ -313,7 +313,8 @@ def _identical_layers(model: nn.Module, n_layer: int) -> bool:
 
 def inspect_model(spec: Any, overrides: dict[str, Any] | None = None, *, batch: int = 1,
                   seq_len: int | None = None, precision: str = "fp32", optimizer: str = "adamw",
-                  sharding: int = 1, activation_checkpointing: bool = False, depth: int = 2) -> Inspection:
+                  sharding: int = 1, activation_checkpointing: bool | int | str = False, depth: int = 2,
+                  chunked_ce: int | None = None) -> Inspection:
     """Build a registered model (name, YAML path, mapping or config) on the meta device and report
     its summary, FLOPs (per token for token models, per sample otherwise) and memory estimate.
     An `nn.Module` is inspected as is (it needs a `config` describing its input)."""
@@ -353,5 +354,6 @@ def inspect_model(spec: Any, overrides: dict[str, Any] | None = None, *, batch: 
     s = summary(model, depth=depth, batch=1, seq_len=seq_len)
     f = flops_report(model, seq_len=seq_len, count=count)
     m = estimate_memory(model, batch=batch, seq_len=seq_len, precision=precision, optimizer=optimizer,
-                        sharding=sharding, activation_checkpointing=activation_checkpointing, trace=trace)
+                        sharding=sharding, activation_checkpointing=activation_checkpointing, trace=trace,
+                        chunked_ce=chunked_ce)
     return Inspection(name, s, f, m)

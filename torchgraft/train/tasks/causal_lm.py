@@ -1,5 +1,12 @@
 """Causal language modelling: `{"input_ids": (B, T), "labels": (B, T)}` (labels -100 are ignored;
-optional `attention_mask` and `position_ids` are passed to the model). One loss unit per target token."""
+optional `attention_mask` and `position_ids` are passed to the model). One loss unit per target token.
+
+Option `chunked_ce: N` (`task: {name: lm, chunked_ce: 1024}`): the loss is computed N token rows at a
+time from the final hidden states and the output embedding (`torchgraft.nn.losses`), so the full
+(B, T, V) float32 logits never exist (large vocabularies: 2 x 6 GiB at V = 128k, 12 x 1024 tokens).
+Needs a decoder LM with `forward(..., return_hidden=True)` and `output_embedding()` (the zoo's
+gpt / llama families); not with FSDP sharding (the head weight is sharded outside the forward).
+"""
 from __future__ import annotations
 
 import math
@@ -9,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchgraft.errors import ConfigError
+from torchgraft.nn.losses import chunked_cross_entropy, chunked_cross_entropy_stats
 from torchgraft.train.tasks.base import IGNORE_INDEX, Task, register_task
 from torchgraft.train.tasks.classification import logits_of
 
@@ -20,6 +29,29 @@ class CausalLMTask(Task):
 
     name = "lm"
     unit = "tokens"
+
+    def __init__(self, chunked_ce: int | None = None):
+        super().__init__()
+        if chunked_ce is not None and (isinstance(chunked_ce, bool) or not isinstance(chunked_ce, int)
+                                       or chunked_ce < 1):
+            raise ConfigError(f"task.chunked_ce must be a positive number of token rows per chunk "
+                              f"(e.g. 1024) or null, got {chunked_ce!r}")
+        self.chunked_ce = chunked_ce
+
+    def _hidden_and_head(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states (B, T, C) through the model's forward, and its (V, C) output embedding."""
+        inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+        inner = getattr(inner, "module", inner)  # DDP's wrapper
+        if not hasattr(inner, "output_embedding"):
+            raise ConfigError(f"task.chunked_ce needs a decoder LM with output_embedding() and "
+                              f"forward(..., return_hidden=True) (the gpt / llama families); "
+                              f"{type(inner).__name__} has none: remove task.chunked_ce")
+        weight = inner.output_embedding()
+        if hasattr(weight, "full_tensor"):
+            raise ConfigError("task.chunked_ce does not work with FSDP sharding (the head weight is "
+                              "sharded outside the forward); use distributed.strategy=ddp or remove it")
+        kwargs = {k: batch[k] for k in MODEL_KWARGS if batch.get(k) is not None}
+        return model(batch["input_ids"], **kwargs, return_hidden=True), weight
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         kwargs = {k: batch[k] for k in MODEL_KWARGS if batch.get(k) is not None}
@@ -33,10 +65,18 @@ class CausalLMTask(Task):
         return logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1)  # (N, V), (N,)
 
     def loss_sum(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        if self.chunked_ce:
+            hidden, weight = self._hidden_and_head(model, batch)
+            return chunked_cross_entropy(hidden, weight, batch["labels"], self.chunked_ce, IGNORE_INDEX)
         logits, labels = self._flat(model, batch)
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
     def eval_sums(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if self.chunked_ce:
+            hidden, weight = self._hidden_and_head(model, batch)
+            loss, count, correct = chunked_cross_entropy_stats(hidden, weight, batch["labels"], self.chunked_ce,
+                                                               IGNORE_INDEX)
+            return {"loss": loss, "count": count, "correct": correct}
         logits, labels = self._flat(model, batch)
         valid = labels != IGNORE_INDEX
         return {"loss": F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").double(),
