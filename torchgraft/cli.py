@@ -245,6 +245,12 @@ def finetune_cmd(
     typer.echo(json.dumps({k: summary[k] for k in keys if k in summary}, default=str))
 
 
+# -- game agents: collect / bc / ppo / eval (torchgraft/cli_rl.py; imports inside the commands)
+from torchgraft.cli_rl import rl_app  # noqa: E402
+
+app.add_typer(rl_app, name="rl")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point: run the app, turning user errors into one clean line."""
     from typer._click import exceptions as click_exc
