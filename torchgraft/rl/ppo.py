@@ -62,6 +62,7 @@ class PPOConfig:
     lr: float = 2.5e-4
     anneal_lr: bool = True              # linear decay to 0 over the run
     gamma: float = 0.99
+    reward_scale: float = 1.0           # rewards are multiplied by this for learning (LunarLander: 0.01)
     gae_lambda: float = 0.95
     clip: float = 0.2                   # policy ratio clip
     clip_value: float | None = None     # clip the value update around the old values (None = off)
@@ -374,7 +375,8 @@ class PPOTrainer:
             next_obs, reward, term, trunc, info = envs.step(to_env_action(a, self.info))
             reward = np.asarray(reward, dtype=np.float32)
             done = term | trunc
-            self._track_episodes(reward, done)  # the environment's own reward, before bootstrapping
+            self._track_episodes(reward, done)  # the environment's own reward, before scaling/bootstrapping
+            reward = reward * np.float32(p.reward_scale)
             if trunc.any():  # bootstrap a time-limit cut: r + gamma * V(final obs)
                 idx = np.nonzero(trunc & ~term)[0]
                 if len(idx):
