@@ -79,8 +79,12 @@ def record_episode(expert: Expert, env_id: str, path: str | Path, *, seed: int =
 
     `every` keeps one frame in `every` (smaller files); returns {path, frames, return, length}.
     """
+    import os
+
     import imageio.v2 as imageio
 
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # render off-screen, no display needed
+    os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
     path = Path(path)
     if path.suffix.lower() not in (".gif", ".mp4"):
         raise ConfigError(f"video path must end in .gif or .mp4, got {path.name}")

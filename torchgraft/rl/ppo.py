@@ -268,6 +268,8 @@ class PPOTrainer:
         init = self.cfg.ppo.init_from
         if init:
             src = load_policy_run(init)
+            if src.policy.action_dim != self.info.action_dim or src.policy.discrete != self.info.discrete:
+                check_policy_fits(src.policy, self.info, self.cfg.env.id)  # observations may differ, actions not
             # keep the source's architecture (hidden sizes, shared trunk); sizes come from this env
             spec = {**(src.meta.get("model") or {}).get("config", {}), **{k: v for k, v in spec.items() if k != "name"}}
             spec = {"family": "policy", **{k: v for k, v in spec.items() if k != "family"}}
