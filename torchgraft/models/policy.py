@@ -67,10 +67,12 @@ class Policy(nn.Module):
         return out[:, :-1], out[:, -1]
 
     def dist_from_params(self, params: torch.Tensor) -> Distribution:
+        # argument validation off: it costs more than the forward of a small policy, and the
+        # parameters come from our own forward
         if self.discrete:
-            return Categorical(logits=params)  # params: (B, n)
+            return Categorical(logits=params, validate_args=False)  # params: (B, n)
         mean, log_std = params.chunk(2, dim=-1)  # (B, A) each
-        return Independent(Normal(mean, log_std.exp()), 1)
+        return Independent(Normal(mean, log_std.exp(), validate_args=False), 1, validate_args=False)
 
     def distribution(self, obs: torch.Tensor) -> Distribution:
         return self.dist_from_params(self.split(self(obs))[0])
