@@ -111,3 +111,13 @@ def test_demonstrations_of_another_environment(tmp_path, capsys):
     code, _, err = run(["rl", "bc", "configs/bc-cartpole.yaml", "--demos", str(bad), "--out", str(tmp_path / "b2")],
                        capsys)
     assert code == 2 and "cannot read demonstrations" in err
+
+
+def test_plot_shows_the_rl_curves(ppo_run, tmp_path, capsys):
+    from torchgraft.train import plot
+
+    main(["plot", str(ppo_run), "--out", str(tmp_path / "c.png")])
+    assert (tmp_path / "c.png").stat().st_size > 5_000
+    recs = [json.loads(line) for line in (ppo_run / "metrics.jsonl").read_text().splitlines()]
+    keys = {k for k, _ in plot.PANELS if any(k in r for r in recs)}
+    assert {"episode_return", "approx_kl", "clip_fraction", "explained_variance", "val_return"} <= keys
