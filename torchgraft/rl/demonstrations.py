@@ -106,7 +106,7 @@ def collect(expert: Expert, env_id: str, *, episodes: int, seed: int = 0,
 
 def save_demonstrations(demos: Demonstrations, path: str | Path) -> Path:
     """Write `.safetensors` or `.npz` atomically (temp file + fsync + rename)."""
-    from torchgraft.train.checkpoint import atomic_write_bytes
+    from torchgraft.io import atomic_write_bytes
 
     path = Path(path)
     arrays = {k: np.ascontiguousarray(getattr(demos, k)) for k in _ARRAYS}

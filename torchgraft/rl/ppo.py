@@ -35,6 +35,7 @@ from torch import nn
 
 from torchgraft.config import apply_overrides, from_dict, load_yaml, to_dict
 from torchgraft.errors import CheckpointError, ConfigError
+from torchgraft.io import atomic_write_text
 from torchgraft.rl.envs import SpaceInfo, check_policy_fits, env_space_info, make_vector_env, to_env_action
 from torchgraft.rl.evaluate import evaluate
 from torchgraft.rl.experts import PolicyExpert
@@ -452,9 +453,9 @@ class PPOTrainer:
             raise ConfigError(f"{self.run_dir} already holds checkpoints of a run; pass --resume to continue "
                               f"it, or choose another output directory")
         resumed = self.restore() if resume else False
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(c.to_dict(), sort_keys=False))
         if self.init_report is not None and not resumed:
-            (self.run_dir / "init_transfer.json").write_text(json.dumps(self.init_report.to_dict(), indent=1))
+            atomic_write_text(self.run_dir / "init_transfer.json", json.dumps(self.init_report.to_dict(), indent=1))
         logger = MetricsLogger(self.run_dir, tensorboard=c.logging.tensorboard,
                                resume_step=self.env_steps if resumed else None)
         envs = make_vector_env(c.env.id, c.env.num_envs, c.env.kwargs)
@@ -513,7 +514,7 @@ class PPOTrainer:
         result = PPOResult(self.run_dir, self.update, self.env_steps, dict(self.last_eval), self.steps_to_target,
                            {"metric": "val_return", "value": self.best_value, "step": self.best_step},
                            time.perf_counter() - start, self.policy)
-        (self.run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
+        atomic_write_text(self.run_dir / "result.json", json.dumps(result.to_dict(), indent=1))
         return result
 
 
