@@ -150,3 +150,16 @@ def test_ppo_trains_a_user_module_actor(tmp_path):
     before = actor[0].weight.clone()
     run_ppo(load_ppo_config(TINY, ["ppo.total_steps=32"]), tmp_path / "r", policy=ac)
     assert not torch.equal(before, actor[0].weight)
+
+
+def test_module_tools_work_on_policies():
+    from torchgraft.peft import apply_lora
+
+    pol = torchgraft.build("policy-mlp", obs_dim=4, action_dim=2, hidden=(16, 16))
+    torchgraft.freeze(pol, ["trunk", "value_trunk"])
+    assert not any(p.requires_grad for p in pol.trunk.parameters())
+    apply_lora(pol, ["policy_head"], rank=2)
+    out = pol(torch.randn(3, 4))
+    assert out.shape == (3, 3)
+    trainable = {n for n, p in pol.named_parameters() if p.requires_grad}
+    assert any("lora" in n for n in trainable) and not any(n.startswith("trunk.") for n in trainable)
