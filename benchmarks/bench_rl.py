@@ -94,8 +94,9 @@ def ours_ppo(cfg, out: Path) -> dict:
     t0 = time.perf_counter()
     r = run_ppo(cfg, out)
     wall = time.perf_counter() - t0
-    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    return {"steps_to_target": r.steps_to_target, "final_return": r.metrics.get("val_return"),
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = recs[0]
+    return {"history": [(x["step"], x["val_return"]) for x in recs if "val_return" in x],"steps_to_target": r.steps_to_target, "final_return": r.metrics.get("val_return"),
             "start_return": first.get("val_return") if first.get("step") == 0 else None,
             "best_return": r.best["value"], "env_steps": r.env_steps, "wall_s": wall, "run": str(out)}
 
@@ -159,7 +160,7 @@ def part_cartpole(args, tmp: Path) -> dict:
 
 
 def part_lunar(args, tmp: Path) -> dict:
-    episodes, bc_steps, ppo_steps = (10, 300, 8192) if args.quick else (50, 2000, 65536)
+    episodes, bc_steps, ppo_steps = (10, 1000, 8192) if args.quick else (50, 2000, 65536)
     expert = get_expert("lunarlander-heuristic", "LunarLander-v3")
     demos = collect(expert, "LunarLander-v3", episodes=episodes, seed=0, expert_name="lunarlander-heuristic")
     path = save_demonstrations(demos, tmp / "ll-demos.safetensors")
@@ -222,6 +223,12 @@ def part_windy(args, tmp: Path, lunar: dict | None) -> dict:
     if theirs:
         rows.append(summarise("stable-baselines3 PPO from scratch", theirs, budget))
     print_table("windy LunarLander-v3 (enable_wind=True)", rows, threshold, budget)
+    for level in (0.0, 50.0):  # lower bars: where each of our runs first got there (from the eval history)
+        line = []
+        for name, runs in (("fine-tune", fine), ("scratch", scratch)):
+            steps = [next((st for st, v in r["history"] if v >= level), None) for r in runs]
+            line.append(f"{name} " + "/".join("-" if x is None else f"{x:,}" for x in steps))
+        print(f"env steps to a {level:.0f} return (per seed, '-' = not within the budget): " + "; ".join(line))
     out = {"threshold": threshold, "rows": rows,
            "fine_vs_scratch_steps": rows[0]["mean_steps_to_target"] / rows[1]["mean_steps_to_target"]}
     print(f"fine-tune / scratch env steps to threshold: {out['fine_vs_scratch_steps']:.2f} "
