@@ -5,7 +5,8 @@ bench_trainer (engine overhead), bench_gpt_step (engine vs a minimal GPT), bench
 (static-cache / compiled generate vs transformers, batch 1 and 4), bench_chunked_ce (peak memory,
 plain vs chunked cross-entropy at V = 128k), and any other bench_*.py. gpu_check.py is not a bench_* script:
 it needs CUDA (run it on a GPU machine).
-Usage: python benchmarks/run_all.py [NAME_SUBSTRING ...]
+Usage: python benchmarks/run_all.py [--quick] [NAME_SUBSTRING ...]
+(`--quick` is passed to the benchmarks that take it, e.g. bench_rl.py, whose full run takes ~30-40 min.)
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     here = Path(__file__).resolve().parent
+    quick = "--quick" in argv
+    argv = [a for a in argv if a != "--quick"]
     scripts = sorted(here.glob("bench_*.py"))
     if argv:
         scripts = [s for s in scripts if any(a in s.name for a in argv)]
@@ -27,7 +30,8 @@ def main(argv: list[str]) -> int:
     for script in scripts:
         print(f"\n=== {script.name} ===", flush=True)
         t0 = time.perf_counter()
-        rc = subprocess.call([sys.executable, str(script)], cwd=here.parent)
+        extra = ["--quick"] if quick and "--quick" in script.read_text() else []
+        rc = subprocess.call([sys.executable, str(script), *extra], cwd=here.parent)
         print(f"--- {script.name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in "
               f"{time.perf_counter() - t0:.0f}s", flush=True)
         if rc != 0:

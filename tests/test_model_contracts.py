@@ -53,6 +53,8 @@ def example_inputs(model, batch=2):
         if hasattr(model, "make_kv_cache"):  # decoder LMs: left padding
             mask = mask.flip(1)
         return (ids,), {"attention_mask": mask}
+    if hasattr(cfg, "obs_dim"):  # policies: a batch of observation vectors
+        return (torch.randn(batch, cfg.obs_dim, generator=torch.Generator().manual_seed(1)),), {}
     side = getattr(cfg, "image_size", 32)
     chans = getattr(cfg, "in_chans", 3)
     g = torch.Generator().manual_seed(1)

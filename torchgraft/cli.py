@@ -296,6 +296,10 @@ def export_cmd(
 
             raise ExportError(f"check failed: the exported model differs from eager PyTorch by "
                               f"{res.max_abs_diff:.3g} (> 1e-3)")
+# -- game agents: collect / bc / ppo / eval (torchgraft/cli_rl.py; imports inside the commands)
+from torchgraft.cli_rl import rl_app  # noqa: E402
+
+app.add_typer(rl_app, name="rl")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -8,7 +8,12 @@ from torchgraft.errors import TorchgraftError
 from torchgraft.train.logging import read_metrics
 
 PANELS = [("loss", "train loss"), ("val_loss", "validation loss"),
-          ("val_accuracy", "validation accuracy"), ("lr", "learning rate")]
+          ("val_accuracy", "validation accuracy"), ("lr", "learning rate"),
+          # reinforcement learning runs (torchgraft.rl: behaviour cloning and PPO)
+          ("val_return", "evaluation return"), ("episode_return", "episode return (training)"),
+          ("episode_length", "episode length"), ("approx_kl", "approx KL"),
+          ("clip_fraction", "clip fraction"), ("explained_variance", "explained variance")]
+PANELS_PER_ROW = 4
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None,
@@ -29,8 +34,12 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequence[
     panels = [(k, t) for k, t in PANELS if any(k in r for _, recs in runs for r in recs)]
     if not panels:
         raise TorchgraftError("no loss/val_loss/val_accuracy/lr values to plot in " + ", ".join(map(str, run_dirs)))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (key, name) in zip(axes[0], panels):
+    cols = min(len(panels), PANELS_PER_ROW)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (key, name) in zip(axes.flat, panels):
         for label, recs in runs:
             pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None and "step" in r]
             if pts:

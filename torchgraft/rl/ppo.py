@@ -1,0 +1,528 @@
+"""PPO (clipped surrogate objective, GAE, value loss, entropy bonus, KL early stop) on Gymnasium vector envs.
+
+Not a supervised loop, so it has its own, but it reuses the project's run machinery:
+`CheckpointManager` (atomic safetensors + sha256 manifest folders), `MetricsLogger`
+(metrics.jsonl + TensorBoard, so `torchgraft plot` draws episode return, length, KL, clip fraction
+and explained variance) and `capture_rng`/`restore_rng`. `step` in logs and checkpoint names is
+the number of environment steps.
+
+Exact resume. Gymnasium environments cannot be saved, so the run makes its environment state a
+function of the update number instead: at every checkpoint boundary (update % checkpoint.every == 0,
+and at update 0) all environments are reset with seeds derived from (seed, update, env index).
+A checkpoint is written at such a boundary and holds weights, optimizer moments, RNG state (actions
+and minibatch order are drawn from the global torch generator), observation-normaliser statistics
+and counters; so N updates in one go and N/2 + kill + resume + N/2 produce identical weights. The
+price is that episodes running at a boundary are cut there (their last value is bootstrapped, so
+the advantage estimate stays unbiased).
+
+Starting from a cloned policy (`init_from`), `value_warmup_updates` first trains only the critic on
+the cloned actor's own rollouts: a fresh critic's random advantages would otherwise push a good
+actor away from what it learned before the critic knows anything.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from torchgraft.config import apply_overrides, from_dict, load_yaml, to_dict
+from torchgraft.errors import CheckpointError, ConfigError
+from torchgraft.io import atomic_write_text
+from torchgraft.rl.envs import SpaceInfo, check_policy_fits, env_space_info, make_vector_env, to_env_action
+from torchgraft.rl.evaluate import evaluate
+from torchgraft.rl.experts import PolicyExpert
+from torchgraft.rl.normalize import Identity, RunningNorm, normalizer_from_state
+from torchgraft.train.checkpoint import (CheckpointManager, capture_rng, list_checkpoints, load_latest,
+                                         load_optimizer_state, restore_rng)
+from torchgraft.train.logging import MetricsLogger
+
+
+# ------------------------------------------------------------------------------------ config
+
+@dataclass
+class EnvConfig:
+    id: str = "CartPole-v1"
+    kwargs: dict[str, Any] = field(default_factory=dict)   # passed to gym.make, e.g. enable_wind: true
+    num_envs: int = 8
+
+
+@dataclass
+class PPOConfig:
+    total_steps: int = 100_000          # environment steps (all envs together)
+    rollout_steps: int = 128            # steps per env per update
+    epochs: int = 4                     # passes over each rollout
+    minibatches: int = 4                # per epoch
+    lr: float = 2.5e-4
+    anneal_lr: bool = True              # linear decay to 0 over the run
+    gamma: float = 0.99
+    reward_scale: float = 1.0           # rewards are multiplied by this for learning (LunarLander: 0.01)
+    gae_lambda: float = 0.95
+    clip: float = 0.2                   # policy ratio clip
+    clip_value: float | None = None     # clip the value update around the old values (None = off)
+    value_coef: float = 0.5
+    entropy_coef: float = 0.0
+    max_grad_norm: float = 0.5
+    target_kl: float | None = None      # stop an update's epochs once approx KL > 1.5 * target_kl
+    normalize_advantages: bool = True
+    normalize_obs: bool = False         # running mean/std of observations, saved in the checkpoint
+    value_warmup_updates: int = 0       # train only the critic for this many updates (after BC)
+    init_from: str | None = None        # a run dir / checkpoint of a policy (e.g. behaviour cloning)
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class PPOEvalConfig:
+    every: int = 10                     # updates; 0 = only at the end
+    episodes: int = 10
+    seed: int = 10_000                  # evaluation episodes use seeds seed, seed+1, ...
+    target_return: float | None = None  # stop once the evaluation mean return reaches this
+
+
+@dataclass
+class PPOCheckpointConfig:
+    every: int = 10                     # updates; also where environments are re-seeded
+    keep_last: int = 2
+
+
+@dataclass
+class PPOLoggingConfig:
+    every: int = 1                      # updates
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class PPORunConfig:
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "policy-mlp"})
+    env: EnvConfig = field(default_factory=EnvConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: PPOEvalConfig = field(default_factory=PPOEvalConfig)
+    checkpoint: PPOCheckpointConfig = field(default_factory=PPOCheckpointConfig)
+    logging: PPOLoggingConfig = field(default_factory=PPOLoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def load_ppo_config(source: str | Path | dict[str, Any] | PPORunConfig,
+                    overrides: list[str] | dict[str, Any] | None = None) -> PPORunConfig:
+    """A validated PPORunConfig from YAML / mapping / config plus dotted `key=value` overrides."""
+    tree = source.to_dict() if isinstance(source, PPORunConfig) else (
+        dict(source) if isinstance(source, dict) else load_yaml(source))
+    if overrides:
+        tree = apply_overrides(tree, overrides)
+    cfg = from_dict(PPORunConfig, tree)
+    p = cfg.ppo
+    for key in ("total_steps", "rollout_steps", "epochs", "minibatches"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"ppo.{key} must be >= 1, got {getattr(p, key)}")
+    if (cfg.env.num_envs * p.rollout_steps) % p.minibatches:
+        raise ConfigError(f"env.num_envs * ppo.rollout_steps = {cfg.env.num_envs * p.rollout_steps} must be "
+                          f"divisible by ppo.minibatches={p.minibatches}")
+    if not 0 < p.gamma <= 1 or not 0 <= p.gae_lambda <= 1 or p.clip <= 0 or p.lr <= 0:
+        raise ConfigError("ppo: need 0 < gamma <= 1, 0 <= gae_lambda <= 1, clip > 0, lr > 0")
+    if cfg.checkpoint.every < 0 or cfg.eval.every < 0 or cfg.logging.every < 1:
+        raise ConfigError("checkpoint.every and eval.every must be >= 0, logging.every >= 1")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------ GAE / loss
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_value: torch.Tensor,
+                gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over a rollout.
+
+    rewards, values, dones: (T, N); `dones[t]` = the episode ended at step t (its next value is
+    not used; truncations should already have gamma * V(final obs) added to rewards[t]);
+    last_value: (N,) value of the observation after the last step. Returns (advantages, returns),
+    both (T, N), with returns = advantages + values (the value targets).
+    """
+    T = rewards.shape[0]
+    adv = torch.zeros_like(rewards)
+    next_adv = torch.zeros_like(last_value)
+    next_value = last_value
+    for t in reversed(range(T)):
+        keep = 1.0 - dones[t].float()
+        delta = rewards[t] + gamma * next_value * keep - values[t]
+        next_adv = delta + gamma * lam * keep * next_adv
+        adv[t] = next_adv
+        next_value = values[t]
+    return adv, adv + values
+
+
+def ppo_loss(policy: nn.Module, batch: dict[str, torch.Tensor], *, clip: float, value_coef: float,
+             entropy_coef: float, clip_value: float | None = None, value_only: bool = False
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate + value loss - entropy bonus on one minibatch; (loss, detached stats).
+
+    batch: obs (B, D), actions (B,) or (B, A), logprobs (B,), advantages (B,), returns (B,), values (B,).
+    `value_only=True` is the critic warm-up: the loss is the value term alone.
+    """
+    logp, entropy, value = policy.evaluate(batch["obs"], batch["actions"])
+    log_ratio = logp - batch["logprobs"]
+    ratio = log_ratio.exp()
+    adv = batch["advantages"]
+    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
+    if clip_value is None:
+        v_loss = 0.5 * (value - batch["returns"]).pow(2).mean()
+    else:
+        v_clipped = batch["values"] + (value - batch["values"]).clamp(-clip_value, clip_value)
+        v_loss = 0.5 * torch.max((value - batch["returns"]).pow(2), (v_clipped - batch["returns"]).pow(2)).mean()
+    ent = entropy.mean()
+    loss = value_coef * v_loss if value_only else pg + value_coef * v_loss - entropy_coef * ent
+    with torch.no_grad():
+        stats = {"policy_loss": pg.detach(), "value_loss": v_loss.detach(), "entropy": ent.detach(),
+                 "approx_kl": ((ratio - 1) - log_ratio).mean(),  # the low-variance k3 estimator
+                 "clip_fraction": ((ratio - 1).abs() > clip).float().mean()}
+    return loss, stats
+
+
+def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """1 - Var[target - pred] / Var[target] (1 = perfect value function, 0 = no better than a constant)."""
+    var = target.var()
+    return float("nan") if var == 0 else float(1 - (target - pred).var() / var)
+
+
+def value_parameters(policy: nn.Module) -> list[nn.Parameter]:
+    """Parameters only the value estimate uses (trained during the critic warm-up)."""
+    names = ("value_trunk.", "value_head.", "critic.")
+    return [p for n, p in policy.named_parameters() if n.startswith(names)]
+
+
+# ------------------------------------------------------------------------------------ result
+
+@dataclass
+class PPOResult:
+    run_dir: Path
+    updates: int
+    env_steps: int
+    metrics: dict[str, float]               # last evaluation
+    steps_to_target: int | None             # env steps when eval mean return first reached the target
+    best: dict[str, Any]
+    elapsed_s: float
+    policy: nn.Module = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_dir": str(self.run_dir), "updates": self.updates, "env_steps": self.env_steps,
+                "metrics": self.metrics, "steps_to_target": self.steps_to_target, "best": self.best,
+                "elapsed_s": self.elapsed_s}
+
+
+def _env_seeds(seed: int, update: int, n: int) -> list[int]:
+    """Reset seeds of the n environments at a boundary `update` (distinct per run seed and update)."""
+    base = (seed * 1_000_003 + update * 7_919) % (2**31 - n)
+    return [base + i for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------ trainer
+
+class PPOTrainer:
+    def __init__(self, cfg: PPORunConfig | dict | str | Path, out_dir: str | Path, *,
+                 policy: nn.Module | None = None):
+        self.cfg = cfg if isinstance(cfg, PPORunConfig) else load_ppo_config(cfg)
+        c, p = self.cfg, self.cfg.ppo
+        self.run_dir = Path(out_dir)
+        self.device = torch.device(p.device)
+        torch.manual_seed(p.seed)
+        np.random.seed(p.seed % 2**32)
+        self.info: SpaceInfo = env_space_info(c.env.id, c.env.kwargs)
+        self.init_report = None
+        self.policy = policy if policy is not None else self.build_policy()
+        check_policy_fits(self.policy, self.info, c.env.id)
+        self.policy.to(self.device).train()
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=p.lr, eps=1e-5)
+        self.normalizer: RunningNorm | Identity = RunningNorm(self.info.obs_dim) if p.normalize_obs else Identity()
+        if self.init_norm_state is not None and p.normalize_obs:
+            self.normalizer.load_state_dict(self.init_norm_state)
+        self.batch_size = c.env.num_envs * p.rollout_steps
+        self.num_updates = max(1, p.total_steps // self.batch_size)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=c.checkpoint.keep_last)
+        self.update = 0
+        self.env_steps = 0
+        self.recent_returns: collections.deque[float] = collections.deque(maxlen=20)
+        self.recent_lengths: collections.deque[int] = collections.deque(maxlen=20)
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.steps_to_target: int | None = None
+        self.last_eval: dict[str, float] = {}
+
+    # ---- model
+    init_norm_state: dict[str, Any] | None = None
+
+    def build_policy(self) -> nn.Module:
+        """The `model:` preset sized for the environment; `ppo.init_from` weights moved in (input adapted)."""
+        from torchgraft.models.registry import build
+        from torchgraft.rl.runs import load_policy_run
+        from torchgraft.rl.transfer import transfer_policy
+
+        spec = {**self.cfg.model, "obs_dim": self.info.obs_dim, "action_dim": self.info.action_dim,
+                "discrete": self.info.discrete}
+        init = self.cfg.ppo.init_from
+        if init:
+            src = load_policy_run(init)
+            if src.policy.action_dim != self.info.action_dim or src.policy.discrete != self.info.discrete:
+                check_policy_fits(src.policy, self.info, self.cfg.env.id)  # observations may differ, actions not
+            # keep the source's architecture (hidden sizes, shared trunk); sizes come from this env
+            spec = {**(src.meta.get("model") or {}).get("config", {}), **{k: v for k, v in spec.items() if k != "name"}}
+            spec = {"family": "policy", **{k: v for k, v in spec.items() if k != "family"}}
+            policy = build(spec)
+            self.init_report = transfer_policy(src.policy, policy)
+            bad = self.init_report.mismatched + self.init_report.missing
+            if bad:
+                raise ConfigError(f"ppo.init_from={init}: {len(bad)} tensors do not fit ({bad[0]}, ...); "
+                                  f"the source policy must have the same hidden sizes")
+            if isinstance(src.normalizer, RunningNorm) and src.normalizer.size == self.info.obs_dim:
+                self.init_norm_state = src.normalizer.state_dict()
+            return policy
+        try:
+            return build(spec)
+        except ConfigError as e:
+            raise ConfigError(f"model section: {e}") from None
+
+    # ---- checkpoints
+    def meta(self) -> dict[str, Any]:
+        from torchgraft import __version__
+        from torchgraft.train.trainer import model_meta
+
+        return {"model": model_meta(self.policy), "step": self.env_steps, "update": self.update,
+                "metrics": self.last_eval, "run_config": self.cfg.to_dict(), "task": "ppo",
+                "rl": {"algo": "ppo", "env": self.cfg.env.id, "env_kwargs": self.cfg.env.kwargs,
+                       "obs_norm": self.normalizer.state_dict()},
+                "torchgraft_version": __version__}
+
+    def save_checkpoint(self, best: bool = False) -> Path:
+        rng_json, rng_tensors = capture_rng()
+        state = {"update": self.update, "env_steps": self.env_steps, "rng": rng_json,
+                 "recent_returns": list(self.recent_returns), "recent_lengths": list(self.recent_lengths),
+                 "best_value": self.best_value, "best_step": self.best_step,
+                 "steps_to_target": self.steps_to_target, "last_eval": self.last_eval}
+        path = self.ckpt.save(self.env_steps, model_state=self.policy.state_dict(), meta=self.meta(),
+                              optimizer_state=self.optimizer.state_dict(), trainer_state=state,
+                              rng_tensors=rng_tensors)
+        if best:
+            self.ckpt.mark_best(self.env_steps, "val_return", self.best_value)
+        self.ckpt.prune()
+        return path
+
+    def restore(self) -> bool:
+        self.ckpt.clean_temp()
+        if not list_checkpoints(self.ckpt.root):
+            return False
+        ck = load_latest(self.ckpt.root)
+        if ck.optimizer_state is None or ck.trainer_state is None or ck.rng_tensors is None:
+            raise CheckpointError(f"{ck.path} holds weights only; it cannot resume a run")
+        if (ck.meta.get("rl") or {}).get("env") != self.cfg.env.id:
+            raise CheckpointError(f"cannot resume: {ck.path} was trained on {ck.meta.get('rl', {}).get('env')!r}, "
+                                  f"this config has env.id={self.cfg.env.id!r}")
+        try:
+            self.policy.load_state_dict(ck.model_state)
+        except RuntimeError as e:
+            raise CheckpointError(f"cannot resume from {ck.path}: its weights do not fit this policy "
+                                  f"({str(e).splitlines()[0]})") from None
+        load_optimizer_state(self.optimizer, ck.optimizer_state)
+        norm_state = ck.meta["rl"].get("obs_norm")
+        if norm_state is not None:
+            self.normalizer = normalizer_from_state(norm_state)
+        ts = ck.trainer_state
+        self.update, self.env_steps = int(ts["update"]), int(ts["env_steps"])
+        self.recent_returns.extend(ts["recent_returns"])
+        self.recent_lengths.extend(ts["recent_lengths"])
+        self.best_value, self.best_step = ts["best_value"], ts["best_step"]
+        self.steps_to_target, self.last_eval = ts["steps_to_target"], ts["last_eval"]
+        restore_rng(ts["rng"], ck.rng_tensors)
+        return True
+
+    # ---- evaluation
+    def evaluate(self) -> dict[str, float]:
+        e = self.cfg.eval
+        res = evaluate(PolicyExpert(self.policy, self.normalizer), self.cfg.env.id, episodes=e.episodes,
+                       seed=e.seed, env_kwargs=self.cfg.env.kwargs)
+        return {"val_return": res.mean_return, "val_return_std": res.std_return,
+                "val_return_min": res.min_return, "val_length": res.mean_length}
+
+    def _after_eval(self, metrics: dict[str, float]) -> bool:
+        self.last_eval = metrics
+        value = metrics["val_return"]
+        target = self.cfg.eval.target_return
+        if target is not None and self.steps_to_target is None and value >= target:
+            self.steps_to_target = self.env_steps
+        if self.best_value is None or value > self.best_value:
+            self.best_value, self.best_step = value, self.env_steps
+            return True
+        return False
+
+    # ---- one rollout + update
+    def collect(self, envs: Any, obs: np.ndarray) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+        """`rollout_steps` steps of every env with the current policy; (rollout tensors, next raw obs)."""
+        p, n, dev = self.cfg.ppo, self.cfg.env.num_envs, self.device
+        T = p.rollout_steps
+        buf_obs = torch.zeros(T, n, self.info.obs_dim)
+        buf_act = torch.zeros((T, n) if self.info.discrete else (T, n, self.info.action_dim),
+                              dtype=torch.long if self.info.discrete else torch.float32)
+        buf_logp, buf_val = torch.zeros(T, n), torch.zeros(T, n)
+        buf_rew, buf_done = torch.zeros(T, n), torch.zeros(T, n, dtype=torch.bool)
+        for t in range(T):
+            self.normalizer.update(obs)
+            x = torch.as_tensor(self.normalizer(obs), device=dev)            # (N, D)
+            action, logp, value = self.policy.act(x)
+            a = action.cpu().numpy()
+            next_obs, reward, term, trunc, info = envs.step(to_env_action(a, self.info))
+            reward = np.asarray(reward, dtype=np.float32)
+            done = term | trunc
+            self._track_episodes(reward, done)  # the environment's own reward, before scaling/bootstrapping
+            reward = reward * np.float32(p.reward_scale)
+            if trunc.any():  # bootstrap a time-limit cut: r + gamma * V(final obs)
+                idx = np.nonzero(trunc & ~term)[0]
+                if len(idx):
+                    final = np.stack([info["final_obs"][i] for i in idx])
+                    with torch.no_grad():
+                        v = self.policy.value(torch.as_tensor(self.normalizer(final), device=dev)).cpu().numpy()
+                    reward[idx] += p.gamma * v
+            buf_obs[t], buf_act[t], buf_logp[t], buf_val[t] = x.cpu(), action.cpu(), logp.cpu(), value.cpu()
+            buf_rew[t], buf_done[t] = torch.as_tensor(reward), torch.as_tensor(done)
+            obs = next_obs
+        with torch.no_grad():
+            last_value = self.policy.value(torch.as_tensor(self.normalizer(obs), device=dev)).cpu()
+        adv, ret = compute_gae(buf_rew, buf_val, buf_done, last_value, p.gamma, p.gae_lambda)
+        roll = {"obs": buf_obs, "actions": buf_act, "logprobs": buf_logp, "values": buf_val,
+                "advantages": adv, "returns": ret}
+        return {k: v.reshape(T * n, *v.shape[2:]).to(dev) for k, v in roll.items()}, obs
+
+    def _track_episodes(self, raw_reward: np.ndarray, done: np.ndarray) -> None:
+        self._ep_ret += raw_reward
+        self._ep_len += 1
+        for i in np.nonzero(done)[0]:
+            self.recent_returns.append(float(self._ep_ret[i]))
+            self.recent_lengths.append(int(self._ep_len[i]))
+            self._ep_ret[i], self._ep_len[i] = 0.0, 0
+
+    def learn_from(self, roll: dict[str, torch.Tensor], value_only: bool) -> dict[str, float]:
+        """`epochs` passes of minibatch updates over one rollout; averaged stats."""
+        p = self.cfg.ppo
+        n = roll["obs"].shape[0]
+        mb = n // p.minibatches
+        params = list(self.policy.parameters())
+        keep = set(map(id, value_parameters(self.policy))) if value_only else None
+        sums: dict[str, float] = collections.defaultdict(float)
+        count, stopped = 0, False
+        for _ in range(p.epochs):
+            order = torch.randperm(n)
+            for start in range(0, n, mb):
+                idx = order[start: start + mb].to(self.device)
+                batch = {k: v[idx] for k, v in roll.items()}
+                if p.normalize_advantages and mb > 1:
+                    a = batch["advantages"]
+                    batch["advantages"] = (a - a.mean()) / (a.std() + 1e-8)
+                loss, stats = ppo_loss(self.policy, batch, clip=p.clip, value_coef=p.value_coef,
+                                       entropy_coef=p.entropy_coef, clip_value=p.clip_value, value_only=value_only)
+                if not value_only and p.target_kl is not None and stats["approx_kl"] > 1.5 * p.target_kl:
+                    stopped = True
+                    break
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if keep is not None:  # warm-up: only the critic's own parameters move
+                    for q in params:
+                        if id(q) not in keep:
+                            q.grad = None
+                nn.utils.clip_grad_norm_([q for q in params if q.grad is not None], p.max_grad_norm)
+                self.optimizer.step()
+                for k, v in stats.items():
+                    sums[k] += float(v)
+                count += 1
+            if stopped:
+                break
+        out = {k: v / max(1, count) for k, v in sums.items()}
+        out["kl_early_stop"] = float(stopped)
+        out["explained_variance"] = explained_variance(roll["values"], roll["returns"])
+        return out
+
+    # ---- the loop
+    def fit(self, resume: bool = False) -> PPOResult:
+        c, p = self.cfg, self.cfg.ppo
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and list_checkpoints(self.ckpt.root):
+            raise ConfigError(f"{self.run_dir} already holds checkpoints of a run; pass --resume to continue "
+                              f"it, or choose another output directory")
+        resumed = self.restore() if resume else False
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(c.to_dict(), sort_keys=False))
+        if self.init_report is not None and not resumed:
+            atomic_write_text(self.run_dir / "init_transfer.json", json.dumps(self.init_report.to_dict(), indent=1))
+        logger = MetricsLogger(self.run_dir, tensorboard=c.logging.tensorboard,
+                               resume_step=self.env_steps if resumed else None)
+        envs = make_vector_env(c.env.id, c.env.num_envs, c.env.kwargs)
+        start = time.perf_counter()
+        obs = None
+        every = c.checkpoint.every
+        try:
+            if not resumed and c.eval.every:  # the starting point (a cloned policy's return, or random)
+                m = self.evaluate()
+                self._after_eval(m)
+                logger.log({"step": 0, "update": 0, **m})
+            while self.update < self.num_updates:
+                if obs is None or (every and self.update % every == 0):
+                    obs, _ = envs.reset(seed=_env_seeds(p.seed, self.update, c.env.num_envs))
+                    self._ep_ret = np.zeros(c.env.num_envs)
+                    self._ep_len = np.zeros(c.env.num_envs, dtype=np.int64)
+                lr = p.lr * (1.0 - self.update / self.num_updates) if p.anneal_lr else p.lr
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                t0 = time.perf_counter()
+                roll, obs = self.collect(envs, obs)
+                warm = self.update < p.value_warmup_updates
+                stats = self.learn_from(roll, value_only=warm)
+                self.update += 1
+                self.env_steps += self.batch_size
+                final = self.update >= self.num_updates
+                record: dict[str, Any] = {}
+                do_eval = final or (c.eval.every and self.update % c.eval.every == 0)
+                if do_eval or self.update % c.logging.every == 0:
+                    record = {"step": self.env_steps, "update": self.update, "lr": lr, **stats,
+                              "value_warmup": float(warm),
+                              "steps_per_s": self.batch_size / max(time.perf_counter() - t0, 1e-9),
+                              "elapsed_s": time.perf_counter() - start}
+                    if self.recent_returns:
+                        record["episode_return"] = float(np.mean(self.recent_returns))
+                        record["episode_length"] = float(np.mean(self.recent_lengths))
+                improved = False
+                if do_eval:
+                    metrics = self.evaluate()
+                    improved = self._after_eval(metrics)
+                    record.update(metrics)
+                    if c.logging.progress:
+                        print(f"step {self.env_steps}: val_return {metrics['val_return']:.1f} "
+                              f"(+- {metrics['val_return_std']:.1f})  episode_return "
+                              f"{record.get('episode_return', float('nan')):.1f}", flush=True)
+                if record:
+                    logger.log(record)
+                reached = self.steps_to_target is not None and do_eval
+                if final or reached or (every and self.update % every == 0):
+                    self.save_checkpoint(best=improved)
+                if reached:
+                    break
+        finally:
+            envs.close()
+            logger.close()
+        result = PPOResult(self.run_dir, self.update, self.env_steps, dict(self.last_eval), self.steps_to_target,
+                           {"metric": "val_return", "value": self.best_value, "step": self.best_step},
+                           time.perf_counter() - start, self.policy)
+        atomic_write_text(self.run_dir / "result.json", json.dumps(result.to_dict(), indent=1))
+        return result
+
+
+def run_ppo(cfg: PPORunConfig | dict | str | Path, out_dir: str | Path, *, policy: nn.Module | None = None,
+            resume: bool = False) -> PPOResult:
+    """Train `cfg` with PPO into `out_dir` (`resume=True` continues from its newest good checkpoint)."""
+    return PPOTrainer(cfg, out_dir, policy=policy).fit(resume=resume)
+
+
+__all__ = ["PPORunConfig", "PPOConfig", "PPOTrainer", "PPOResult", "compute_gae", "ppo_loss", "run_ppo",
+           "load_ppo_config", "explained_variance"]
