@@ -137,11 +137,13 @@ def convert_cmd(
     dtype: Optional[str] = typer.Option(None, help="cast weights: float32, bfloat16, float16"),
     max_shard_size: str = typer.Option("5GB", help="shard Hugging Face output above this size"),
     strict: bool = typer.Option(True, help="--no-strict ignores HF tensors with no torchgraft name"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace DST if it is a non-empty directory"),
 ) -> None:
     """Convert Hugging Face GPT-2 / Llama / BERT <-> torchgraft checkpoints (torchgraft/interop)."""
     from torchgraft.interop.convert import convert
 
-    res = convert(src, dst, to, dtype=dtype, max_shard_size=max_shard_size, strict=strict)
+    res = convert(src, dst, to, dtype=dtype, max_shard_size=max_shard_size, strict=strict,
+                  overwrite=overwrite)
     typer.echo(f"{res.src} -> {res.dst} ({res.to}): {res.summary}")
 
 
