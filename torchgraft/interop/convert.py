@@ -102,13 +102,15 @@ def _build_from_checkpoint(meta: dict, state: dict[str, torch.Tensor], where: Pa
     m = meta.get("model") or {}
     if not m.get("family"):
         raise CheckpointError(f"{where}/meta.json does not name a registered model family")
+    from torchgraft.peft import unload
+    from torchgraft.train.adapters import attach_saved_adapters, load_weights
+
     model = build({"family": m["family"], **m.get("config", {})}, device="meta")
     model.model_name = m.get("name", m["family"])
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{where}: weights do not match meta.json's model "
-                              f"({str(e).splitlines()[0]})") from None
+    adapted = attach_saved_adapters(model, state, meta, where)  # a LoRA/DoRA fine-tune's checkpoint
+    load_weights(model, state, where, assign=True)
+    if adapted:
+        unload(model, merge=True)  # Hugging Face layout: the adapters folded into the base weights
     rebuild_meta_buffers(model, torch.device("cpu"), LoadReport("", m["family"]))
     return model.eval()
 

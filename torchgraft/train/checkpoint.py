@@ -318,18 +318,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Rebuild a registered model from a checkpoint's meta.json and load its weights."""
-    from torchgraft.models.registry import build
+    """Rebuild a registered model from the newest good checkpoint at `path` (manifest verified); a
+    LoRA/DoRA fine-tune's adapters are re-applied and merged (torchgraft.train.adapters)."""
+    from torchgraft.train.adapters import model_from_checkpoint
 
-    state, meta = load_checkpoint(path)
-    m = meta.get("model") or {}
-    if not m.get("family"):
-        raise CheckpointError(f"checkpoint at {path} does not name a registered model family; "
-                              f"build the model yourself and load_state_dict(load_checkpoint(...)[0])")
-    model = build({"family": m["family"], **m.get("config", {})}, device=device)
-    model.model_name = m.get("name", m["family"])
-    model.load_state_dict(state)
-    return model
+    return model_from_checkpoint(load_latest(path), device).train()
 
 
 class CheckpointManager:
