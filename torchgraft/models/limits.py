@@ -38,6 +38,9 @@ def _numel(model: nn.Module) -> int:
     return sum(t.numel() for t in model.parameters()) + sum(b.numel() for b in model.buffers())
 
 
+_ZERO_MEANS_NONE = {"type_vocab_size"}  # 0 leaves that part out (torchgraft.nn.embedding)
+
+
 def _is_size_field(name: str) -> bool:
     return name.startswith("n_") or name.endswith(("_size", "_dim", "_chans", "_channels"))
 
@@ -48,8 +51,11 @@ def check_sizes(cfg: Any) -> None:
         return
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if _is_size_field(f.name) and isinstance(value, int) and not isinstance(value, bool) and value < 1:
-            raise ConfigError(f"model.{f.name} must be >= 1, got {value}")
+        if not _is_size_field(f.name) or not isinstance(value, int) or isinstance(value, bool):
+            continue
+        low = 0 if f.name in _ZERO_MEANS_NONE else 1
+        if value < low:
+            raise ConfigError(f"model.{f.name} must be >= {low}, got {value}")
 
 
 def check_depth(fam: Any, cfg: Any) -> None:
