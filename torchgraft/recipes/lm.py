@@ -100,6 +100,11 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LoadedLM:
     from torchgraft.train.checkpoint import load_latest
 
     ck = load_latest(p)
+    m = ck.meta.get("model") or {}
+    if "vocab_size" not in (m.get("config") or {}) or ck.meta.get("task", "lm") != "lm":
+        raise ConfigError(f"{p} holds a {m.get('name') or m.get('family') or 'non-language'} model "
+                          f"(task {ck.meta.get('task', 'unknown')}), not a language model; generate and "
+                          "eval need a GPT/Llama run")
     model = model_from_checkpoint(ck, device)  # a LoRA run's adapters re-applied and merged
     ck_dir = Path(ck.path)
     run_dir = ck_dir.parent.parent if ck_dir.parent.name == "checkpoints" else None
