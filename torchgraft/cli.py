@@ -87,12 +87,32 @@ def inspect_cmd(
     from torchgraft.tools.summary import inspect_model
 
     ov = {k.removeprefix("model."): v for k, v in parse_overrides(overrides or []).items()}
-    report = inspect_model(model, ov, batch=batch, seq_len=seq, precision=precision, optimizer=optimizer,
+    target = _finetuned_on_meta(model, ov)  # a fine-tune config: trainable set as the method leaves it
+    report = inspect_model(target if target is not None else model, ov, batch=batch, seq_len=seq, precision=precision, optimizer=optimizer,
                            sharding=shards, activation_checkpointing=checkpointing, depth=depth)
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
     else:
         report.print()
+
+
+def _finetuned_on_meta(spec: str, overrides: dict) -> object:
+    """For a YAML with a `finetune:` section (lora / dora / freeze), the meta-device model with that
+    method applied, so the memory estimate counts only what trains; else None."""
+    if not spec.endswith((".yaml", ".yml")):
+        return None
+    from torchgraft.config import load_yaml
+
+    tree = load_yaml(spec)
+    if not isinstance(tree.get("finetune"), dict):
+        return None
+    from torchgraft.models.registry import build
+    from torchgraft.recipes.finetune import apply_method, split_config
+
+    ft, rest = split_config(tree)
+    model = build(rest.get("model") or {}, device="meta", **overrides)
+    apply_method(model, ft)
+    return model
 
 
 # -- training engine, plots, quickstart (torchgraft/train, torchgraft/recipes/quickstart.py)
