@@ -126,6 +126,10 @@ def train_cmd(
                               "see distributed.strategy)"),
 ) -> None:
     """Train a model from a YAML config; `--resume` (or resume=true) continues the run exactly."""
+    from torchgraft.config import load_yaml, parse_overrides
+
+    load_yaml(config), parse_overrides(overrides or [])  # file and override syntax: before importing torch
+    _at_least("--nproc", nproc, 1)
     from torchgraft.distributed.env import launched_by_torchrun, relaunch_with_torchrun
     from torchgraft.train.cli import train_from_cli
 
@@ -305,6 +309,10 @@ def finetune_cmd(
 ) -> None:
     """Fine-tune a pretrained checkpoint: transfer weights, apply full/freeze/lora/dora, train."""
     import json
+
+    from torchgraft.config import load_yaml, parse_overrides
+
+    load_yaml(config), parse_overrides(overrides or [])  # file and override syntax: before importing torch
 
     from torchgraft.recipes.finetune import run_finetune
 
