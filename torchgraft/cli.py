@@ -338,6 +338,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     except TorchgraftError as e:
         _echo_err(str(e))
         sys.exit(2)
+    except OSError as e:
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _echo_err(f"disk full ({e.filename or 'while writing'}): free some space and run again "
+                  "(a run resumes from its last good checkpoint with --resume)")
+        sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except click_exc.ClickException as e:

@@ -15,6 +15,7 @@ falls back to the previous good checkpoint with a warning. Nothing is ever unpic
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -186,10 +187,19 @@ def write_checkpoint(path: str | Path, *, model_state: dict[str, torch.Tensor], 
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    for name, data in files.items():
-        _write_bytes(tmp / name, data)
-    _write_bytes(tmp / "manifest.json", _json_bytes(manifest))
+    try:
+        tmp.mkdir()
+        for name, data in files.items():
+            _write_bytes(tmp / name, data)
+        _write_bytes(tmp / "manifest.json", _json_bytes(manifest))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # the half-written folder; older checkpoints are untouched
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            need = sum(len(b) for b in files.values())
+            raise CheckpointError(f"disk full while writing checkpoint {path} ({need / 1e6:.1f} MB needed); "
+                                  f"the previous checkpoints in {path.parent} are intact: free space and "
+                                  "resume with --resume") from None
+        raise
     publish_dir(tmp, path)
     return path
 

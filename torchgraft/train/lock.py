@@ -101,3 +101,26 @@ class RunLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+# what a torchgraft run directory (trainer, fine-tune recipe, quickstart) may already hold
+RUN_FILES = {"config.yaml", "metrics.jsonl", "checkpoints", "result.json", "tokenizer", "transfer.json",
+             "finetune.json", "adapter", "merged", LOCK_NAME, "tensorboard", "curves.png"}
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """`--out` must be a directory (or creatable); a folder holding someone's files (and no run files)
+    is never trained into."""
+    from torchgraft.outputs import check_output_dir
+
+    p = Path(run_dir)
+    check_output_dir(p, overwrite=True, what="--out")  # a file, or under a file, or not writable
+    if p.is_dir():
+        entries = [e.name for e in p.iterdir()]
+        # someone's own files at the top level (sub-folders such as a data cache are fine)
+        foreign = [e.name for e in p.iterdir() if e.is_file() and e.name not in RUN_FILES
+                   and not e.name.startswith(("events.", "."))]
+        if foreign and not any(n in RUN_FILES for n in entries):
+            raise ConfigError(f"--out {p} is not empty and is not a torchgraft run directory (it holds "
+                              f"{', '.join(sorted(foreign)[:3])}{' ...' if len(foreign) > 3 else ''}); "
+                              "choose a new or empty directory")

@@ -218,6 +218,7 @@ class Trainer:
         self.data = data if data is not None else build_data(self.cfg.data, t.seed)
         self.task = self.data.task
         self.model, self.train_model = self.setup_model(model)
+        self.check_inputs()
         self.optimizer = build_optimizer(self.model, self.cfg.optim, param_groups_fn)
         self.schedule = LRSchedule(self.cfg.schedule, t.max_steps)
         self.scaler = make_grad_scaler(t.precision, self.device)
@@ -243,6 +244,12 @@ class Trainer:
         except RuntimeError as e:
             raise CheckpointError(f"trainer.init_from={path}: weights do not fit the model "
                                   f"({str(e).splitlines()[0]}); use torchgraft.transfer for partial loads") from None
+
+    def check_inputs(self) -> None:
+        """Before any work: the data fits the model's declared sizes, and one example goes through it."""
+        from torchgraft.train.validate import check_model_against_data
+
+        check_model_against_data(getattr(self.model, "config", None), self.data.info)
 
     # ---- pieces a distributed run overrides (torchgraft.distributed.trainer.DistributedTrainer)
     def setup_model(self, model: nn.Module | None) -> tuple[nn.Module, nn.Module]:
@@ -387,12 +394,18 @@ class Trainer:
         ck = load_latest(root)
         if ck.optimizer_state is None or ck.trainer_state is None or ck.rng_tensors is None:
             raise CheckpointError(f"{ck.path} holds weights only; it cannot resume a run")
+        from torchgraft.train.resume import apply_hyperparameters, check_resumable, fresh_hyperparameters
+
+        applied = check_resumable(ck.meta.get("run_config"), self.cfg.to_dict(), ck.path)
         try:
             self.model.load_state_dict(ck.model_state)
         except RuntimeError as e:
             raise CheckpointError(f"cannot resume from {ck.path}: its weights do not fit this model "
                                   f"({str(e).splitlines()[0]}); resume with the run's own config") from None
+        fresh = fresh_hyperparameters(self.optimizer)
         load_optimizer_state(self.optimizer, ck.optimizer_state)
+        groups = apply_hyperparameters(self.optimizer, fresh)  # the current config's lr, betas, ...
+        self.resume_changes = applied + [f"param groups: {c}" for c in groups]
         ts = ck.trainer_state
         self.loader.load_state_dict(ts["loader"])
         if self.scaler is not None and ts.get("scaler"):
@@ -425,10 +438,23 @@ class Trainer:
                 p.grad = None
 
     def fit(self, resume: bool = False) -> TrainResult:
+        """Train (or resume) into the run directory, holding its lock (torchgraft.train.lock)."""
+        from torchgraft.train.lock import RunLock, check_run_dir
+
+        check_run_dir(self.run_dir)
+        if not self.is_main:
+            return self._fit(resume)
+        with RunLock(self.run_dir):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool = False) -> TrainResult:
         t, s = self.cfg.trainer, self.state
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        from torchgraft.train.validate import inputs_must_fit
+
         if t.measure_flops:
-            self._measure_flops()
+            with inputs_must_fit(self.model, {}):
+                self._measure_flops()
         if not resume and list_checkpoints(self.ckpt.root):
             raise ConfigError(f"{self.run_dir} already holds checkpoints of a run; pass --resume "
                               f"(resume=True) to continue it, or choose another output directory")
@@ -441,7 +467,8 @@ class Trainer:
         unit = "tokens" if self.task == "lm" else "samples"
         bar = ProgressBar(t.max_steps, s.step, enabled=t.progress and self.is_main, unit=unit)
         if resumed:
-            bar.print(f"resumed from step {s.step}")
+            changes = getattr(self, "resume_changes", [])
+            bar.print(f"resumed from step {s.step}" + (f"; applied: {', '.join(changes)}" if changes else ""))
         elif resume and self.is_main:
             warnings.warn(f"no checkpoint in {self.ckpt.root} to resume from: starting a new run", stacklevel=2)
         self.callbacks.on_train_start(self)
@@ -454,7 +481,11 @@ class Trainer:
             while s.step < t.max_steps and not s.should_stop:
                 batch = _to_device(next(self.loader), self.device)
                 lr = self.schedule.apply(self.optimizer, s.step)
-                loss, gnorm, ok = self.train_step(batch)
+                if s.step == first_step:  # the first forward: a shape mismatch is the config's fault
+                    with inputs_must_fit(self.model, batch):
+                        loss, gnorm, ok = self.train_step(batch)
+                else:
+                    loss, gnorm, ok = self.train_step(batch)
                 s.step += 1
                 s.samples_seen += len(batch["labels"])
                 s.targets_seen += int((batch["labels"] != IGNORE_INDEX).sum()) if unit == "tokens" else 0

@@ -2,14 +2,15 @@
 
 `check_values(tree)` runs on the plain mapping of a RunConfig (`to_dict(cfg)`), so it works for any
 section layout: a rule whose key is absent is skipped. `check_model_against_data` compares the model's
-declared sizes with what the data provides (seq_len vs block_size); `check_forward` runs one example
-through the model so a shape mismatch (e.g. model.image_size=28 on 32x32 images) is a ConfigError
-before training starts.
+declared sizes with what the data provides (seq_len vs block_size);
+`inputs_must_fit` wraps the first forward so a shape mismatch (e.g. model.image_size=28 on 32x32 images)
+is a ConfigError, not a traceback.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torchgraft.errors import ConfigError
@@ -103,23 +104,21 @@ def check_model_against_data(model_cfg: Any, info: dict[str, Any]) -> None:
                           f"or raise model.block_size to at least {seq}")
 
 
-def check_forward(model: Any, batch: dict[str, Any], run: Callable[[Any, dict[str, Any]], Any]) -> None:
-    """Run `run(model, batch)` on one example without gradients; a shape error becomes a ConfigError
-    naming the input shapes (e.g. model.image_size disagreeing with the data's images)."""
+@contextmanager
+def inputs_must_fit(model: Any, batch: dict[str, Any]) -> Iterator[None]:
+    """Around the first forward of a run: a shape error (e.g. model.image_size disagreeing with the
+    data's images) becomes a one-line ConfigError naming the input shapes and the model's sizes.
+    Costs nothing: it wraps work the run does anyway, and reads no extra data."""
     import torch
 
-    one = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in one.items() if isinstance(v, torch.Tensor))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            run(model, one)
+        yield
+    except torch.OutOfMemoryError:
+        raise
     except (RuntimeError, ValueError, IndexError) as e:
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items() if isinstance(v, torch.Tensor))
         cfg = getattr(model, "config", None)
         sizes = ", ".join(f"model.{k}={getattr(cfg, k)}" for k in ("image_size", "in_chans", "block_size",
                                                                     "vocab_size") if hasattr(cfg, k))
         raise ConfigError(f"the model does not accept the data's inputs ({shapes}; {sizes}): "
                           f"{str(e).splitlines()[0]}; make the model's sizes match the data") from None
-    finally:
-        model.train(was_training)
