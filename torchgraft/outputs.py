@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from torchgraft.errors import ConfigError
+from torchgraft.io import publish_dir
 
 
 def check_output_dir(path: str | Path, *, overwrite: bool = False, option: str = "--overwrite",
@@ -40,19 +41,6 @@ def check_output_dir(path: str | Path, *, overwrite: bool = False, option: str =
     return p
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def staged_dir(path: str | Path, *, overwrite: bool = False, option: str = "--overwrite",
                what: str = "output directory") -> Iterator[Path]:
@@ -68,15 +56,7 @@ def staged_dir(path: str | Path, *, overwrite: bool = False, option: str = "--ov
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_dir(tmp)
-        if final.exists():  # empty, or --overwrite: move it aside, publish, then delete the old one
-            trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        publish_dir(tmp, final)  # an existing (empty, or --overwrite) DST is moved aside, then removed
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from torch.utils.data import Dataset
 
 from torchgraft.errors import ConfigError, did_you_mean
 
-Task = Literal["classification", "lm"]
-
-
 @dataclass
 class DataBundle:
     train: Dataset
     val: Dataset | None
-    task: Task
+    task: str  # the name of the task it feeds (torchgraft.train.tasks.build_task resolves it)
     collate_fn: Callable[[list[Any]], dict[str, Any]] | None = None
     info: dict[str, Any] = field(default_factory=dict)  # e.g. num_classes, vocab_size, tokenizer
 
@@ -53,11 +50,6 @@ def list_datasets() -> list[str]:
     return sorted(_BUILDERS)
 
 
-_LOADED = False
-
-
 def _ensure_loaded() -> None:
-    global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        import torchgraft.data  # noqa: F401  (its __init__ imports the modules that register)
+    """Nothing to import: this module is only reachable through `torchgraft.data`, whose __init__
+    imports the built-in dataset modules (they register themselves) before anything runs here."""

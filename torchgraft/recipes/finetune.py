@@ -109,7 +109,8 @@ def run_finetune(config: str | Path | dict[str, Any], out_dir: str | Path, overr
     from torchgraft.tools.freeze import GradualUnfreeze
     from torchgraft.tools.param_groups import param_groups
     from torchgraft.tools.transfer import transfer
-    from torchgraft.train import load_run_config, run_training
+    from torchgraft.recipes.training import run_training
+    from torchgraft.train import load_run_config
     from torchgraft.train.trainer import build_model_for, model_meta, seed_everything
 
     ft, tree = split_config(config, overrides)
