@@ -128,8 +128,12 @@ def train_cmd(
     """Train a model from a YAML config; `--resume` (or resume=true) continues the run exactly."""
     from torchgraft.config import load_yaml, parse_overrides
 
-    load_yaml(config), parse_overrides(overrides or [])  # file and override syntax: before importing torch
     _at_least("--nproc", nproc, 1)
+    from torchgraft.train.config import load_run_config
+
+    ov = parse_overrides(overrides or [])
+    ov.pop("resume", None)
+    load_run_config(load_yaml(config), ov)  # every key and value checked before torch is imported
     from torchgraft.distributed.env import launched_by_torchrun, relaunch_with_torchrun
     from torchgraft.recipes.training import train_from_cli
 

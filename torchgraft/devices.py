@@ -9,10 +9,10 @@ _KINDS = ("cpu", "cuda", "mps")
 def check_device(name: str, key: str = "--device", allow_auto: bool = True) -> str:
     """Return `name` if it names a usable device ("auto" included when `allow_auto`), else one
     ConfigError line naming `key`, the value and what to use instead."""
+    if name == "cpu" or (allow_auto and name == "auto"):
+        return name  # always usable; no need to import torch to know
     import torch
 
-    if allow_auto and name == "auto":
-        return name
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError):
