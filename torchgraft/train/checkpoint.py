@@ -33,6 +33,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from torchgraft.errors import CheckpointError
+from torchgraft.io import read_verified  # noqa: F401  (the one verified reader; re-exported)
 from torchgraft.io import (STEP_DIR_RE, atomic_write_bytes, fsync_dir, publish_dir, remove_dir, step_dir_name,
                            write_synced)
 
@@ -212,32 +213,6 @@ def write_checkpoint(path: str | Path, *, model_state: dict[str, torch.Tensor], 
     return write_checkpoint_dir(path, checkpoint_files(
         model_state=model_state, meta=meta, optimizer_state=optimizer_state,
         trainer_state=trainer_state, rng_tensors=rng_tensors))
-
-
-def read_verified(path: str | Path) -> dict[str, bytes]:
-    """Read every file of a checkpoint and check it against the manifest; CheckpointError if not."""
-    path = Path(path)
-    mpath = path / "manifest.json"
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        manifest = json.loads(mpath.read_bytes())
-        entries = manifest["files"]
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} has no manifest.json (incomplete write?)") from None
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {path} has an unreadable manifest.json") from None
-    out = {}
-    for name, info in entries.items():
-        fpath = path / name
-        try:
-            data = fpath.read_bytes()
-        except OSError:
-            raise CheckpointError(f"checkpoint {path} is missing {name}") from None
-        if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
-            raise CheckpointError(f"checkpoint {path}: {name} is corrupted (sha256 mismatch)")
-        out[name] = data
-    return out
 
 
 @dataclass

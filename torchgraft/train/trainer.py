@@ -325,6 +325,9 @@ class Trainer:
             self.load_state_dict(sd)
             groups = apply_hyperparameters(self.optimizer, fresh)  # the current config's lr, betas, ...
             self.resume_changes = applied + [f"param groups: {c}" for c in groups]
+            if self.resume_changes and self.is_main:  # logged whatever logging.progress says
+                warnings.warn("resuming with a changed config, applied: " + ", ".join(self.resume_changes),
+                              stacklevel=3)
         return sd is not None
 
     # ---- the loop
@@ -334,8 +337,16 @@ class Trainer:
         from torchgraft.train.lock import RunLock, check_run_dir
 
         check_run_dir(self.run_dir)
-        with RunLock(self.run_dir) if self.is_main else contextlib.nullcontext():
-            return self._fit(resume)
+        created = not self.run_dir.exists()
+        try:
+            with RunLock(self.run_dir) if self.is_main else contextlib.nullcontext():
+                return self._fit(resume)
+        except ConfigError:  # refused by the config (e.g. the first forward): leave no empty run behind
+            if created and self.is_main and not list_checkpoints(self.ckpt.root):
+                import shutil
+
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
 
     def _fit(self, resume: bool) -> TrainResult:
         self._start(resume)
