@@ -24,6 +24,8 @@ _LAZY: dict[str, str] = {
     "save_hf": "torchgraft.interop.hf",
     "run_training": "torchgraft.recipes.training",
     "load_checkpoint": "torchgraft.train",
+    "export": "torchgraft.interop.export",
+    "onnx_generate": "torchgraft.interop.onnx_generate",
 }
 __all__ += list(_LAZY)
 

@@ -24,6 +24,10 @@ class TransferError(TorchgraftError):
     """Weights cannot be moved between two models as asked."""
 
 
+class ExportError(TorchgraftError):
+    """A model cannot be exported (torch.export / ONNX) as asked."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean X?)' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)

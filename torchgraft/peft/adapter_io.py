@@ -8,7 +8,6 @@ here with `load_adapter`, giving the same outputs.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from torchgraft.errors import CheckpointError, ConfigError
+from torchgraft.io import atomic_write_file
 from torchgraft.peft.lora import ADAPTER, LoRALayer, apply_lora, lora_layers
 
 PREFIX = "base_model.model."
@@ -129,18 +129,10 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
     }
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write_file(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     state = adapter_state_dict(model, hf_names=hf_names)
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write_file(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     return out
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_adapter_config(path: str | Path) -> dict[str, Any]:
