@@ -68,6 +68,15 @@ def runs(tmp_path_factory):
         cfg = json.loads((d / "config.json").read_text())
         cfg[key] = value
         (d / "config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import load_file, save_file
+
+    extra = base / "hf_extra"  # a tensor with no torchgraft name: strict convert names --no-strict
+    extra.mkdir()
+    for f in (base / "hf").iterdir():
+        (extra / f.name).write_bytes(f.read_bytes())
+    state = load_file(str(extra / "model.safetensors"))
+    state["transformer.h.0.attn.unknown.weight"] = next(iter(state.values())).clone()
+    save_file(state, str(extra / "model.safetensors"), metadata={"format": "pt"})
     return base
 
 
@@ -131,6 +140,7 @@ CASES = [
     ("hf-wide", ["convert", f"{B}/hf_n_embd", f"{B}/new"], "cannot be built"),
     ("hf-vocab", ["generate", f"{B}/hf_vocab_size", "-n", "2"], "shape mismatch"),
     ("hf-negative", ["convert", f"{B}/hf_n_positions", f"{B}/new"], "model.block_size must be >= 1, got -5"),
+    ("hf-strict", ["convert", f"{B}/hf_extra", f"{B}/new"], "pass --no-strict"),
     ("convert-foreign", ["convert", f"{B}/hf", f"{B}/foreign"], "is not empty"),
     ("convert-into-run", ["convert", f"{B}/hf", f"{B}/lenet"], "is not empty"),
     ("convert-to-file", ["convert", f"{B}/hf", f"{B}/afile"], "is an existing file"),

@@ -91,3 +91,23 @@ def test_hf_tokenizer_padding_and_truncation_do_not_leak(tmp_path):
     tok = load_tokenizer(tmp_path)
     assert tok.encode("hello world") == [2, 3]
     assert tok.encode_batch(["hello", "hello world world"]) == [[2], [2, 3, 3]]
+
+
+def test_inspect_honours_the_finetune_section(capsys):
+    code, out, err = cli(["inspect", "configs/finetune-llama-lora.yaml", "--json"], capsys)
+    assert code == 0, err
+    lora = json.loads(out)
+    code, out, err = cli(["inspect", "configs/llama-char.yaml", "--json"], capsys)
+    full = json.loads(out)
+    assert lora["trainable_parameters"] < 0.05 * lora["parameters"]  # only the adapters train
+    assert lora["memory_bytes"]["optimizer"] < 0.05 * full["memory_bytes"]["optimizer"]
+
+
+def test_progress_is_plain_lines_when_stdout_is_not_a_terminal(capsys):
+    from torchgraft.train.logging import ProgressBar
+
+    bar = ProgressBar(10, enabled=True)  # pytest's captured stdout is not a tty
+    bar.update(2, {"loss": 1.5, "lr": 1e-3})
+    bar.print("step 2: val_loss 1.4")
+    bar.close()
+    assert capsys.readouterr().out.splitlines() == ["step 2/10  loss 1.5000  lr 1.00e-03", "step 2: val_loss 1.4"]
