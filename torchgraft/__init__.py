@@ -4,12 +4,16 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from torchgraft.errors import TorchgraftError
-from torchgraft.models.registry import build, get_config, list_models, materialize
 
-__all__ = ["TorchgraftError", "build", "get_config", "list_models", "materialize", "__version__"]
+__all__ = ["TorchgraftError", "__version__"]
 
-# Lazily imported public names: {name: module}. Add entries here rather than importing eagerly.
+# Lazily imported public names: {name: module}. Add entries here rather than importing eagerly:
+# `import torchgraft` must not import torch, so that `torchgraft --help` and config errors are instant.
 _LAZY: dict[str, str] = {
+    "build": "torchgraft.models.registry",
+    "get_config": "torchgraft.models.registry",
+    "list_models": "torchgraft.models.registry",
+    "materialize": "torchgraft.models.registry",
     "transfer": "torchgraft.tools.transfer",
     "TransferReport": "torchgraft.tools.transfer",
     "freeze": "torchgraft.tools.freeze",

@@ -33,6 +33,26 @@ def _echo_err(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
 
 
+def _require(ok: bool, msg: str) -> None:
+    """Option checks done before any heavy import: one ConfigError line naming the option and fix."""
+    if not ok:
+        from torchgraft.errors import ConfigError
+
+        raise ConfigError(msg)
+
+
+def _at_least(option: str, value: Optional[float], low: float, hint: str = "") -> None:
+    import math
+
+    if value is None:
+        return
+    _require(math.isfinite(value) and value >= low,
+             f"{option} must be a finite number >= {low:g}, got {value}" + (f"; {hint}" if hint else ""))
+
+
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".eps", ".ps")
+
+
 @app.command("models")
 def models_cmd() -> None:
     """List registered model presets with their parameter counts (built on the meta device)."""
@@ -70,13 +90,34 @@ def inspect_cmd(
     from torchgraft.tools.summary import inspect_model
 
     ov = {k.removeprefix("model."): v for k, v in parse_overrides(overrides or []).items()}
-    report = inspect_model(model, ov, batch=batch, seq_len=seq, precision=precision, optimizer=optimizer,
-                           sharding=shards, activation_checkpointing="selective" if selective else checkpointing,
+    target = _finetuned_on_meta(model, ov)  # a fine-tune config: trainable set as the method leaves it
+    report = inspect_model(target if target is not None else model, ov, batch=batch, seq_len=seq,
+                           precision=precision, optimizer=optimizer, sharding=shards,
+                           activation_checkpointing="selective" if selective else checkpointing,
                            depth=depth, chunked_ce=chunked_ce)
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
     else:
         report.print()
+
+
+def _finetuned_on_meta(spec: str, overrides: dict) -> object:
+    """For a YAML with a `finetune:` section (lora / dora / freeze), the meta-device model with that
+    method applied, so the memory estimate counts only what trains; else None."""
+    if not spec.endswith((".yaml", ".yml")):
+        return None
+    from torchgraft.config import load_yaml
+
+    tree = load_yaml(spec)
+    if not isinstance(tree.get("finetune"), dict):
+        return None
+    from torchgraft.models.registry import build
+    from torchgraft.recipes.finetune import apply_method, split_config
+
+    ft, rest = split_config(tree)
+    model = build(rest.get("model") or {}, device="meta", **overrides)
+    apply_method(model, ft)
+    return model
 
 
 # -- training engine, plots, quickstart (torchgraft/train, torchgraft/recipes/quickstart.py)
@@ -90,6 +131,14 @@ def train_cmd(
                               "see distributed.strategy)"),
 ) -> None:
     """Train a model from a YAML config; `--resume` (or resume=true) continues the run exactly."""
+    from torchgraft.config import load_yaml, parse_overrides
+
+    _at_least("--nproc", nproc, 1)
+    from torchgraft.train.config import load_run_config
+
+    ov = parse_overrides(overrides or [])
+    ov.pop("resume", None)
+    load_run_config(load_yaml(config), ov)  # every key and value checked before torch is imported
     from torchgraft.distributed.env import launched_by_torchrun, relaunch_with_torchrun
     from torchgraft.recipes.training import train_from_cli
 
@@ -116,9 +165,17 @@ def plot_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="PNG path (default RUN_DIR/curves.png, or ./curves.png for several runs)"),
 ) -> None:
     """Write PNG curves of loss, validation metrics and learning rate for one or more runs."""
+    target = out or (run_dirs[0] / "curves.png" if len(run_dirs) == 1 else Path("curves.png"))
+    _require(target.suffix.lower() in PLOT_FORMATS, f"--out {target}: unsupported image type "
+             f"{target.suffix or '(none)'!r}; use one of {', '.join(PLOT_FORMATS)}")
+    _require(not target.is_dir(), f"--out {target} is a directory; give a file name such as curves.png")
+    for d in run_dirs:
+        _require((d / "metrics.jsonl").is_file(), f"{d} has no metrics.jsonl (is it a torchgraft run directory?)")
+    from torchgraft.outputs import check_output_dir
+
+    check_output_dir(target.parent, overwrite=True, what="--out folder")
     from torchgraft.train.plot import plot_runs
 
-    target = out or (run_dirs[0] / "curves.png" if len(run_dirs) == 1 else Path("curves.png"))
     typer.echo(f"wrote {plot_runs(run_dirs, target)}")
 
 
@@ -141,11 +198,13 @@ def convert_cmd(
     dtype: Optional[str] = typer.Option(None, help="cast weights: float32, bfloat16, float16"),
     max_shard_size: str = typer.Option("5GB", help="shard Hugging Face output above this size"),
     strict: bool = typer.Option(True, help="--no-strict ignores HF tensors with no torchgraft name"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace DST if it is a non-empty directory"),
 ) -> None:
     """Convert Hugging Face GPT-2 / Llama / BERT <-> torchgraft checkpoints (torchgraft/interop)."""
     from torchgraft.interop.convert import convert
 
-    res = convert(src, dst, to, dtype=dtype, max_shard_size=max_shard_size, strict=strict)
+    res = convert(src, dst, to, dtype=dtype, max_shard_size=max_shard_size, strict=strict,
+                  overwrite=overwrite)
     typer.echo(f"{res.src} -> {res.dst} ({res.to}): {res.summary}")
 
 
@@ -161,11 +220,19 @@ def tokenizer_train_cmd(
     vocab_size: int = typer.Option(8192, "--vocab-size", help="total ids incl. 256 bytes + specials"),
     out: Path = typer.Option(..., "--out", help="directory for tokenizer.json"),
     min_frequency: int = typer.Option(2, "--min-frequency", help="minimum pair count to merge"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it is a non-empty directory"),
 ) -> None:
     """Train a byte-level BPE tokenizer and write OUT/tokenizer.json."""
+    _at_least("--min-frequency", min_frequency, 1)
+    for f in files:
+        _require(f.exists(), f"training file not found: {f}")
+    from torchgraft.outputs import check_output_dir, staged_dir
+
+    check_output_dir(out, overwrite=overwrite, what="--out")
     from torchgraft.data.tokenizers import train_bpe_files
 
-    tok = train_bpe_files([str(f) for f in files], vocab_size, out, min_frequency=min_frequency)
+    with staged_dir(out, overwrite=overwrite, what="--out") as tmp:  # OUT appears only when complete
+        tok = train_bpe_files([str(f) for f in files], vocab_size, tmp, min_frequency=min_frequency)
     typer.echo(f"wrote {out / 'tokenizer.json'} ({tok.vocab_size} ids, eos {tok.eos_token!r}, "
                f"pad {tok.pad_token!r})")
 
@@ -185,10 +252,19 @@ def generate_cmd(
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute the full sequence each step"),
 ) -> None:
     """Generate text from a trained LM; one prompt streams as it is produced."""
+    _at_least("--max-new-tokens/-n", max_new_tokens, 1)
+    _at_least("--temperature/-t", temperature, 0, "0 = greedy")
+    _at_least("--top-k", top_k, 0, "0 = off")
+    _at_least("--repetition-penalty", repetition_penalty, 1e-6, "1 = off")
+    _require(top_p is None or 0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}")
+    _require(path.exists(), f"model path not found: {path} (give a run directory, a checkpoint folder "
+             "or a Hugging Face model directory)")
+    from torchgraft.devices import check_device
     from torchgraft.errors import ConfigError
     from torchgraft.generation import generate, stream
     from torchgraft.recipes.lm import load_lm
 
+    check_device(device, allow_auto=False)
     lm = load_lm(path, device=device)
     if lm.tokenizer is None:
         raise ConfigError(f"no tokenizer.json found for {path}; put one next to the weights")
@@ -218,8 +294,15 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Perplexity (mean next-token NLL and its exp) of an LM on held-out text."""
+    _at_least("--batch-size", batch_size, 1)
+    _at_least("--seq-len", seq_len, 1)
+    _at_least("--max-batches", max_batches, 1, "omit it to evaluate the whole split")
+    _require(path.exists(), f"model path not found: {path} (give a run directory, a checkpoint folder "
+             "or a Hugging Face model directory)")
+    from torchgraft.devices import check_device
     from torchgraft.recipes.lm import eval_lm, format_eval, to_json
 
+    check_device(device, allow_auto=False)
     result = eval_lm(path, data, field=field, seq_len=seq_len, batch_size=batch_size,
                      max_batches=max_batches, device=device)
     typer.echo(to_json(result) if as_json else format_eval(result))
@@ -235,6 +318,10 @@ def finetune_cmd(
 ) -> None:
     """Fine-tune a pretrained checkpoint: transfer weights, apply full/freeze/lora/dora, train."""
     import json
+
+    from torchgraft.config import load_yaml, parse_overrides
+
+    load_yaml(config), parse_overrides(overrides or [])  # file and override syntax: before importing torch
 
     from torchgraft.recipes.finetune import run_finetune
 
@@ -312,6 +399,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         app(args=argv, standalone_mode=False)
     except TorchgraftError as e:
         _echo_err(str(e))
+        sys.exit(2)
+    except OSError as e:
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _echo_err(f"disk full ({e.filename or 'while writing'}): free some space and run again "
+                  "(a run resumes from its last good checkpoint with --resume)")
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -18,27 +18,94 @@ from torchgraft.errors import ConfigError, did_you_mean
 T = TypeVar("T")
 
 
+MAX_YAML_BYTES = 16 * 2**20   # a run config is a few KB; anything this big is not one
+MAX_YAML_NODES = 100_000      # scalars + collections after expanding aliases ("billion laughs" guard)
+
+
+class BoundedSafeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses documents whose alias expansion exceeds MAX_YAML_NODES nodes.
+
+    PyYAML builds an alias as a shared reference, so loading a "billion laughs" document is cheap, but
+    anything that walks the result (validation, deepcopy of overrides, writing config.yaml) expands it.
+    The expanded size is counted on the composed node graph (memoised, so linear in the document).
+    """
+
+    def get_single_node(self):  # type: ignore[no-untyped-def]
+        node = super().get_single_node()
+        if node is not None:
+            sizes: dict[int, int] = {}
+
+            def size(n: yaml.Node) -> int:
+                key = id(n)
+                if key in sizes:
+                    return sizes[key]
+                sizes[key] = MAX_YAML_NODES + 1  # a recursive alias (x: &a [*a]) counts as unbounded
+                if isinstance(n, yaml.SequenceNode):
+                    total = 1 + sum(size(c) for c in n.value)
+                elif isinstance(n, yaml.MappingNode):
+                    total = 1 + sum(size(k) + size(v) for k, v in n.value)
+                else:
+                    total = 1
+                sizes[key] = total = min(total, MAX_YAML_NODES + 1)
+                return total
+
+            if size(node) > MAX_YAML_NODES:
+                raise ConfigError(f"YAML document expands to more than {MAX_YAML_NODES:,} values through "
+                                  "aliases (&name / *name); write the values out instead")
+        return node
+
+
+def safe_load(text: str) -> Any:
+    """`yaml.safe_load` with the alias-expansion bound of `BoundedSafeLoader`."""
+    return yaml.load(text, Loader=BoundedSafeLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or a non-mapping gives a ConfigError."""
+    """Read a YAML mapping. A missing, empty, binary, huge or non-mapping file gives a ConfigError."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config {p} is a directory; give a YAML file")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p} (check the path)")
     try:
-        data = yaml.safe_load(p.read_text())
+        if p.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError(f"{p} is {p.stat().st_size:,} bytes, too big for a YAML config "
+                              f"(limit {MAX_YAML_BYTES:,})")
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+        if "\x00" in text:
+            raise UnicodeDecodeError("utf-8", raw, text.index("\x00"), text.index("\x00") + 1, "NUL byte")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p} is not a text YAML file (binary or not UTF-8); give a YAML config") from None
+    try:
+        data = safe_load(text)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{p} is not valid YAML: {first}") from None
+    except RecursionError:
+        raise ConfigError(f"{p} is nested too deeply to be a config") from None
     if data is None:
-        return {}
+        raise ConfigError(f"{p} is empty; a config needs at least a model: or data: section "
+                          "(see configs/ for examples)")
     if not isinstance(data, dict):
-        raise ConfigError(f"{p} must hold a mapping of keys to values, got {type(data).__name__}")
+        raise ConfigError(f"{p} must hold a mapping of keys to values (e.g. model: {{name: lenet}}), "
+                          f"got a {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{p}: top-level keys must be names, got {bad[0]!r}")
     return data
 
 
 def parse_value(text: str) -> Any:
     """Parse the value of a `key=value` override with YAML rules (3 -> int, true -> bool, [1,2] -> list)."""
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
+        value = safe_load(text)
+    except (yaml.YAMLError, RecursionError):
         return text
     return _number_or_same(value)
 

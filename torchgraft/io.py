@@ -108,3 +108,36 @@ def remove_dir(path: str | Path) -> None:
     trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def read_verified(path: str | Path) -> dict[str, bytes]:
+    """Read every file of a checkpoint folder and check it against its manifest.json (sha256 and size);
+    CheckpointError if not. Every reader of a torchgraft checkpoint goes through this function
+    (resume, load_model, eval, generate, convert, export, transfer / finetune.source, init_from)."""
+    import hashlib
+    import json
+
+    from torchgraft.errors import CheckpointError
+
+    path = Path(path)
+    mpath = path / "manifest.json"
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        manifest = json.loads(mpath.read_bytes())
+        entries = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} has no manifest.json (incomplete write?)") from None
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {path} has an unreadable manifest.json") from None
+    out = {}
+    for name, info in entries.items():
+        fpath = path / name
+        try:
+            data = fpath.read_bytes()
+        except OSError:
+            raise CheckpointError(f"checkpoint {path} is missing {name}") from None
+        if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: {name} is corrupted (sha256 mismatch)")
+        out[name] = data
+    return out

@@ -44,6 +44,10 @@ class Tokenizer:
 
     def __init__(self, backend: Any, bos_token: str | None = None, eos_token: str | None = None,
                  pad_token: str | None = None, kind: str = "custom"):
+        # an HF tokenizer.json may carry padding/truncation settings (e.g. pad every text to 128);
+        # `encode` must return exactly the text's ids, so they are switched off here
+        backend.no_padding()
+        backend.no_truncation()
         self.backend = backend
         self.kind = kind
         self.bos_token = bos_token

@@ -102,13 +102,15 @@ def _build_from_checkpoint(meta: dict, state: dict[str, torch.Tensor], where: Pa
     m = meta.get("model") or {}
     if not m.get("family"):
         raise CheckpointError(f"{where}/meta.json does not name a registered model family")
+    from torchgraft.peft import unload
+    from torchgraft.train.adapters import attach_saved_adapters, load_weights
+
     model = build({"family": m["family"], **m.get("config", {})}, device="meta")
     model.model_name = m.get("name", m["family"])
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{where}: weights do not match meta.json's model "
-                              f"({str(e).splitlines()[0]})") from None
+    adapted = attach_saved_adapters(model, state, meta, where)  # a LoRA/DoRA fine-tune's checkpoint
+    load_weights(model, state, where, assign=True)
+    if adapted:
+        unload(model, merge=True)  # Hugging Face layout: the adapters folded into the base weights
     rebuild_meta_buffers(model, torch.device("cpu"), LoadReport("", m["family"]))
     return model.eval()
 
@@ -144,8 +146,13 @@ def torchgraft_to_hf(src: str | Path, dst: str | Path, *, dtype: torch.dtype | N
 
 
 def convert(src: str | Path, dst: str | Path, to: Layout | None = None, *, dtype: str | None = None,
-            max_shard_size: int | str = "5GB", strict: bool = True) -> ConvertResult:
-    """Convert between layouts; `to` defaults to the layout SRC is not in."""
+            max_shard_size: int | str = "5GB", strict: bool = True, overwrite: bool = False) -> ConvertResult:
+    """Convert between layouts; `to` defaults to the layout SRC is not in.
+
+    DST must be new or empty unless `overwrite`; the output is written to a hidden sibling folder and
+    renamed into place when complete, so a failure leaves DST as it was (torchgraft.outputs)."""
+    from torchgraft.outputs import check_output_dir, staged_dir
+
     src_layout = detect_layout(src)
     to = to or ("torchgraft" if src_layout == "hf" else "hf")
     if to not in ("hf", "torchgraft"):
@@ -155,10 +162,15 @@ def convert(src: str | Path, dst: str | Path, to: Layout | None = None, *, dtype
                           f"{'torchgraft' if to == 'hf' else 'hf'}")
     if Path(dst).resolve() == Path(src).resolve():
         raise ConfigError("DST must differ from SRC")
-    if Path(dst).is_file():
-        raise ConfigError(f"DST {dst} is a file; give a directory")
+    if Path(src).resolve() in Path(dst).resolve().parents:
+        raise ConfigError(f"DST {dst} lies inside SRC {src}; choose a directory outside it")
+    check_output_dir(dst, overwrite=overwrite, what="DST")
     tdtype = parse_dtype(dtype)
-    if to == "torchgraft":
-        return hf_to_torchgraft(src, dst, dtype=tdtype, strict=strict)
-    return torchgraft_to_hf(src, dst, dtype=tdtype, max_shard_size=max_shard_size)
+    with staged_dir(dst, overwrite=overwrite, what="DST") as tmp:
+        if to == "torchgraft":
+            res = hf_to_torchgraft(src, tmp, dtype=tdtype, strict=strict)
+        else:
+            res = torchgraft_to_hf(src, tmp, dtype=tdtype, max_shard_size=max_shard_size)
+    res.dst = Path(dst)
+    return res
 

@@ -271,7 +271,7 @@ def load_into(model: nn.Module, reader: CheckpointReader, rules: list[Rule], *, 
         if strict:
             raise CheckpointError(f"{len(unmapped)} tensor(s) in the checkpoint map to nothing in "
                                   f"torchgraft's {report.family}: {_short(unmapped)} "
-                                  "(pass strict=False to ignore them)")
+                                  "(pass --no-strict on the command line, strict=False in Python, to ignore them)")
         report.ignored = unmapped
     rebuild_meta_buffers(model, device, report)
     return model

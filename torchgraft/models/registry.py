@@ -133,13 +133,21 @@ def build(spec: str | Path | dict[str, Any] | Any, *, device: str | torch.device
     built on meta, then materialized on `device` (default CPU) with its `init_weights`.
     The model gets `.config` (its Config) and `.model_name` (preset or family name).
     """
+    from torchgraft.models.limits import check_depth, check_fits, check_sizes
+
     name, cfg = resolve_config(spec, **overrides)
     fam = family_of_config(cfg)
+    check_sizes(cfg)
+    check_depth(fam, cfg)  # absurd depths refused with their size before minutes of construction
     with torch.device("meta"):
-        model = fam.builder(cfg)
+        try:
+            model = fam.builder(cfg)
+        except RuntimeError as e:  # e.g. a size torch refuses; the config is at fault, not the code
+            raise ConfigError(f"model {name}: this config cannot be built ({str(e).splitlines()[0]})") from None
     model.config = cfg
     model.model_name = name
     if device is None or torch.device(device).type != "meta":
+        check_fits(model, device or "cpu", name)  # refused with its size before allocating
         materialize(model, device or "cpu")
     return model
 

@@ -46,6 +46,7 @@ class FinetuneConfig:
     layer_decay: float | None = None
     lr_mult: dict[str, float] = field(default_factory=dict)
     merge: bool = False                                           # write merged weights at the end
+    tokenizer: Literal["source", "data"] = "source"  # source: reuse the source's tokenizer when it has one
 
 
 def split_config(source: str | Path | dict[str, Any], overrides: list[str] | dict[str, Any] | None = None
@@ -116,7 +117,19 @@ def run_finetune(config: str | Path | dict[str, Any], out_dir: str | Path, overr
     cfg = load_run_config(tree)
     out = Path(out_dir)
     seed_everything(cfg.trainer.seed)
-    data = data if data is not None else build_data(cfg.data, cfg.trainer.seed)
+    if data is None:
+        data = build_data(cfg.data, cfg.trainer.seed)
+        reuse = source_tokenizer(ft.source) if ft.tokenizer == "source" else None
+        own = data.info.get("tokenizer")
+        if reuse is not None and own is not None and "tokenizer" in cfg.data \
+                and reuse[1].fingerprint() != own.fingerprint():
+            import warnings
+
+            warnings.warn(f"finetune: using the source's tokenizer {reuse[0]} instead of "
+                          f"data.tokenizer={cfg.data['tokenizer']!r}, so token ids keep their meaning "
+                          "(set finetune.tokenizer=data to build the data's own)", stacklevel=2)
+            cfg.data = {**cfg.data, "tokenizer": str(reuse[0])}
+            data = build_data(cfg.data, cfg.trainer.seed)
     model = model if model is not None else build_model_for(cfg.model, data.info)
 
     report = transfer(load_source(ft.source), model, rules=ft.rules or None, exclude=ft.exclude,
@@ -137,6 +150,9 @@ def run_finetune(config: str | Path | dict[str, Any], out_dir: str | Path, overr
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "transfer.json").write_text(json.dumps(report.to_dict(), indent=1))
+    # written before training so that checkpoints of a LoRA run can be rebuilt (torchgraft.train.adapters)
+    (out / "finetune.json").write_text(json.dumps({"method": ft.method, "finetune_config": to_dict(ft),
+                                                   "status": "training"}, indent=1, default=str))
     result = run_training(cfg, out, model=model, data=data, callbacks=callbacks, param_groups_fn=groups_fn)
     model = result.model  # the trained model (unsharded when it was trained with FSDP)
 
@@ -152,28 +168,45 @@ def run_finetune(config: str | Path | dict[str, Any], out_dir: str | Path, overr
 
         summary["adapter"] = str(save_adapter(model, out / "adapter"))
     if merge if merge is not None else ft.merge:
-        summary["merged"] = str(write_merged(model, out / "merged", model_meta))
+        summary["merged"] = str(write_merged(model, out / "merged", model_meta,
+                                             run_config=cfg.to_dict(), step=result.step, tokenizer_dir=out))
     (out / "finetune.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
 
 
-def write_merged(model: nn.Module, path: Path, meta_fn) -> Path:
-    """Fold adapters into the base weights and write a weights-only checkpoint with original names."""
-    from safetensors.torch import save_file
+def write_merged(model: nn.Module, path: Path, meta_fn, *, run_config: dict[str, Any] | None = None,
+                 step: int | None = None, tokenizer_dir: Path | None = None) -> Path:
+    """Fold adapters into the base weights and write a weights-only checkpoint folder with the original
+    names (manifest-verified, like the trainer's), plus the run's tokenizer, so `eval`, `generate`,
+    `convert`, `export` and `load_model` take `merged/` directly."""
+    import shutil
 
-    from torchgraft.io import atomic_write_file, atomic_write_text
     from torchgraft.peft import lora_layers, unload
+    from torchgraft.train.checkpoint import write_checkpoint
 
     if lora_layers(model):
         unload(model, merge=True)
-    path.mkdir(parents=True, exist_ok=True)
-    state: dict[str, Any] = {}
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    for k, v in model.state_dict().items():  # tied weights are stored once (safetensors refuses aliases)
-        key = (v.data_ptr(), tuple(v.shape))
-        if key not in seen:
-            seen.add(key)
-            state[k] = v.detach().cpu().clone().contiguous()
-    atomic_write_file(path / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-    atomic_write_text(path / "meta.json", json.dumps({"model": meta_fn(model), "merged": True}, indent=1))
+    meta: dict[str, Any] = {"model": meta_fn(model), "merged": True, "step": step}
+    if run_config is not None:
+        meta["run_config"] = run_config
+    write_checkpoint(path, model_state=model.state_dict(), meta=meta)
+    tok = tokenizer_dir / "tokenizer" if tokenizer_dir is not None else None
+    if tok is not None and (tok / "tokenizer.json").is_file():
+        for f in tok.iterdir():
+            if f.is_file():
+                shutil.copyfile(f, path / f.name)
     return path
+
+
+def source_tokenizer(source: str) -> tuple[Path, Any] | None:
+    """(path, tokenizer) saved with a fine-tune source (run dir, checkpoint folder or HF dir), or None."""
+    from torchgraft.data.tokenizers import load_tokenizer
+
+    p = Path(source)
+    if p.is_file():
+        p = p.parent
+    run = p.parent.parent if p.parent.name == "checkpoints" else p
+    for cand in (p / "tokenizer.json", p / "tokenizer" / "tokenizer.json", run / "tokenizer" / "tokenizer.json"):
+        if cand.is_file():
+            return cand, load_tokenizer(cand)
+    return None

@@ -52,16 +52,16 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LoadedLM:
         model = torchgraft.load_hf(p).to(device)
         return LoadedLM(model.eval(), find_tokenizer(p), None, p)
 
-    from torchgraft.models.registry import build
+    from torchgraft.train.adapters import model_from_checkpoint
     from torchgraft.train.checkpoint import load_latest
 
     ck = load_latest(p)
     m = ck.meta.get("model") or {}
-    if not m.get("family"):
-        raise CheckpointError(f"checkpoint {ck.path} does not name a registered model family")
-    model = build({"family": m["family"], **m.get("config", {})}, device=device)
-    model.model_name = m.get("name", m["family"])
-    model.load_state_dict(ck.model_state)
+    if "vocab_size" not in (m.get("config") or {}) or ck.meta.get("task", "lm") != "lm":
+        raise ConfigError(f"{p} holds a {m.get('name') or m.get('family') or 'non-language'} model "
+                          f"(task {ck.meta.get('task', 'unknown')}), not a language model; generate and "
+                          "eval need a GPT/Llama run")
+    model = model_from_checkpoint(ck, device)  # a LoRA run's adapters re-applied and merged
     ck_dir = Path(ck.path)
     run_dir = ck_dir.parent.parent if ck_dir.parent.name == "checkpoints" else None
     data = run_data_section(run_dir, ck.meta)

@@ -68,5 +68,14 @@ def train_from_cli(config: Path, overrides: list[str], out: Path | None, resume:
     cleanup()  # the process group of a distributed run, if any
     if not main:
         return
+    import math
+
+    bad = {k: v for k, v in result.metrics.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        from torchgraft.train.trainer import NonFiniteError
+
+        raise NonFiniteError(f"run ended at step {result.step} with non-finite "
+                             f"{', '.join(f'{k}={v}' for k, v in bad.items())}: the model diverged; lower "
+                             f"optim.lr or set trainer.grad_clip (checkpoints and metrics are in {run_dir})")
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     print(f"done: step {result.step} ({result.stop_reason}) {metrics}  [{result.elapsed_s:.1f}s] -> {run_dir}")

@@ -3,13 +3,27 @@
 `run_training` here trains in one process; `torchgraft.recipes.training.run_training` (used by the
 CLI) also picks the distributed engine when the config or launcher asks for it.
 """
-from torchgraft.train.callbacks import Callback
-from torchgraft.train.checkpoint import CheckpointFallbackWarning, load_checkpoint, load_model
-from torchgraft.train.config import (CheckpointConfig, EvalConfig, LoggingConfig, OptimConfig, RunConfig,
-                                     ScheduleConfig, TrainerConfig, load_run_config)
-from torchgraft.train.engine import LocalEngine
-from torchgraft.train.tasks import Task, build_task, register_task
-from torchgraft.train.trainer import NonFiniteError, Trainer, TrainResult, run_training
+# Public names, imported on first use (PEP 562): `import torchgraft.train.config` (config checks in the
+# CLI) must not import torch, so that a config error costs well under a second.
+_LAZY: dict[str, str] = {
+    "Callback": "callbacks", "CheckpointFallbackWarning": "checkpoint", "load_checkpoint": "checkpoint",
+    "load_model": "checkpoint", "CheckpointConfig": "config", "EvalConfig": "config", "LoggingConfig": "config",
+    "OptimConfig": "config", "RunConfig": "config", "ScheduleConfig": "config", "TrainerConfig": "config",
+    "load_run_config": "config", "LocalEngine": "engine", "Task": "tasks", "build_task": "tasks",
+    "register_task": "tasks", "NonFiniteError": "trainer", "Trainer": "trainer", "TrainResult": "trainer",
+    "run_training": "trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f"torchgraft.train.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'torchgraft.train' has no attribute {name!r}")
+
 
 __all__ = ["Callback", "CheckpointConfig", "CheckpointFallbackWarning", "EvalConfig", "LocalEngine",
            "LoggingConfig", "NonFiniteError", "OptimConfig", "RunConfig", "ScheduleConfig", "Task",

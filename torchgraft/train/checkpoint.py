@@ -15,6 +15,7 @@ falls back to the previous good checkpoint with a warning. Nothing is ever unpic
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from torchgraft.errors import CheckpointError
+from torchgraft.io import read_verified  # noqa: F401  (the one verified reader; re-exported)
 from torchgraft.io import (STEP_DIR_RE, atomic_write_bytes, fsync_dir, publish_dir, remove_dir, step_dir_name,
                            write_synced)
 
@@ -173,18 +175,27 @@ def write_checkpoint_dir(path: str | Path, files: dict[str, bytes], *,
         barrier()
         write_shards(tmp)
     if main:
-        for name, data in files.items():
-            write_synced(tmp / name, data)
-        entries = {n: _entry(b) for n, b in files.items()}
-        for f in sorted(tmp.rglob("*")):
-            rel = str(f.relative_to(tmp))
-            if f.is_file() and rel not in entries:
-                entries[rel] = _entry(f.read_bytes())
-            elif f.is_dir():
-                fsync_dir(f)
-        manifest = {"format_version": FORMAT_VERSION, "step": json.loads(files["meta.json"]).get("step"),
-                    "files": dict(sorted(entries.items()))}
-        write_synced(tmp / "manifest.json", json_bytes(manifest))
+        try:
+            for name, data in files.items():
+                write_synced(tmp / name, data)
+            entries = {n: _entry(b) for n, b in files.items()}
+            for f in sorted(tmp.rglob("*")):
+                rel = str(f.relative_to(tmp))
+                if f.is_file() and rel not in entries:
+                    entries[rel] = _entry(f.read_bytes())
+                elif f.is_dir():
+                    fsync_dir(f)
+            manifest = {"format_version": FORMAT_VERSION, "step": json.loads(files["meta.json"]).get("step"),
+                        "files": dict(sorted(entries.items()))}
+            write_synced(tmp / "manifest.json", json_bytes(manifest))
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # the half-written folder; older checkpoints are untouched
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                need = sum(len(b) for b in files.values())
+                raise CheckpointError(f"disk full while writing checkpoint {path} ({need / 1e6:.1f} MB needed); "
+                                      f"the previous checkpoints in {path.parent} are intact: free space and "
+                                      "resume with --resume") from None
+            raise
         publish_dir(tmp, path)
     barrier()
     return path
@@ -202,32 +213,6 @@ def write_checkpoint(path: str | Path, *, model_state: dict[str, torch.Tensor], 
     return write_checkpoint_dir(path, checkpoint_files(
         model_state=model_state, meta=meta, optimizer_state=optimizer_state,
         trainer_state=trainer_state, rng_tensors=rng_tensors))
-
-
-def read_verified(path: str | Path) -> dict[str, bytes]:
-    """Read every file of a checkpoint and check it against the manifest; CheckpointError if not."""
-    path = Path(path)
-    mpath = path / "manifest.json"
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        manifest = json.loads(mpath.read_bytes())
-        entries = manifest["files"]
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} has no manifest.json (incomplete write?)") from None
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {path} has an unreadable manifest.json") from None
-    out = {}
-    for name, info in entries.items():
-        fpath = path / name
-        try:
-            data = fpath.read_bytes()
-        except OSError:
-            raise CheckpointError(f"checkpoint {path} is missing {name}") from None
-        if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
-            raise CheckpointError(f"checkpoint {path}: {name} is corrupted (sha256 mismatch)")
-        out[name] = data
-    return out
 
 
 @dataclass
@@ -321,18 +306,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Rebuild a registered model from a checkpoint's meta.json and load its weights."""
-    from torchgraft.models.registry import build
+    """Rebuild a registered model from the newest good checkpoint at `path` (manifest verified); a
+    LoRA/DoRA fine-tune's adapters are re-applied and merged (torchgraft.train.adapters)."""
+    from torchgraft.train.adapters import model_from_checkpoint
 
-    state, meta = load_checkpoint(path)
-    m = meta.get("model") or {}
-    if not m.get("family"):
-        raise CheckpointError(f"checkpoint at {path} does not name a registered model family; "
-                              f"build the model yourself and load_state_dict(load_checkpoint(...)[0])")
-    model = build({"family": m["family"], **m.get("config", {})}, device=device)
-    model.model_name = m.get("name", m["family"])
-    model.load_state_dict(state)
-    return model
+    return model_from_checkpoint(load_latest(path), device).train()
 
 
 class CheckpointManager:

@@ -165,3 +165,6 @@ def check_run_config(cfg: RunConfig) -> None:
                           "0 < decay_fraction <= 1")
     if not isinstance(cfg.model, dict) or not isinstance(cfg.data, dict) or not isinstance(cfg.distributed, dict):
         raise ConfigError("model, data and distributed must be sections (mappings)")
+    from torchgraft.train.validate import check_values
+
+    check_values(cfg.to_dict())  # finite positive lr, 0 <= betas < 1, sizes >= 1, device available, ...

@@ -117,9 +117,14 @@ class ProgressBar:
     """A rich progress bar with step, loss, lr, throughput and ETA; silent when disabled."""
 
     def __init__(self, total: int, start: int = 0, enabled: bool = True, unit: str = "samples"):
-        self.enabled, self.unit = enabled, unit
+        import sys
+
+        self.enabled, self.unit, self.total = enabled, unit, total
         self._progress = None
-        if not enabled:
+        # stdout piped to a file or a pipe: a live bar would show nothing until the end, so every
+        # logged step is printed as one flushed line instead
+        self._plain = enabled and not sys.stdout.isatty()
+        if not enabled or self._plain:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -130,16 +135,21 @@ class ProgressBar:
         self._task = self._progress.add_task("train", total=total, completed=start, info="")
 
     def update(self, step: int, record: dict[str, Any]) -> None:
-        if self._progress is None:
+        if self._progress is None and not self._plain:
             return
         rate = record.get(f"{self.unit}_per_s")
         info = f"loss {record.get('loss', float('nan')):.4f}  lr {record.get('lr', 0):.2e}"
         if rate:
             info += f"  {rate:,.0f} {self.unit}/s"
+        if self._plain:
+            print(f"step {step}/{self.total}  {info}", flush=True)
+            return
         self._progress.update(self._task, completed=step, info=info)
 
     def print(self, text: str) -> None:
-        if self._progress is not None:
+        if self._plain:
+            print(text, flush=True)
+        elif self._progress is not None:
             self._progress.console.print(text)
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ the small objects of `torchgraft.train.cadence`. The loop itself knows none of t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -174,6 +175,9 @@ class Trainer:
         self.model, self.train_model = self.engine.setup_model(
             model, lambda device: build_model_for(self.cfg.model, self.data.info, device=device),
             self.load_initial_weights if t.init_from else None, t.compile)
+        from torchgraft.train.validate import check_model_against_data
+
+        check_model_against_data(getattr(self.model, "config", None), self.data.info)  # seq_len <= block_size
         self.optimizer = build_optimizer(self.model, self.cfg.optim, param_groups_fn)
         self.schedule = LRSchedule(self.cfg.schedule, t.max_steps)
         self.scaler = make_grad_scaler(t.precision, self.device)
@@ -307,14 +311,44 @@ class Trainer:
 
     def restore(self) -> bool:
         """Load the newest good checkpoint of the run directory; False when there is none."""
+        from torchgraft.train.resume import apply_hyperparameters, check_resumable, fresh_hyperparameters
+
+        ckpts = list_checkpoints(self.ckpt.root)
+        try:  # the config the run was trained with (the newest checkpoint's meta.json)
+            old = json.loads((ckpts[-1] / "meta.json").read_text()).get("run_config") if ckpts else None
+        except (OSError, ValueError):
+            old = None
+        applied = check_resumable(old, self.cfg.to_dict(), self.run_dir)  # model/data/split/optimizer refused
+        fresh = fresh_hyperparameters(self.optimizer)
         sd = self.checkpoints.restore(self.model, self.optimizer)
         if sd is not None:
             self.load_state_dict(sd)
+            groups = apply_hyperparameters(self.optimizer, fresh)  # the current config's lr, betas, ...
+            self.resume_changes = applied + [f"param groups: {c}" for c in groups]
+            if self.resume_changes and self.is_main:  # logged whatever logging.progress says
+                warnings.warn("resuming with a changed config, applied: " + ", ".join(self.resume_changes),
+                              stacklevel=3)
         return sd is not None
 
     # ---- the loop
     def fit(self, resume: bool = False) -> TrainResult:
-        """Train to `trainer.max_steps` (or an early stop); `resume` continues the run in out_dir."""
+        """Train to `trainer.max_steps` (or an early stop); `resume` continues the run in out_dir.
+        The main process holds the run directory's lock throughout (torchgraft.train.lock)."""
+        from torchgraft.train.lock import RunLock, check_run_dir
+
+        check_run_dir(self.run_dir)
+        created = not self.run_dir.exists()
+        try:
+            with RunLock(self.run_dir) if self.is_main else contextlib.nullcontext():
+                return self._fit(resume)
+        except ConfigError:  # refused by the config (e.g. the first forward): leave no empty run behind
+            if created and self.is_main and not list_checkpoints(self.ckpt.root):
+                import shutil
+
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+
+    def _fit(self, resume: bool) -> TrainResult:
         self._start(resume)
         try:
             while self.state.step < self.cfg.trainer.max_steps and not self.state.should_stop:
@@ -327,8 +361,11 @@ class Trainer:
     def _start(self, resume: bool) -> None:
         """Run files, FLOP count, resume, logger and progress bar."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        from torchgraft.train.validate import inputs_must_fit
+
         if self.cfg.logging.measure_flops:
-            self._measure_flops()
+            with inputs_must_fit(self.model, {}):  # the first forward: a shape error is the config's
+                self._measure_flops()
         if not resume and list_checkpoints(self.ckpt.root):
             raise ConfigError(f"{self.run_dir} already holds checkpoints of a run; pass --resume "
                               f"(resume=True) to continue it, or choose another output directory")
@@ -342,7 +379,8 @@ class Trainer:
         self.bar = ProgressBar(self.cfg.trainer.max_steps, s.step, enabled=lg.progress and self.is_main,
                                unit=self.task.unit)
         if resumed:
-            self.bar.print(f"resumed from step {s.step}")
+            changes = getattr(self, "resume_changes", [])
+            self.bar.print(f"resumed from step {s.step}" + (f"; applied: {', '.join(changes)}" if changes else ""))
         elif resume and self.is_main:
             warnings.warn(f"no checkpoint in {self.ckpt.root} to resume from: starting a new run", stacklevel=3)
         self.callbacks.on_train_start(self)
@@ -355,7 +393,13 @@ class Trainer:
         s, t = self.state, self.cfg.trainer
         batch = _to_device(next(self.loader), self.device)
         lr = self.schedule.apply(self.optimizer, s.step)
-        out = self.train_step(batch)
+        if s.step == self._first_step:  # the first forward: a shape mismatch is the config's fault
+            from torchgraft.train.validate import inputs_must_fit
+
+            with inputs_must_fit(self.model, batch):
+                out = self.train_step(batch)
+        else:
+            out = self.train_step(batch)
         out.lr = lr
         s.step += 1
         s.samples_seen += self.task.num_samples(batch)
