@@ -18,8 +18,12 @@ def doc_commands() -> list[tuple[str, str]]:
     """(file:line, command) for each line of a ```bash / ```sh block that starts with `torchgraft `."""
     out = []
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        in_shell = False
+        in_shell, pending = False, ""
         for i, line in enumerate(path.read_text().splitlines(), 1):
+            if line.rstrip().endswith("\\"):  # a continued shell line: join it with the next one
+                pending += line.rstrip()[:-1] + " "
+                continue
+            line, pending = pending + line, ""
             fence = line.strip()
             if fence.startswith("```"):
                 in_shell = not in_shell and fence[3:].strip() in ("bash", "sh", "shell", "console")
