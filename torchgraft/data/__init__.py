@@ -2,5 +2,6 @@
 from torchgraft.data.registry import DataBundle, build_data, list_datasets, register_dataset
 from torchgraft.data import digits as _digits  # noqa: F401,E402  (registers "digits")
 from torchgraft.data import text as _text  # noqa: F401,E402  (registers "text")
+from torchgraft.data import images as _images  # noqa: F401,E402  (registers "images")
 
 __all__ = ["DataBundle", "build_data", "list_datasets", "register_dataset"]

@@ -4,28 +4,40 @@ A builder takes the `data:` mapping (minus `name`) and the run seed and returns 
 Batches are dicts:
 - classification: {"inputs": (B, C, H, W) float, "labels": (B,) long}
 - language modelling: {"input_ids": (B, T) long, "labels": (B, T) long, -100 = ignore}
-  (optionally "attention_mask": (B, T))
+  (optionally "attention_mask": (B, T) padding or (B, 1, T, T) per-document, "position_ids": (B, T))
+- sequence classification: {"input_ids": (B, T), "attention_mask": (B, T), "labels": (B,)}
+  (optionally "token_type_ids": (B, T) for text pairs)
+
+Besides its datasets a bundle may carry `files` (name -> content) that the run writes into its run
+directory (e.g. `labels.json`, the chat template), and `num_workers` for decoding in DataLoader
+worker processes. A dataset that can turn raw user inputs (image paths, strings) into a batch for
+`torchgraft predict` registers an encoder with `register_encoder`.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Union
 
 from torch.utils.data import Dataset
 
 from torchgraft.errors import ConfigError, did_you_mean
 
-Task = Literal["classification", "lm"]
+TaskSpec = Union[str, dict[str, Any]]  # a task name or {name: ..., **options} (see train/tasks)
 
 
 @dataclass
 class DataBundle:
     train: Dataset
     val: Dataset | None
-    task: Task
+    task: TaskSpec
     collate_fn: Callable[[list[Any]], dict[str, Any]] | None = None
     info: dict[str, Any] = field(default_factory=dict)  # e.g. num_classes, vocab_size, tokenizer
+    files: dict[str, str | bytes] = field(default_factory=dict)  # written into the run dir (relative names)
+    num_workers: int = 0  # DataLoader worker processes for the training/eval loaders
+
+
+Encoder = Callable[[list[str]], dict[str, Any]]  # raw inputs (paths / strings) -> a model batch
 
 
 _BUILDERS: dict[str, Callable[[dict[str, Any], int], DataBundle]] = {}
@@ -33,6 +45,25 @@ _BUILDERS: dict[str, Callable[[dict[str, Any], int], DataBundle]] = {}
 
 def register_dataset(name: str, builder: Callable[[dict[str, Any], int], DataBundle]) -> None:
     _BUILDERS[name] = builder
+
+
+_ENCODERS: dict[str, Callable[[dict[str, Any], Any], Encoder]] = {}
+
+
+def register_encoder(name: str, factory: Callable[[dict[str, Any], Any], Encoder]) -> None:
+    """`factory(data_options, run_dir) -> encode(inputs) -> batch` for dataset `name` (used by predict)."""
+    _ENCODERS[name] = factory
+
+
+def build_encoder(section: dict[str, Any], run_dir: Any) -> Encoder:
+    """The input encoder of the dataset named in a run's `data:` section."""
+    _ensure_loaded()
+    opts = dict(section)
+    name = opts.pop("name", None)
+    if name not in _ENCODERS:
+        raise ConfigError(f"dataset {name!r} has no input encoder, so its runs cannot predict on raw inputs "
+                          f"(datasets that can: {', '.join(sorted(_ENCODERS))})")
+    return _ENCODERS[name](opts, run_dir)
 
 
 def build_data(section: dict[str, Any], seed: int = 0) -> DataBundle:
