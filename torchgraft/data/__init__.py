@@ -3,5 +3,6 @@ from torchgraft.data.registry import DataBundle, build_data, list_datasets, regi
 from torchgraft.data import digits as _digits  # noqa: F401,E402  (registers "digits")
 from torchgraft.data import text as _text  # noqa: F401,E402  (registers "text")
 from torchgraft.data import images as _images  # noqa: F401,E402  (registers "images")
+from torchgraft.data import textclass as _textclass  # noqa: F401,E402  (registers "textclass")
 
 __all__ = ["DataBundle", "build_data", "list_datasets", "register_dataset"]

@@ -39,11 +39,10 @@ import torch
 from torch.utils.data import Dataset
 
 from torchgraft.config import from_dict
-from torchgraft.data.registry import DataBundle, register_dataset, register_encoder
+from torchgraft.data.registry import LABELS_FILE, DataBundle, register_dataset, register_encoder
 from torchgraft.errors import ConfigError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-LABELS_FILE = "labels.json"
 _SHOW_BAD = 3  # bad files named in the warning
 
 
@@ -301,14 +300,6 @@ def build_images(options: dict[str, Any], seed: int = 0) -> DataBundle:
     task = {"name": "image_classification", "label_names": names}
     return DataBundle(train=train, val=val, task=task, info=info, num_workers=cfg.num_workers,
                       files={LABELS_FILE: json.dumps(names, indent=1) + "\n"})
-
-
-def read_labels(run_dir: str | Path) -> list[str]:
-    """The class names a run saved (`labels.json`)."""
-    p = Path(run_dir) / LABELS_FILE
-    if not p.is_file():
-        raise ConfigError(f"{p} not found: this run did not save class names (is it a classification run?)")
-    return json.loads(p.read_text())
 
 
 def image_encoder(options: dict[str, Any], run_dir: Any):

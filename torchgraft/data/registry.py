@@ -15,8 +15,10 @@ worker processes. A dataset that can turn raw user inputs (image paths, strings)
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Union
 
 from torch.utils.data import Dataset
@@ -38,6 +40,18 @@ class DataBundle:
 
 
 Encoder = Callable[[list[str]], dict[str, Any]]  # raw inputs (paths / strings) -> a model batch
+
+
+LABELS_FILE = "labels.json"  # class names of a classification run, in class-index order
+
+
+def read_labels(run_dir: str | Path) -> list[str]:
+    """The class names a classification run saved (`RUN_DIR/labels.json`)."""
+    p = Path(run_dir) / LABELS_FILE
+    if not p.is_file():
+        raise ConfigError(f"{p} not found: only classification runs on images/textclass data save class "
+                          "names (train one, or give the run directory of one)")
+    return json.loads(p.read_text())
 
 
 _BUILDERS: dict[str, Callable[[dict[str, Any], int], DataBundle]] = {}
