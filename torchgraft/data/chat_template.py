@@ -199,3 +199,9 @@ def validate_messages(messages: Any, where: str) -> list[dict[str, str]]:
             raise ConfigError(f"{where}: message {j}: content must be a string")
         out.append({"role": m["role"], "content": m["content"]})
     return out
+
+
+def chat_prompt(template: ChatTemplate, prompt: str, system: str | None = None) -> str:
+    """The text a model continues to answer `prompt` as the assistant (`add_generation_prompt=True`)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return template.render(messages, add_generation_prompt=True)

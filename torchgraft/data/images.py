@@ -322,4 +322,4 @@ def image_encoder(options: dict[str, Any], run_dir: Any):
 
 
 register_dataset("images", build_images)
-register_encoder("images", image_encoder)
+register_encoder("images", image_encoder, task="image_classification")

@@ -61,23 +61,25 @@ def register_dataset(name: str, builder: Callable[[dict[str, Any], int], DataBun
     _BUILDERS[name] = builder
 
 
-_ENCODERS: dict[str, Callable[[dict[str, Any], Any], Encoder]] = {}
+_ENCODERS: dict[str, tuple[Callable[[dict[str, Any], Any], Encoder], str]] = {}
 
 
-def register_encoder(name: str, factory: Callable[[dict[str, Any], Any], Encoder]) -> None:
-    """`factory(data_options, run_dir) -> encode(inputs) -> batch` for dataset `name` (used by predict)."""
-    _ENCODERS[name] = factory
+def register_encoder(name: str, factory: Callable[[dict[str, Any], Any], Encoder], task: str) -> None:
+    """`factory(data_options, run_dir) -> encode(inputs) -> batch` for dataset `name`, whose batches
+    `task` (a registered task name) feeds to the model; used by `torchgraft predict`."""
+    _ENCODERS[name] = (factory, task)
 
 
-def build_encoder(section: dict[str, Any], run_dir: Any) -> Encoder:
-    """The input encoder of the dataset named in a run's `data:` section."""
+def build_encoder(section: dict[str, Any], run_dir: Any) -> tuple[Encoder, str]:
+    """(input encoder, task name) of the dataset named in a run's `data:` section."""
     _ensure_loaded()
     opts = dict(section)
     name = opts.pop("name", None)
     if name not in _ENCODERS:
-        raise ConfigError(f"dataset {name!r} has no input encoder, so its runs cannot predict on raw inputs "
-                          f"(datasets that can: {', '.join(sorted(_ENCODERS))})")
-    return _ENCODERS[name](opts, run_dir)
+        raise ConfigError(f"runs on dataset {name!r} cannot predict on raw inputs (predict works for "
+                          f"runs on: {', '.join(sorted(_ENCODERS))})")
+    factory, task = _ENCODERS[name]
+    return factory(opts, run_dir), task
 
 
 def build_data(section: dict[str, Any], seed: int = 0) -> DataBundle:

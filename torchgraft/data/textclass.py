@@ -346,4 +346,4 @@ def text_encoder(options: dict[str, Any], run_dir: Any):
 
 
 register_dataset("textclass", build_textclass)
-register_encoder("textclass", text_encoder)
+register_encoder("textclass", text_encoder, task="sequence_classification")

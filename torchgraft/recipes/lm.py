@@ -105,9 +105,12 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LoadedLM:
         raise CheckpointError(f"checkpoint {ck.path} does not name a registered model family")
     model = build({"family": m["family"], **m.get("config", {})}, device=device)
     model.model_name = m.get("name", m["family"])
-    model.load_state_dict(ck.model_state)
     ck_dir = Path(ck.path)
     run_dir = ck_dir.parent.parent if ck_dir.parent.name == "checkpoints" else None
+    from torchgraft.recipes.finetune import restore_adapters
+
+    restore_adapters(model, run_dir)  # a LoRA/DoRA fine-tune run: its checkpoints hold adapter weights
+    model.load_state_dict(ck.model_state)
     data = _run_data_section(run_dir, ck.meta)
     tok = checkpoint_tokenizer(ck_dir, ck.meta)
     return LoadedLM(model.eval(), tok, data, ck_dir)
