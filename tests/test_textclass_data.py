@@ -121,7 +121,8 @@ def test_bad_text_inputs(tmp_path, tok):
         build(write(tmp_path / "one.csv", "csv", [("a", "x"), ("b", "x")]), tokdir)
 
 
-def test_sequence_task_loss_is_sum_of_unpadded_examples(tmp_path, tok):
+@pytest.mark.parametrize("pooling", ["pooler", "cls", "mean"])
+def test_sequence_task_loss_is_sum_of_unpadded_examples(tmp_path, tok, pooling):
     """Through the task protocol: a padded batch gives each example the loss it has alone."""
     from torchgraft import build as build_model
     from torchgraft.train.tasks import build_task
@@ -130,7 +131,7 @@ def test_sequence_task_loss_is_sum_of_unpadded_examples(tmp_path, tok):
     b = build(write(tmp_path / "d.csv", "csv"), tokdir, val_fraction=0.0)
     task = build_task(b.task)
     model = build_model("bert-tiny", vocab_size=len(vocab), task="sequence_classification",
-                        num_labels=3, dropout=0.0).eval()
+                        num_labels=3, dropout=0.0, pooling=pooling).eval()
     items = [b.train[i] for i in range(len(b.train))]
     batch = b.collate_fn(items)
     assert batch["attention_mask"].min() == 0  # there is padding
