@@ -172,3 +172,67 @@ def test_image_task_macro_f1_and_confusion_png():
     assert files["confusion_matrix.png"][:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(files["confusion_matrix.json"])["labels"] == ["a", "b", "c", "d"]
     torch.set_grad_enabled(True)
+
+
+RESUME_SCRIPT = """
+import sys, time
+import torch
+torch.set_num_threads(1)
+from torchgraft.train import Callback, run_training
+
+root, out, resume, delay = sys.argv[1], sys.argv[2], sys.argv[3] == "1", float(sys.argv[4])
+cfg = {"model": {"name": "lenet", "in_chans": 3, "image_size": 16},
+       "data": {"name": "images", "root": root, "image_size": 16, "val_fraction": 0.25, "num_workers": 2,
+                "crop_scale": [0.5, 1.0]},
+       "optim": {"name": "adamw", "lr": 2e-3}, "schedule": {"name": "constant"},
+       "trainer": {"max_steps": 24, "batch_size": 4, "seed": 5},
+       "eval": {"every": 12}, "checkpoint": {"every": 4, "keep_last": 2},
+       "logging": {"every": 1, "progress": False, "tensorboard": False, "measure_flops": False}}
+
+class Slow(Callback):
+    def on_step_end(self, trainer, record):
+        time.sleep(delay)
+
+run_training(cfg, out, resume=resume, callbacks=[Slow()])
+"""
+
+
+def test_sigkill_and_resume_with_workers_is_bitwise_equal(tmp_path):
+    """A training run decoding with 2 worker processes and random augmentation, killed with SIGKILL
+    and resumed, ends with exactly the weights of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from torchgraft.train.checkpoint import list_checkpoints
+
+    root = make_tree(tmp_path / "pics", per_class=6, size=(20, 20))
+    script = tmp_path / "train.py"
+    script.write_text(RESUME_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def run(out, resume, delay):
+        return subprocess.Popen([sys.executable, str(script), str(root), str(out), "1" if resume else "0",
+                                 str(delay)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    ref = run(tmp_path / "ref", False, 0.0)
+    victim = run(tmp_path / "run", False, 0.1)
+    ckpts = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list_checkpoints(ckpts)) < 2 and victim.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.15)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+    assert list_checkpoints(ckpts)[-1].name < "step_00000024"  # it really was interrupted
+    resumed = run(tmp_path / "run", True, 0.0)
+    assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()[-2000:]
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+    a = load_file(list_checkpoints(tmp_path / "ref" / "checkpoints")[-1] / "model.safetensors")
+    b = load_file(list_checkpoints(ckpts)[-1] / "model.safetensors")
+    assert list_checkpoints(ckpts)[-1].name == "step_00000024"
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
