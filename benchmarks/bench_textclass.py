@@ -1,7 +1,7 @@
 """Text classification with real pretrained weights: MiniLM fine-tuned vs bert-tiny from scratch vs a
 logistic regression on frozen MiniLM embeddings, measured in one run on the same split.
 
-    python benchmarks/bench_textclass.py [--out runs/bench-textclass] [--steps 90]
+    python benchmarks/bench_textclass.py [--out runs/bench-textclass] [--steps 150]
     python benchmarks/bench_textclass.py --make-data data/pydoc-topics   # only write the CSVs
 
 Data ("pydoc-topics", built here; nothing is downloaded): every paragraph of 20+ words of
@@ -161,7 +161,7 @@ def frozen_logreg(data: Path, hf: Path, max_len: int = 64) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/bench-textclass"))
-    ap.add_argument("--steps", type=int, default=90, help="MiniLM fine-tuning steps (bert-tiny gets 4x)")
+    ap.add_argument("--steps", type=int, default=150, help="MiniLM fine-tuning steps (bert-tiny gets 4x)")
     ap.add_argument("--make-data", type=Path, default=None, help="only write train.csv / val.csv here")
     args = ap.parse_args(argv)
     if args.make_data is not None:
