@@ -413,7 +413,8 @@ def test_find_blocks():
 
 @pytest.mark.parametrize("name, expected", [
     ("gpt-tiny", ["blocks.0", "blocks.1"]), ("llama-tiny", ["blocks.0", "blocks.1"]),
-    ("resnet18", ["layer1", "layer2", "layer3", "layer4"]), ("bert-tiny", ["blocks.0", "blocks.1"])])
+    # ResNet declares its residual blocks (ModelParts.blocks); stages are the undeclared fallback (above)
+    ("resnet18", [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]), ("bert-tiny", ["blocks.0", "blocks.1"])])
 def test_find_blocks_in_zoo_models(name, expected):
     from torchgraft.models.registry import build
 

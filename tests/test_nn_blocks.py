@@ -205,7 +205,8 @@ def test_llama3_rope_scaling_matches_transformers():
 
 @pytest.mark.parametrize("n_kv_head,rope", [(4, None), (2, 10000.0), (1, 500000.0)])
 def test_kv_cache_equals_no_cache(n_kv_head, rope):
-    attn = Attention(32, 4, n_kv_head=n_kv_head, rope_base=rope, bias=False).eval()
+    rotary = RotaryEmbedding(8, rope) if rope is not None else None
+    attn = Attention(32, 4, n_kv_head=n_kv_head, rotary=rotary, bias=False).eval()
     x = torch.randn(2, 9, 32)
     full = attn(x)
     cache = KVCache(1, 2, 16, n_kv_head, 8)
@@ -221,7 +222,7 @@ def test_kv_cache_equals_no_cache(n_kv_head, rope):
 
 
 def test_kv_cache_chunked_prefill_with_padding():
-    attn = Attention(32, 4, n_kv_head=2, rope_base=10000.0).eval()
+    attn = Attention(32, 4, n_kv_head=2, rotary=RotaryEmbedding(8, 10000.0)).eval()
     x = torch.randn(2, 10, 32)
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[1, :3] = 0

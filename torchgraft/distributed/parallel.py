@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchgraft.errors import ConfigError, did_you_mean
+from torchgraft.models.parts import parts_of
 
 Strategy = Literal["none", "ddp", "fsdp"]
 STRATEGIES = ("none", "ddp", "fsdp")
@@ -43,8 +44,9 @@ def find_blocks(model: nn.Module, block_types: Sequence[type] | None = None,
     - `block_types`: every outermost submodule that is an instance of one of these classes;
     - `pattern`: every outermost submodule whose qualified name fully matches the regex
       (e.g. `"blocks\\.\\d+"` or `"layer[1-4]"`);
-    - otherwise: the children of each ModuleList named `blocks`, `layers` or `h`, or else the
-      top-level ResNet-style stages `layer1`, `layer2`, ...
+    - otherwise the blocks the model declares (`parts_of(model).blocks`: zoo models);
+    - for a model that declares nothing: the children of each ModuleList named `blocks`, `layers`
+      or `h`, or else the top-level ResNet-style stages `layer1`, `layer2`, ...
 
     Returns [] when the model has no recognisable blocks (then only the root is wrapped).
     """
@@ -65,6 +67,9 @@ def find_blocks(model: nn.Module, block_types: Sequence[type] | None = None,
                               + did_you_mean(pattern, names) + " (module names look like "
                               + ", ".join(repr(n) for n in names[:3]) + ")")
         return found
+    parts = parts_of(model)
+    if parts is not None:
+        return [(b, model.get_submodule(b)) for b in parts.blocks]
     out: list[tuple[str, nn.Module]] = []
     for name, m in model.named_modules():
         if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in BLOCK_LIST_NAMES:

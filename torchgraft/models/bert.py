@@ -15,6 +15,7 @@ from torch import nn
 
 from torchgraft.errors import ConfigError
 from torchgraft.models.heads import pool_tokens
+from torchgraft.models.parts import ModelParts, token_inputs
 from torchgraft.models.registry import register_family, register_preset
 from torchgraft.nn.attention import Attention, make_attention_mask
 from torchgraft.nn.embedding import TokenPositionEmbedding
@@ -98,6 +99,22 @@ class Bert(nn.Module):
     def init_weights(self) -> None:
         """BERT init: normal(0, init_std) Linear/Embedding weights, zero biases, unit LayerNorms."""
         normal_init_(self, self.config.init_std)
+
+    def parts(self) -> ModelParts:
+        """Post-norm blocks: `zero_residual_is_identity=False` (grow cannot deepen BERT by zeroing)."""
+        n = len(self.blocks)
+        return ModelParts(
+            blocks=tuple(f"blocks.{i}" for i in range(n)), input_layer="embeddings.tok_emb",
+            classifier="classifier" if self.classifier is not None else None,
+            position_embedding="embeddings.pos_emb",
+            residual_projections=tuple(f"blocks.{i}.{r}" for i, b in enumerate(self.blocks)
+                                       for r in b.residual_projections()),
+            example_inputs=self.example_inputs, vocab=("embeddings.tok_emb",),
+            zero_residual_is_identity=all(b.zero_residual_is_identity for b in self.blocks))
+
+    def example_inputs(self, batch_size: int = 1, seq_len: int | None = None) -> tuple[torch.Tensor]:
+        """`(input_ids,)` (batch_size, seq_len or block_size)."""
+        return token_inputs(self, self.config.vocab_size, self.config.block_size, batch_size, seq_len)
 
     def forward_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                          token_type_ids: torch.Tensor | None = None,

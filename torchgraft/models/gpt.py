@@ -9,30 +9,31 @@ State-dict names (docs/architecture.md): `tok_emb.weight`, `pos_emb.weight` (lea
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from torchgraft.errors import ConfigError
+from torchgraft.models.parts import ModelParts, token_inputs
 from torchgraft.models.registry import register_family, register_preset
 from torchgraft.nn.attention import Attention, make_attention_mask
 from torchgraft.nn.init import normal_init_
 from torchgraft.nn.kv_cache import KVCache
 from torchgraft.nn.mlp import MLP, GatedMLP
-from torchgraft.nn.norm import make_norm
+from torchgraft.nn.norm import LayerNorm, RMSNorm
 from torchgraft.nn.rope import RotaryEmbedding
 from torchgraft.nn.transformer import PreNormBlock
 
-RESIDUAL_PROJECTIONS = ("attn.o_proj.weight", "mlp.fc_out.weight", "mlp.down_proj.weight")
 
 
-def _check_transformer_config(cfg) -> None:
+def _check_transformer_config(cfg, head_dim: int | None = None) -> None:
     if cfg.n_embd <= 0 or cfg.n_layer < 0 or cfg.n_head <= 0 or cfg.vocab_size <= 0:
         raise ConfigError("model: n_embd, n_head and vocab_size must be positive, n_layer >= 0")
-    if getattr(cfg, "head_dim", None) is None and cfg.n_embd % cfg.n_head:
+    if head_dim is None and cfg.n_embd % cfg.n_head:
         raise ConfigError(f"model.n_embd ({cfg.n_embd}) must be divisible by model.n_head ({cfg.n_head})")
     kv = cfg.n_kv_head or cfg.n_head
     if cfg.n_head % kv:
@@ -40,7 +41,7 @@ def _check_transformer_config(cfg) -> None:
 
 
 class DecoderLM(nn.Module):
-    """Decoder-only causal LM built from torchgraft.nn blocks (GPT-2 and Llama share it).
+    """Decoder-only causal LM assembled from the parts a family builder passes in (GPT-2, Llama).
 
     `forward(input_ids (B, T), attention_mask=None, position_ids=None, kv_cache=None)
     -> logits (B, T, vocab_size)`.
@@ -51,47 +52,44 @@ class DecoderLM(nn.Module):
       left-padded batches (e.g. `(attention_mask.cumsum(-1) - 1).clamp(min=0)`).
     - `kv_cache`: from `make_kv_cache`; the new keys/values are written at `kv_cache.pos` and the
       cache advances by T.
+
+    Parts: `tok_emb`, optional learned `pos_emb`, optional `rotary` (shared with every block's
+    attention; cos/sin are computed once per forward), `blocks`, final `norm`, optional untied
+    `lm_head` (None = tied to `tok_emb`). No part is chosen here: see `gpt()` / `llama()`.
     """
 
-    positions: str = "learned"  # or "rope"
-    norm_kind: str = "layer"  # or "rms"
-    mlp_kind: str = "gelu"  # or "swiglu"
-
-    def __init__(self, config):
+    def __init__(self, config, *, tok_emb: nn.Embedding, blocks: list[nn.Module], norm: nn.Module,
+                 pos_emb: nn.Embedding | None = None, rotary: RotaryEmbedding | None = None,
+                 lm_head: nn.Linear | None = None, dropout: float = 0.0, head_dim: int | None = None):
         super().__init__()
-        _check_transformer_config(config)
         self.config = config
-        c = config
-        C = c.n_embd
-        self.n_kv_head = c.n_kv_head or c.n_head
-        self.head_dim = getattr(c, "head_dim", None) or C // c.n_head
-        hidden = c.intermediate_size or 4 * C
-        self.tok_emb = nn.Embedding(c.vocab_size, C)
-        self.pos_emb = nn.Embedding(c.block_size, C) if self.positions == "learned" else None
-        self.rotary = None
-        if self.positions == "rope":
-            scaling = None
-            if getattr(c, "rope_scaling", "none") == "llama3":
-                scaling = dict(type="llama3", factor=c.rope_factor, low_freq_factor=c.rope_low_freq_factor,
-                               high_freq_factor=c.rope_high_freq_factor,
-                               original_max_position_embeddings=c.rope_original_max_len)
-            self.rotary = RotaryEmbedding(self.head_dim, c.rope_base, scaling=scaling)
-        self.drop = nn.Dropout(c.dropout) if c.dropout else nn.Identity()
-        blocks = []
-        for _ in range(c.n_layer):
-            attn = Attention(C, c.n_head, self.n_kv_head, head_dim=self.head_dim, causal=True,
-                             bias=c.bias, dropout=c.dropout)
-            if self.mlp_kind == "swiglu":
-                mlp = GatedMLP(C, hidden, bias=c.bias, activation=c.activation)
-            else:
-                mlp = MLP(C, hidden, bias=c.bias, activation=c.activation, dropout=0.0)
-            blocks.append(PreNormBlock(attn, mlp, make_norm(self.norm_kind, C, c.norm_eps, c.bias),
-                                       make_norm(self.norm_kind, C, c.norm_eps, c.bias), dropout=c.dropout))
+        self.n_kv_head = config.n_kv_head or config.n_head
+        self.head_dim = head_dim or config.n_embd // config.n_head
+        self.tok_emb = tok_emb
+        self.pos_emb = pos_emb
+        self.rotary = rotary
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
         self.blocks = nn.ModuleList(blocks)
-        self.norm = make_norm(self.norm_kind, C, c.norm_eps, c.bias)
-        self.lm_head = None if c.tie_embeddings else nn.Linear(C, c.vocab_size, bias=False)
+        self.norm = norm
+        self.lm_head = lm_head
         if not self.tok_emb.weight.is_meta:
             self.init_weights()
+
+    def parts(self) -> ModelParts:
+        n = len(self.blocks)
+        heads = ("lm_head",) if self.lm_head is not None else ()
+        return ModelParts(
+            blocks=tuple(f"blocks.{i}" for i in range(n)), input_layer="tok_emb",
+            classifier=heads[0] if heads else None,
+            position_embedding="pos_emb" if self.pos_emb is not None else None,
+            residual_projections=tuple(f"blocks.{i}.{r}" for i, b in enumerate(self.blocks)
+                                       for r in b.residual_projections()),
+            example_inputs=self.example_inputs, vocab=("tok_emb", *heads))
+
+    def example_inputs(self, batch_size: int = 1, seq_len: int | None = None) -> tuple[torch.Tensor]:
+        """`(input_ids,)` (batch_size, seq_len or block_size)."""
+        c = self.config
+        return token_inputs(self, c.vocab_size, c.block_size, batch_size, seq_len)
 
     # -- init ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -104,9 +102,8 @@ class DecoderLM(nn.Module):
             if isinstance(m, RotaryEmbedding):
                 m.reset_parameters()
         scaled = std / math.sqrt(2 * max(1, self.config.n_layer))
-        for name, p in self.named_parameters():
-            if name.endswith(RESIDUAL_PROJECTIONS):
-                nn.init.normal_(p, 0.0, scaled)
+        for name in self.parts().residual_projections:
+            nn.init.normal_(self.get_submodule(name).get_parameter("weight"), 0.0, scaled)
 
     # -- KV cache -----------------------------------------------------------------------------
     def make_kv_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None,
@@ -182,15 +179,54 @@ class GPTConfig:
         _check_transformer_config(self)
 
 
+# -- component builders (torchtune style): each family picks its parts here, nothing is switched later
+def decoder_attention(c, rotary: RotaryEmbedding | None = None, head_dim: int | None = None) -> Attention:
+    """Causal (GQA) self-attention of a decoder config, with the shared rotary module if any."""
+    return Attention(c.n_embd, c.n_head, c.n_kv_head or c.n_head, head_dim=head_dim,
+                     causal=True, bias=c.bias, dropout=c.dropout, rotary=rotary)
+
+
+def gelu_mlp(c) -> MLP:
+    return MLP(c.n_embd, c.intermediate_size or 4 * c.n_embd, bias=c.bias, activation=c.activation)
+
+
+def swiglu_mlp(c) -> GatedMLP:
+    return GatedMLP(c.n_embd, c.intermediate_size or 4 * c.n_embd, bias=c.bias, activation=c.activation)
+
+
+def layer_norm(c) -> LayerNorm:
+    return LayerNorm(c.n_embd, c.norm_eps, c.bias)
+
+
+def rms_norm(c) -> RMSNorm:
+    return RMSNorm(c.n_embd, c.norm_eps)
+
+
+def decoder_lm(cls: type[DecoderLM], c, *, mlp: Callable[[Any], nn.Module], norm: Callable[[Any], nn.Module],
+               rotary: RotaryEmbedding | None, learned_positions: bool, head_dim: int | None = None) -> DecoderLM:
+    """Assemble `cls` from a config and the chosen parts: `n_layer` pre-norm blocks of
+    `decoder_attention(c, rotary, head_dim)` + `mlp(c)`, each with two `norm(c)`, then a final `norm(c)`."""
+    _check_transformer_config(c, head_dim)
+    blocks = [PreNormBlock(decoder_attention(c, rotary, head_dim), mlp(c), norm(c), norm(c), dropout=c.dropout)
+              for _ in range(c.n_layer)]
+    return cls(c, tok_emb=nn.Embedding(c.vocab_size, c.n_embd), blocks=blocks, norm=norm(c),
+               pos_emb=nn.Embedding(c.block_size, c.n_embd) if learned_positions else None, rotary=rotary,
+               lm_head=None if c.tie_embeddings else nn.Linear(c.n_embd, c.vocab_size, bias=False),
+               dropout=c.dropout, head_dim=head_dim)
+
+
 class GPT(DecoderLM):
-    """GPT-2: learned positions, LayerNorm, GELU (tanh) MLP, tied embeddings."""
-
-    def __init__(self, config: GPTConfig):
-        self.positions = config.positions
-        super().__init__(config)
+    """GPT-2: learned positions (or RoPE with `positions="rope"`), LayerNorm, GELU (tanh) MLP, tied embeddings."""
 
 
-register_family("gpt", GPTConfig, GPT)
+def gpt(config: GPTConfig) -> GPT:
+    """Builder of the "gpt" family."""
+    rope = config.positions == "rope"
+    rotary = RotaryEmbedding(config.n_embd // config.n_head, config.rope_base) if rope else None
+    return decoder_lm(GPT, config, mlp=gelu_mlp, norm=layer_norm, rotary=rotary, learned_positions=not rope)
+
+
+register_family("gpt", GPTConfig, gpt)
 register_preset("gpt2", "gpt", description="GPT-2 small, 124M",
                 n_layer=12, n_head=12, n_embd=768)
 register_preset("gpt2-medium", "gpt", description="GPT-2 medium, 355M",

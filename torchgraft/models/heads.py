@@ -15,10 +15,13 @@ it, `backbone(...)`, then the head. State-dict names: `backbone.*`, `head.*`.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import torch
 from torch import nn
+
+from torchgraft.models.parts import ModelParts, parts_of
 
 
 def pool_tokens(hidden: torch.Tensor, pooling: str, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -119,6 +122,16 @@ class TaskModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+
+    def parts(self) -> ModelParts | None:
+        """The backbone's declaration under `backbone.`, with `head` as the classifier (None when
+        the backbone declares nothing)."""
+        inner = parts_of(self.backbone)
+        if inner is None:
+            return None
+        inner = inner.prefixed("backbone")
+        lm_heads = {inner.classifier} if inner.classifier in inner.vocab else set()
+        return dataclasses.replace(inner, classifier="head", vocab=tuple(v for v in inner.vocab if v not in lm_heads))
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         features = getattr(self.backbone, "forward_features", self.backbone)(*args, **kwargs)

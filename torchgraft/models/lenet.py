@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from torchgraft.models.parts import ModelParts, image_inputs
 from torchgraft.models.registry import register_family, register_preset
 
 
@@ -30,6 +31,14 @@ class LeNet(nn.Module):
         side = ((config.image_size - 4) // 2 - 4) // 2  # 32 -> 28 -> 14 -> 10 -> 5
         self.fc1 = nn.Linear(c2 * side * side, config.hidden)
         self.fc2 = nn.Linear(config.hidden, config.num_classes)  # the head
+
+    def parts(self) -> ModelParts:
+        """No repeated blocks; `conv1` sees the image, `fc2` is the head."""
+        return ModelParts(input_layer="conv1", classifier="fc2", example_inputs=self.example_inputs)
+
+    def example_inputs(self, batch_size: int = 1, seq_len: int | None = None) -> tuple[torch.Tensor]:
+        """`(images,)` (batch_size, in_chans, image_size, image_size); `seq_len` is ignored."""
+        return image_inputs(self, self.config.in_chans, self.config.image_size, batch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)  # (B, 20, 14, 14)

@@ -1,11 +1,12 @@
-"""Llama family: RoPE (rotate-half, as HF LlamaModel), RMSNorm, SwiGLU, GQA, no biases, untied lm_head."""
+"""Llama family (built by `llama(config)` from `gpt.decoder_lm`): RoPE (rotate-half, as HF LlamaModel), RMSNorm, SwiGLU, GQA, no biases, untied lm_head."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from torchgraft.models.gpt import DecoderLM, _check_transformer_config
+from torchgraft.models.gpt import DecoderLM, _check_transformer_config, decoder_lm, rms_norm, swiglu_mlp
 from torchgraft.models.registry import register_family, register_preset
+from torchgraft.nn.rope import RotaryEmbedding
 
 
 @dataclass
@@ -33,16 +34,30 @@ class LlamaConfig:
     rope_original_max_len: int = 8192
 
     def __post_init__(self):
-        _check_transformer_config(self)
+        _check_transformer_config(self, self.head_dim)
 
 
 class Llama(DecoderLM):
-    positions = "rope"
-    norm_kind = "rms"
-    mlp_kind = "swiglu"
+    """Llama: RoPE (optionally Llama-3.1 scaled), RMSNorm, SwiGLU, GQA, untied head."""
 
 
-register_family("llama", LlamaConfig, Llama)
+def llama_rotary(c: LlamaConfig) -> RotaryEmbedding:
+    """The one RoPE module of a Llama config (rotate-half; "llama3" frequency scaling if asked)."""
+    scaling = None
+    if c.rope_scaling == "llama3":
+        scaling = dict(type="llama3", factor=c.rope_factor, low_freq_factor=c.rope_low_freq_factor,
+                       high_freq_factor=c.rope_high_freq_factor,
+                       original_max_position_embeddings=c.rope_original_max_len)
+    return RotaryEmbedding(c.head_dim or c.n_embd // c.n_head, c.rope_base, scaling=scaling)
+
+
+def llama(config: LlamaConfig) -> Llama:
+    """Builder of the "llama" family."""
+    return decoder_lm(Llama, config, mlp=swiglu_mlp, norm=rms_norm, rotary=llama_rotary(config),
+                      learned_positions=False, head_dim=config.head_dim)
+
+
+register_family("llama", LlamaConfig, llama)
 register_preset("llama-tiny", "llama", description="tiny Llama for tests (GQA 4/2, 64 wide)",
                 vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=160,
                 block_size=128)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from torchgraft.errors import ConfigError
+from torchgraft.models.parts import ModelParts, image_inputs
 from torchgraft.models.registry import register_family, register_preset
 from torchgraft.nn.conv import BasicBlock, Bottleneck, downsample
 
@@ -68,6 +69,20 @@ class ResNet(nn.Module):
                     nn.init.zeros_(m.bn3.weight)
                 elif isinstance(m, BasicBlock):
                     nn.init.zeros_(m.bn2.weight)
+
+    def parts(self) -> ModelParts:
+        """Blocks are the residual blocks of every stage; their last BatchNorm (bn2 / bn3, the one
+        `zero_init_residual` zeroes) is what writes into the residual stream."""
+        blocks = tuple(f"layer{i + 1}.{j}" for i, n in enumerate(self.config.layers) for j in range(n))
+        last_bn = "bn3" if self.config.block == "bottleneck" else "bn2"
+        return ModelParts(blocks=blocks, input_layer="conv1",
+                          classifier="fc" if self.config.num_classes > 0 else None,
+                          residual_projections=tuple(f"{b}.{last_bn}" for b in blocks),
+                          example_inputs=self.example_inputs)
+
+    def example_inputs(self, batch_size: int = 1, seq_len: int | None = None) -> tuple[torch.Tensor]:
+        """`(images,)` (batch_size, in_chans, 224, 224) (ImageNet size); `seq_len` is ignored."""
+        return image_inputs(self, self.config.in_chans, 224, batch_size)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features (B, num_features)."""

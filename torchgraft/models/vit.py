@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from torchgraft.errors import ConfigError
+from torchgraft.models.parts import ModelParts, image_inputs
 from torchgraft.models.registry import register_family, register_preset
 from torchgraft.nn.attention import Attention
 from torchgraft.nn.embedding import PatchEmbed
@@ -81,6 +82,19 @@ class ViT(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 m.reset_parameters()
+
+    def parts(self) -> ModelParts:
+        n = len(self.blocks)
+        return ModelParts(
+            blocks=tuple(f"blocks.{i}" for i in range(n)), input_layer="patch_embed.proj",
+            classifier="head" if self.config.num_classes > 0 else None, position_embedding="pos_embed",
+            residual_projections=tuple(f"blocks.{i}.{r}" for i, b in enumerate(self.blocks)
+                                       for r in b.residual_projections()),
+            example_inputs=self.example_inputs)
+
+    def example_inputs(self, batch_size: int = 1, seq_len: int | None = None) -> tuple[torch.Tensor]:
+        """`(images,)` (batch_size, in_chans, image_size, image_size); `seq_len` is ignored."""
+        return image_inputs(self, self.config.in_chans, self.config.image_size, batch_size)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised tokens (B, N + 1, C), [CLS] first."""

@@ -1,8 +1,9 @@
 """Multi-head attention on `F.scaled_dot_product_attention`.
 
-Causal or bidirectional; padding masks; MHA / GQA / MQA via `n_kv_head`; optional RoPE; KV cache.
+Causal or bidirectional; padding masks; MHA / GQA / MQA via `n_kv_head`; an optional rotary
+module (RoPE); KV cache.
 State-dict names: `q_proj`, `k_proj`, `v_proj`, `o_proj` (each an `nn.Linear`), plus a
-non-persistent `rotary.inv_freq` buffer when RoPE is on.
+non-persistent `rotary.inv_freq` buffer when a rotary module is given.
 """
 from __future__ import annotations
 
@@ -75,12 +76,15 @@ class Attention(nn.Module):
         causal: causal (decoder) or bidirectional (encoder) attention.
         bias: biases on q/k/v projections; `out_bias` for o_proj (default: same as `bias`).
         dropout: attention-probability dropout (training only).
-        rope_base: if set, apply RoPE with this base to q and k.
+        rotary: optional `RotaryEmbedding` applied to q and k (a decoder shares one across layers
+            and may pass its precomputed `rope=(cos, sin)` to `forward`).
     """
+
+    output_projection = "o_proj"  # the layer writing into the residual stream
 
     def __init__(self, dim: int, n_head: int, n_kv_head: int | None = None, head_dim: int | None = None,
                  causal: bool = True, bias: bool = True, out_bias: bool | None = None,
-                 dropout: float = 0.0, rope_base: float | None = None):
+                 dropout: float = 0.0, rotary: RotaryEmbedding | None = None):
         super().__init__()
         n_kv_head = n_kv_head or n_head
         if n_head % n_kv_head:
@@ -96,7 +100,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, n_kv_head * head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, n_kv_head * head_dim, bias=bias)
         self.o_proj = nn.Linear(n_head * head_dim, dim, bias=bias if out_bias is None else out_bias)
-        self.rotary = RotaryEmbedding(head_dim, rope_base) if rope_base is not None else None
+        if rotary is not None and rotary.head_dim != head_dim:
+            raise ValueError(f"rotary head_dim ({rotary.head_dim}) must equal the attention head_dim ({head_dim})")
+        self.rotary = rotary
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, kv_cache: LayerKVCache | None = None,

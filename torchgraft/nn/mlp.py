@@ -32,6 +32,8 @@ def activation_fn(name: str):
 class MLP(nn.Module):
     """`fc_out(dropout?(act(fc_in(x))))`: dim -> hidden -> dim."""
 
+    output_projection = "fc_out"  # the layer writing into the residual stream
+
     def __init__(self, dim: int, hidden: int, bias: bool = True, activation: str = "gelu",
                  dropout: float = 0.0):
         super().__init__()
@@ -50,6 +52,8 @@ class MLP(nn.Module):
 
 class GatedMLP(nn.Module):
     """`down_proj(act(gate_proj(x)) * up_proj(x))`; with activation 'silu' this is SwiGLU (Llama)."""
+
+    output_projection = "down_proj"  # the layer writing into the residual stream
 
     def __init__(self, dim: int, hidden: int, bias: bool = False, activation: str = "silu"):
         super().__init__()

@@ -9,7 +9,18 @@ import torch
 from torch import nn
 
 
-class PreNormBlock(nn.Module):
+class _Block(nn.Module):
+    """Declarations shared by both block kinds (read by `ModelParts` builders and `grow`)."""
+
+    zero_residual_is_identity = True  # zeroing residual_projections() makes the block the identity
+
+    def residual_projections(self) -> list[str]:
+        """Names (relative to the block) of the layers writing into the residual stream."""
+        branches = (("attn", self.attn), ("mlp", self.mlp))
+        return [f"{name}.{m.output_projection}" for name, m in branches if hasattr(m, "output_projection")]
+
+
+class PreNormBlock(_Block):
     def __init__(self, attn: nn.Module, mlp: nn.Module, attn_norm: nn.Module, mlp_norm: nn.Module,
                  dropout: float = 0.0):
         super().__init__()
@@ -26,7 +37,9 @@ class PreNormBlock(nn.Module):
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
-class PostNormBlock(nn.Module):
+class PostNormBlock(_Block):
+    zero_residual_is_identity = False  # norm(x + 0) != x
+
     def __init__(self, attn: nn.Module, mlp: nn.Module, attn_norm: nn.Module, mlp_norm: nn.Module,
                  dropout: float = 0.0):
         super().__init__()

@@ -26,8 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchgraft.errors import ConfigError, did_you_mean
-
-ADAPTER = "default"  # the PEFT adapter name used in state-dict keys
+from torchgraft.tools.transfer import NameAliases, register_name_aliases
+from torchgraft.peft.variants import (
+    ADAPTER,
+    DoRAConv2d,
+    DoRAEmbedding,
+    DoRALinear,
+    DoRAVariant,
+    LoRAVariant,
+)
 
 
 def _is_conv1d(m: nn.Module) -> bool:
@@ -44,7 +51,10 @@ def supported(m: nn.Module) -> bool:
 
 
 class LoRALayer(nn.Module):
-    """Shared state of the LoRA wrappers: rank, scaling, merged/disabled flags, DoRA magnitude."""
+    """Shared state of the LoRA wrappers: rank, scaling, merged/disabled flags, and the variant
+    (`LoRAVariant` or a `DoRAVariant`) that merge, unmerge and forward delegate to."""
+
+    dora_variant: type[DoRAVariant]  # the DoRA variant for this layer type
 
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float, dora: bool,
                  use_rslora: bool):
@@ -56,11 +66,10 @@ class LoRALayer(nn.Module):
         self.lora_alpha = alpha
         self.use_rslora = use_rslora
         self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-        self.use_dora = dora
+        self.variant: LoRAVariant = self.dora_variant() if dora else LoRAVariant()
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
-        self._merged_weight_norm: torch.Tensor | None = None  # DoRA: kept to unmerge exactly
 
     # attribute pass-through (in_features, padding_idx, ...) and `.weight` for tied embeddings
     def __getattr__(self, name: str):
@@ -79,6 +88,11 @@ class LoRALayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
+    @property
+    def use_dora(self) -> bool:
+        """True for a DoRA adapter (PEFT's `use_dora`)."""
+        return self.variant.dora
+
     def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for n, p in self.named_parameters():
             if not n.startswith("base_layer."):
@@ -89,24 +103,6 @@ class LoRALayer(nn.Module):
         """s * B @ A in the base weight's layout."""
         raise NotImplementedError
 
-    def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """DoRA norm of `weight` per output unit, shaped like the magnitude vector."""
-        raise NotImplementedError
-
-    def _dora_scale_shape(self) -> tuple[int, ...]:
-        """Shape that broadcasts the magnitude against the base weight."""
-        raise NotImplementedError
-
-    # --- DoRA ---------------------------------------------------------------------------------
-    def _init_dora(self) -> None:
-        with torch.no_grad():
-            w = self.base_layer.weight.float()
-            norm = self._weight_norm(w + self.delta_weight().float())
-        self.lora_magnitude_vector = nn.ParameterDict({ADAPTER: nn.Parameter(norm.to(self.base_layer.weight.dtype))})
-
-    def _magnitude(self) -> torch.Tensor:
-        return self.lora_magnitude_vector[ADAPTER]
-
     # --- merge --------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self) -> None:
@@ -114,11 +110,7 @@ class LoRALayer(nn.Module):
             return
         w = self.base_layer.weight
         delta = self.delta_weight().float()
-        new = w.float() + delta
-        if self.use_dora:
-            norm = self._weight_norm(new)
-            self._merged_weight_norm = norm
-            new = (self._magnitude().float() / norm).reshape(self._dora_scale_shape()) * new
+        new = self.variant.merged(self, w.float() + delta)
         w.copy_(new.to(w.dtype))
         self.merged = True
 
@@ -127,10 +119,7 @@ class LoRALayer(nn.Module):
         if not self.merged:
             return
         w = self.base_layer.weight
-        new = w.float()
-        if self.use_dora:
-            new = new / (self._magnitude().float() / self._merged_weight_norm).reshape(self._dora_scale_shape())
-            self._merged_weight_norm = None
+        new = self.variant.unmerged(self, w.float())
         w.copy_((new - self.delta_weight().float()).to(w.dtype))
         self.merged = False
 
@@ -142,20 +131,17 @@ class LoRALayer(nn.Module):
         A, B = self.lora_A[ADAPTER], self.lora_B[ADAPTER]
         h = self.lora_dropout(x).to(A.weight.dtype)
         lora = B(A(h)) * self.scaling  # (..., out) or (B, out, H', W')
-        update = self._dora_update(h, result, lora) if self.use_dora else lora
-        return result + update.to(result.dtype)
-
-    def _dora_update(self, h: torch.Tensor, result: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
-        """What DoRA adds to `result`, given the dropped-out input `h` and the LoRA branch."""
-        raise NotImplementedError
+        return result + self.variant.update(self, h, result, lora).to(result.dtype)
 
     def extra_repr(self) -> str:
-        return (f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:.4g}, dora={self.use_dora}, "
+        return (f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:.4g}, dora={self.variant.dora}, "
                 f"merged={self.merged}")
 
 
 class LoRALinear(LoRALayer):
     """LoRA around nn.Linear (or transformers' Conv1D, whose weight is stored transposed)."""
+
+    dora_variant = DoRALinear
 
     def __init__(self, base_layer: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
                  dora: bool = False, use_rslora: bool = False):
@@ -167,43 +153,26 @@ class LoRALinear(LoRALayer):
         self.lora_A = nn.ModuleDict({ADAPTER: nn.Linear(in_f, rank, bias=False, **kw)})
         self.lora_B = nn.ModuleDict({ADAPTER: nn.Linear(rank, out_f, bias=False, **kw)})
         self.reset_lora_parameters()
-        if dora:
-            self._init_dora()
+        self.variant.init(self)
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A[ADAPTER].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[ADAPTER].weight)
 
-    def _w_out_in(self, w: torch.Tensor) -> torch.Tensor:
+    def w_out_in(self, w: torch.Tensor) -> torch.Tensor:
         return w.t() if self.fan_in_fan_out else w  # (out, in)
 
     def delta_weight(self) -> torch.Tensor:
         d = (self.lora_B[ADAPTER].weight @ self.lora_A[ADAPTER].weight) * self.scaling  # (out, in)
         return d.t() if self.fan_in_fan_out else d
 
-    def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.norm(self._w_out_in(weight), dim=1)  # (out,)
-
-    def _dora_scale_shape(self) -> tuple[int, ...]:
-        return (1, -1) if self.fan_in_fan_out else (-1, 1)
-
-    def _dora_update(self, h: torch.Tensor, result: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
-        A, B = self.lora_A[ADAPTER], self.lora_B[ADAPTER]
-        w = self._w_out_in(self.base_layer.weight).to(h.dtype)  # (out, in)
-        with torch.no_grad():
-            lora_w = (B.weight @ A.weight) * self.scaling
-        norm = torch.linalg.norm(w + lora_w, dim=1).detach()  # (out,)
-        scale = (self._magnitude() / norm).view(1, -1)
-        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
-            base = result if self.base_layer.bias is None else result - self.base_layer.bias
-        else:
-            base = F.linear(h, w)
-        return (scale - 1) * base + scale * lora
 
 
 class LoRAConv2d(LoRALayer):
     """LoRA around nn.Conv2d: A is a conv with the base kernel/stride/padding, B a 1x1 conv."""
+
+    dora_variant = DoRAConv2d
 
     def __init__(self, base_layer: nn.Conv2d, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
                  dora: bool = False, use_rslora: bool = False):
@@ -216,8 +185,7 @@ class LoRAConv2d(LoRALayer):
                                                         dilation=base_layer.dilation, bias=False, **kw)})
         self.lora_B = nn.ModuleDict({ADAPTER: nn.Conv2d(rank, base_layer.out_channels, 1, 1, bias=False, **kw)})
         self.reset_lora_parameters()
-        if dora:
-            self._init_dora()
+        self.variant.init(self)
 
     reset_lora_parameters = LoRALinear.reset_lora_parameters
 
@@ -227,28 +195,12 @@ class LoRAConv2d(LoRALayer):
         d = (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])  # (out, in, kh, kw)
         return d * self.scaling
 
-    def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.norm(p=2, dim=(1, 2, 3), keepdim=True).transpose(1, 0)  # (1, out, 1, 1)
-
-    def _dora_scale_shape(self) -> tuple[int, ...]:
-        return (-1, 1, 1, 1)
-
-    def _dora_update(self, h: torch.Tensor, result: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
-        w = self.base_layer.weight.to(h.dtype)
-        with torch.no_grad():
-            lora_w = self.delta_weight()
-        scale = self._magnitude() / self._weight_norm(w + lora_w).detach()  # (1, out, 1, 1)
-        bias = self.base_layer.bias
-        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
-            base = result if bias is None else result - bias.view(1, -1, 1, 1)
-        else:
-            c = self.base_layer
-            base = F.conv2d(h, w, None, c.stride, c.padding, c.dilation, c.groups)
-        return (scale - 1) * base + scale * lora
 
 
 class LoRAEmbedding(LoRALayer):
     """LoRA around nn.Embedding: A (r, num_embeddings) starts at zero, B (dim, r) normal."""
+
+    dora_variant = DoRAEmbedding
 
     def __init__(self, base_layer: nn.Embedding, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
                  dora: bool = False, use_rslora: bool = False):
@@ -259,8 +211,7 @@ class LoRAEmbedding(LoRALayer):
         self.lora_embedding_B = nn.ParameterDict(
             {ADAPTER: nn.Parameter(torch.empty(w.shape[1], rank, device=w.device, dtype=w.dtype))})
         self.reset_lora_parameters()
-        if dora:
-            self._init_dora()
+        self.variant.init(self)
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
@@ -269,12 +220,6 @@ class LoRAEmbedding(LoRALayer):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_embedding_B[ADAPTER] @ self.lora_embedding_A[ADAPTER]).t() * self.scaling  # (V, C)
-
-    def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.norm(weight, dim=0)  # (C,): per embedding dimension, as PEFT
-
-    def _dora_scale_shape(self) -> tuple[int, ...]:
-        return (1, -1)
 
     def _embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         e = self.base_layer
@@ -286,12 +231,7 @@ class LoRAEmbedding(LoRALayer):
             return result
         A, B = self.lora_embedding_A[ADAPTER], self.lora_embedding_B[ADAPTER]
         lora = (self._embed(ids, A.t()) @ B.t()) * self.scaling  # (..., C)
-        if not self.use_dora:
-            return result + lora.to(result.dtype)
-        with torch.no_grad():
-            norm = self._weight_norm(self.base_layer.weight + self.delta_weight())
-        scale = self._magnitude() / norm.detach()  # (C,)
-        return (scale * result + scale * lora).to(result.dtype)
+        return result + self.variant.update(self, ids, result, lora).to(result.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,3 +354,20 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 def trainable_fraction(model: nn.Module) -> float:
     total = sum(p.numel() for p in model.parameters())
     return sum(p.numel() for p in model.parameters() if p.requires_grad) / max(total, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# state-dict names for `tools.transfer`: a wrapped layer keeps its weights under `base_layer`
+
+
+def plain_name(name: str) -> str | None:
+    """`blocks.0.attn.q_proj.base_layer.weight` -> `blocks.0.attn.q_proj.weight`; None if not wrapped."""
+    return name.replace(".base_layer.", ".") if ".base_layer." in name else None
+
+
+def is_adapter_tensor(name: str) -> bool:
+    """True for the tensors a LoRA wrapper adds (`lora_A`, `lora_B`, `lora_embedding_*`, `lora_magnitude_vector`)."""
+    return ".lora_" in name
+
+
+register_name_aliases(NameAliases(plain=plain_name, is_added=is_adapter_tensor, note="LoRA adapter: kept its init"))

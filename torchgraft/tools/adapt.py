@@ -26,6 +26,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from torchgraft.models.parts import ModelParts
+
 PolicyFn = Callable[[torch.Tensor, torch.Tensor, str], "tuple[torch.Tensor | None, str]"]
 
 
@@ -154,6 +156,22 @@ def auto_policy(src: torch.Tensor, dst: torch.Tensor, name: str) -> tuple[torch.
     if _HEAD.search(name) and src.shape[1:] == dst.shape[1:]:
         return reset(src, dst, name)
     raise PolicyMismatch("no automatic adaptation applies")
+
+
+# the policy `auto` picks for each declared part (ModelParts.role_of), vocabulary first
+ROLE_POLICIES = {"vocab": "vocab", "position_embedding": "pos_interp", "input_layer": "conv",
+                 "classifier": "reset"}
+
+
+def declared_auto_policy(parts: ModelParts) -> PolicyFn:
+    """`auto` for a destination that declares its parts: the policy follows the declared part a
+    tensor belongs to (vocabulary table, position embedding, first conv, classifier), never its name."""
+    def policy(src: torch.Tensor, dst: torch.Tensor, name: str) -> tuple[torch.Tensor | None, str]:
+        role = parts.role_of(name)
+        if role is None:
+            raise PolicyMismatch("not in a declared vocabulary, position embedding, input layer or classifier")
+        return POLICIES[ROLE_POLICIES[role]](src, dst, name)
+    return policy
 
 
 POLICIES: dict[str, PolicyFn] = {

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from torchgraft.tools.summary import InputSpec, InspectError, make_inputs, run_on_meta
+from torchgraft.tools.meta import InputSpec, InspectError, make_inputs, run_on_meta
 
 _MATMUL_OPS = {
     "mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "convolution", "_convolution",

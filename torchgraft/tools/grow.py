@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,8 @@ import torch
 from torch import nn
 
 from torchgraft.errors import ConfigError
+from torchgraft.models.parts import ModelParts, parts_of
+from torchgraft.tools.console import recording_console
 
 # residual-branch output layers zeroed in a new transformer block (ours, HF Llama/GPT-2, timm, ...)
 OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "c_proj", "fc_out", "down_proj", "fc2", "proj_out", "wo", "w2")
@@ -61,19 +64,9 @@ class GrowReport:
         return t
 
     def __str__(self) -> str:
-        from rich.console import Console
-
-        console = Console(width=140, record=True, file=_Null(), force_terminal=False)
+        console = recording_console(140)
         console.print(self.table())
         return console.export_text().rstrip()
-
-
-class _Null:
-    def write(self, s: str) -> int:
-        return len(s)
-
-    def flush(self) -> None:
-        pass
 
 
 def _n_params(m: nn.Module) -> int:
@@ -103,10 +96,14 @@ def _update_config(model: nn.Module, **changes: Any) -> None:
 _BRANCHES = ("attn", "self_attn", "attention", "mlp", "ffn", "feed_forward")
 
 
+Plan = Callable[[nn.Module], "list[str] | None"]
+
+
 def _zero_plan(block: nn.Module) -> list[str] | None:
-    """Submodule names whose zeroing turns a copy of `block` into the identity, or None."""
-    if "postnorm" in type(block).__name__.lower():
-        return None  # norm(x + 0) != x: post-norm blocks cannot be made the identity this way
+    """Heuristic for undeclared models: submodule names whose zeroing turns a copy of `block` into
+    the identity, or None."""
+    if not getattr(block, "zero_residual_is_identity", True):
+        return None  # the block says so (post-norm: norm(x + 0) != x)
     if hasattr(block, "conv1") and hasattr(block, "bn2"):  # torchvision-style residual block
         if getattr(block, "downsample", None) is not None:
             return None
@@ -122,27 +119,55 @@ def _zero_plan(block: nn.Module) -> list[str] | None:
     return outs
 
 
-def _block_lists(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Containers (ModuleList/Sequential) whose children are all residual blocks we can copy."""
+def _declared_plan(relative: list[str]) -> Plan:
+    """Zero the declared residual projections; a block whose shortcut is not the identity
+    (a ResNet stage's downsampling first block) cannot become the identity."""
+    def plan(block: nn.Module) -> list[str] | None:
+        return None if getattr(block, "downsample", None) is not None or not relative else list(relative)
+    return plan
+
+
+def _declared_block_lists(model: nn.Module, parts: ModelParts) -> list[tuple[str, nn.Module, Plan]]:
+    """The containers of the declared blocks, each with the plan its declaration gives."""
+    if not parts.zero_residual_is_identity:
+        return []
+    by_container: dict[str, list[str]] = {}
+    for b in parts.blocks:
+        by_container.setdefault(b.rpartition(".")[0], []).append(b)
+    found = []
+    for name, blocks in by_container.items():
+        plan = _declared_plan(parts.residual_projections_in(blocks[-1]))
+        container = _get(model, name)
+        if isinstance(container, (nn.ModuleList, nn.Sequential)) and plan(container[-1]) is not None:
+            found.append((name, container, plan))
+    return found
+
+
+def _block_lists(model: nn.Module) -> list[tuple[str, nn.Module, Plan]]:
+    """Containers (ModuleList/Sequential) whose children are all residual blocks we can copy: the
+    declared blocks (`parts_of`), else found by the `_zero_plan` heuristic."""
+    parts = parts_of(model)
+    if parts is not None and parts.blocks:
+        return _declared_block_lists(model, parts)
     found = []
     for name, m in model.named_modules():
         if not isinstance(m, (nn.ModuleList, nn.Sequential)) or len(m) == 0:
             continue
-        if any(name.startswith(f + ".") for f, _ in found):
+        if any(name.startswith(f + ".") for f, _, _ in found):
             continue
         children = list(m.children())
         if _zero_plan(children[-1]) is None:  # new blocks copy the last block of the list
             continue
         # the others must be growable blocks too (a ResNet stage's first block may downsample)
         if all(_zero_plan(c) is not None or getattr(c, "downsample", None) is not None for c in children):
-            found.append((name, m))
+            found.append((name, m, _zero_plan))
     return found
 
 
 @torch.no_grad()
-def _identity_copy(block: nn.Module) -> nn.Module:
+def _identity_copy(block: nn.Module, plan: Plan) -> nn.Module:
     new = copy.deepcopy(block)
-    for sub in _zero_plan(block) or []:
+    for sub in plan(block) or []:
         for p in new.get_submodule(sub).parameters():  # recursive: a LoRA wrapper's base layer too
             p.zero_()
     return new
@@ -153,18 +178,19 @@ def _positions(n_old: int, n_new: int) -> list[int]:
     return sorted(max(0, (j + 1) * n_old // n_new - 1) if n_new <= n_old else j % n_old for j in range(n_new))
 
 
-def _deepen_blocks(model: nn.Module, name: str, container: nn.Module, n: int, report: GrowReport) -> int:
+def _deepen_blocks(model: nn.Module, name: str, container: nn.Module, plan: Plan, n: int,
+                   report: GrowReport) -> int:
     old = list(container.children())
     after = _positions(len(old), n)
     new_list: list[nn.Module] = []
     for i, b in enumerate(old):
         new_list.append(b)
-        template = b if _zero_plan(b) is not None else old[-1]  # never copy a downsampling block
+        template = b if plan(b) is not None else old[-1]  # never copy a downsampling block
         for _ in range(after.count(i)):
-            new_list.append(_identity_copy(template))
+            new_list.append(_identity_copy(template, plan))
     new_container = type(container)(new_list) if isinstance(container, nn.ModuleList) else nn.Sequential(*new_list)
     _set(model, name, new_container)
-    zeroed = ", ".join(_zero_plan(old[-1]) or [])
+    zeroed = ", ".join(plan(old[-1]) or [])
     report.changes.append({"kind": "depth", "where": name, "before": len(old), "after": len(new_list),
                            "how": f"identity copies after blocks {sorted(set(after))} ({zeroed} zeroed)"})
     return len(new_list)
@@ -413,14 +439,14 @@ def grow(model: nn.Module, depth: int | None = None, width: float | None = None,
         lists = _block_lists(big)
         if lists:
             sizes = {}
-            for name, container in lists:
-                sizes[name] = _deepen_blocks(big, name, container, depth, report)
+            for name, container, plan in lists:
+                sizes[name] = _deepen_blocks(big, name, container, plan, depth, report)
             if len(lists) == 1:
                 _update_config(big, n_layer=next(iter(sizes.values())))
             else:
                 cfg_layers = getattr(getattr(big, "config", None), "layers", None)
                 if isinstance(cfg_layers, (tuple, list)) and len(cfg_layers) == len(lists):
-                    _update_config(big, layers=tuple(sizes[n] for n, _ in lists))
+                    _update_config(big, layers=tuple(sizes[n] for n, _, _ in lists))
         else:
             seqs = _sequentials(big)
             if not seqs:

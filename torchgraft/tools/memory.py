@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchgraft.tools.summary import InputSpec, InspectError, format_bytes, make_inputs, run_on_meta
+from torchgraft.tools.meta import InputSpec, InspectError, format_bytes, make_inputs, run_on_meta
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from torchgraft.errors import ConfigError
+from torchgraft.models.parts import ModelParts, parts_of
 
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
                nn.LocalResponseNorm)
@@ -46,10 +47,20 @@ def _block_key(name: str) -> tuple[int, ...] | None:
     return None
 
 
+def _declared_block_key(parts: ModelParts):
+    def key(name: str) -> tuple[int, ...] | None:
+        i = parts.block_of(name)
+        return None if i is None else (i,)
+    return key
+
+
 def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
-    """({param name: layer index 0..L+1}, L) for trainable parameters, inferred as described above."""
+    """({param name: layer index 0..L+1}, L) for trainable parameters: block i is layer i + 1, by
+    the blocks the model declares (`parts_of`), else by the name patterns above."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    keys = {n: _block_key(n) for n in names}
+    parts = parts_of(model)
+    block_key = _declared_block_key(parts) if parts is not None and parts.blocks else _block_key
+    keys = {n: block_key(n) for n in names}
     ordered = sorted({k for k in keys.values() if k is not None})
     rank = {k: i + 1 for i, k in enumerate(ordered)}
     n_layers = len(ordered)
@@ -60,6 +71,8 @@ def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
         if k is not None:
             ids[n] = rank[k]
             seen_block = True
+        elif parts is not None and parts.role_of(n) == "classifier":
+            ids[n] = n_layers + 1  # a declared head is the last layer wherever it is registered
         else:
             ids[n] = n_layers + 1 if seen_block else 0
     return ids, n_layers

@@ -5,7 +5,8 @@ allocated, so a 70B model is summarised in seconds): the model's parameters and 
 for meta copies with `torch.func.functional_call`, inputs are moved to meta. Models that keep plain
 (unregistered) tensors fall back to `FakeTensorMode`.
 
-The helpers `example_inputs` and `run_on_meta` are shared with `flops.py` and `memory.py`.
+The meta-device helpers (`example_inputs`, `make_inputs`, `run_on_meta`) live in `meta.py`, below
+this module, `flops.py` and `memory.py`.
 """
 from __future__ import annotations
 
@@ -16,154 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchgraft.errors import TorchgraftError
-
-InputSpec = Any  # a tensor, a tuple of positional args, or a dict of keyword args
-
-
-class InspectError(TorchgraftError, ValueError):
-    """A model cannot be inspected as asked (no input given, forward fails on meta tensors, ...)."""
-
-
-# --------------------------------------------------------------------------------------------------
-# shared helpers
-# --------------------------------------------------------------------------------------------------
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def example_inputs(model: nn.Module, batch: int = 1, seq_len: int | None = None,
-                   device: str | torch.device = "meta") -> tuple[torch.Tensor, ...] | None:
-    """Inputs that a model's `config` describes, or None when it describes none.
-
-    Token models (config with `vocab_size`) get `input_ids (batch, seq_len)` (default `block_size`);
-    image models (config with `image_size` or `in_chans`) get `(batch, in_chans, size, size)` floats
-    (size = `image_size`, or 224 for size-agnostic CNNs such as ResNet).
-    """
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return None
-    if getattr(cfg, "vocab_size", None):
-        t = seq_len or getattr(cfg, "block_size", None) or 128
-        return (torch.zeros(batch, t, dtype=torch.long, device=device),)
-    if getattr(cfg, "image_size", None) or getattr(cfg, "in_chans", None):
-        size = getattr(cfg, "image_size", None) or 224  # size-agnostic CNNs (ResNet): ImageNet's 224
-        hw = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-        return (torch.zeros(batch, getattr(cfg, "in_chans", 3), *hw, device=device),)
-    return None
-
-
-def make_inputs(model: nn.Module, input: InputSpec = None, input_size: Any = None,
-                dtype: torch.dtype | None = None, batch: int = 1, seq_len: int | None = None,
-                required: bool = True) -> tuple[tuple, dict] | None:
-    """Normalise the ways of giving an input into `(args, kwargs)` of meta tensors.
-
-    `input`: a tensor, a tuple/list of args, or a dict of keyword args (real or meta tensors).
-    `input_size`: a shape like `(1, 3, 32, 32)` or a list of shapes (float tensors of `dtype`,
-    default float32; use `dtype=torch.long` for token ids). Neither: `example_inputs(model)`.
-    """
-    if input is not None:
-        if isinstance(input, torch.Tensor):
-            args, kwargs = (input,), {}
-        elif isinstance(input, dict):
-            args, kwargs = (), dict(input)
-        elif isinstance(input, (tuple, list)):
-            args, kwargs = tuple(input), {}
-        else:
-            raise InspectError(f"input must be a tensor, a tuple of tensors or a dict, got {type(input).__name__}")
-    elif input_size is not None:
-        sizes = list(input_size)
-        if not sizes or all(isinstance(s, int) for s in sizes):
-            sizes = [sizes]
-        dt = dtype or torch.float32
-        try:
-            args = tuple(torch.zeros(tuple(s), dtype=dt, device="meta") for s in sizes)
-        except TypeError:
-            raise InspectError(f"input_size must be a shape like (1, 3, 32, 32) or a list of shapes, "
-                               f"got {input_size!r}") from None
-        kwargs = {}
-    else:
-        ex = example_inputs(model, batch=batch, seq_len=seq_len)
-        if ex is None:
-            if not required:
-                return None
-            raise InspectError(f"cannot guess an input for {type(model).__name__}: pass input=<tensor> "
-                               "or input_size=(batch, ...) (e.g. input_size=(1, 3, 32, 32))")
-        args, kwargs = ex, {}
-
-    def to_meta(x: Any) -> Any:
-        return x.to("meta") if isinstance(x, torch.Tensor) else x
-
-    return tuple(to_meta(a) for a in args), {k: to_meta(v) for k, v in kwargs.items()}
-
-
-def _meta_copy(t: torch.Tensor, dtype: torch.dtype | None, device: str = "meta") -> torch.Tensor:
-    dt = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
-    out = torch.empty(t.shape, dtype=dt, device=device)
-    return out.requires_grad_(t.requires_grad) if out.is_floating_point() else out
-
-
-def meta_state(model: nn.Module, dtype: torch.dtype | None = None, device: str = "meta"
-               ) -> dict[str, torch.Tensor]:
-    """Storage-free copies of every parameter and buffer (floating ones cast to `dtype` if given),
-    keyed by name; tied parameters appear once (`functional_call` re-ties them)."""
-    state = {name: _meta_copy(p, dtype, device) for name, p in model.named_parameters()}
-    for name, b in model.named_buffers():
-        state[name] = _meta_copy(b, dtype, device)
-    return state
-
-
-def run_on_meta(model: nn.Module, args: tuple, kwargs: dict, fn: Callable[[Callable[[], Any],
-                dict[str, torch.Tensor]], Any], dtype: torch.dtype | None = None,
-                fake_first: bool = False) -> Any:
-    """Call `fn(forward, state)` where `forward()` runs `model` on storage-free copies of its weights.
-
-    First on the meta device; if the forward pass refuses meta tensors (plain tensor attributes,
-    `torch.autocast(device_type="meta")`, ...) again under `FakeTensorMode` with CPU fake tensors.
-    `state` maps parameter/buffer names to the tensors `forward` uses (so `fn` can take gradients
-    with respect to them). The model itself is never modified or moved. `fake_first`: skip the meta
-    attempt, for when kernel choice matters (on meta, SDPA takes its math path and keeps the
-    attention matrix; CPU fake tensors take the flash kernel, as real devices do).
-    """
-    def cast(x: Any, device: str) -> Any:
-        if isinstance(x, torch.Tensor):
-            dt = dtype if (dtype is not None and x.is_floating_point()) else x.dtype
-            return torch.empty(x.shape, dtype=dt, device=device)
-        return x
-
-    def attempt(device: str) -> Any:
-        state = meta_state(model, dtype, device)
-        a = tuple(cast(x, device) for x in args)
-        kw = {k: cast(v, device) for k, v in kwargs.items()}
-
-        def forward() -> Any:
-            return torch.func.functional_call(model, state, a, kw, strict=False)
-
-        return fn(forward, state)
-
-    if not fake_first:
-        try:
-            return attempt("meta")
-        except InspectError:
-            raise
-        except Exception:  # noqa: BLE001 - retried with fake tensors below
-            pass
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            return attempt("cpu")
-    except InspectError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise InspectError(f"{type(model).__name__}.forward failed on meta/fake tensors "
-                           f"(check the input): {_one_line(e)}") from e
-
-
-def _one_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
-
+from torchgraft.tools.meta import (  # noqa: F401  (InputSpec, InspectError, example_inputs re-exported)
+    InputSpec,
+    InspectError,
+    dtype_name,
+    example_inputs,
+    format_bytes,
+    make_inputs,
+    run_on_meta,
+)
+from torchgraft.tools.console import recording_console
 
 def shape_of(x: Any) -> Any:
     """Output shape(s) as lists; tuples/lists/dicts of tensors keep their structure; None if no tensor."""
@@ -251,9 +114,7 @@ class Summary:
         return self.table()
 
     def __str__(self) -> str:
-        from rich.console import Console
-
-        console = Console(width=120, record=True, file=_NullFile())
+        console = recording_console(120)
         self.print(console)
         return console.export_text()
 
@@ -270,14 +131,6 @@ class Summary:
         console = console or Console()
         console.print(self.table())
         console.print(self.totals())
-
-
-class _NullFile:
-    def write(self, *_: Any) -> int:
-        return 0
-
-    def flush(self) -> None:
-        pass
 
 
 def _fmt_shape(s: Any) -> str:
@@ -328,14 +181,6 @@ def _display_rows(rows: list[ModuleRow], collapse: bool) -> list[tuple[ModuleRow
     return out
 
 
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
-
-
 def _bytes_by_dtype(tensors: list[torch.Tensor]) -> dict[str, int]:
     out: dict[str, int] = {}
     for t in tensors:
@@ -350,8 +195,8 @@ def summary(model: nn.Module, input: InputSpec = None, *, input_size: Any = None
     """Summarise any `nn.Module`: per-module output shape, parameters and trainable parameters.
 
     Give `input` (a tensor, a tuple of args or a dict of kwargs) or `input_size` (a shape, float32
-    unless `dtype`); zoo models with a `config` need neither (token ids or images are made up from
-    it). Without any of these the table has parameters but no output shapes. The forward pass runs
+    unless `dtype`); zoo models need neither (their declared `ModelParts.example_inputs`, or for
+    undeclared models with a `config`, token ids or images made up from it). Without any of these the table has parameters but no output shapes. The forward pass runs
     on meta tensors, so it costs no memory and works on meta-device models.
     `depth`: how many levels of submodules to list (1 = direct children).
     """

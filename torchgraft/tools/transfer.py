@@ -25,7 +25,9 @@ import torch
 from torch import nn
 
 from torchgraft.errors import CheckpointError, TransferError
-from torchgraft.tools.adapt import POLICIES, PolicyFn, PolicyMismatch
+from torchgraft.tools.console import recording_console
+from torchgraft.models.parts import parts_of
+from torchgraft.tools.adapt import POLICIES, PolicyFn, PolicyMismatch, auto_policy, declared_auto_policy
 
 Source = Union[nn.Module, Mapping[str, torch.Tensor], str, Path]
 Rules = Union[Mapping[str, "str | None"], Iterable["tuple[str, str | None]"], Callable[[str], "str | None"], None]
@@ -128,9 +130,7 @@ class TransferReport:
         return t
 
     def __str__(self) -> str:
-        from rich.console import Console
-
-        console = Console(width=140, record=True, file=_NullIO(), force_terminal=False)
+        console = recording_console(140)
         console.print(self.table())
         return console.export_text().rstrip()
 
@@ -138,12 +138,40 @@ class TransferReport:
         return self.table()
 
 
-class _NullIO:
-    def write(self, s: str) -> int:
-        return len(s)
+@dataclass(frozen=True)
+class NameAliases:
+    """How a module wrapper renames state-dict entries, registered by the package that wraps
+    (peft registers LoRA's), so transfer matches plain source names without knowing any wrapper.
 
-    def flush(self) -> None:
-        pass
+    `plain(dst_name)`: the unwrapped name, or None when `dst_name` is not a wrapped tensor.
+    `is_added(dst_name)`: True for tensors the wrapper added (they keep their init, status "reset").
+    """
+    plain: Callable[[str], str | None]
+    is_added: Callable[[str], bool]
+    note: str = "added by a wrapper: kept its init"
+
+
+_ALIASES: list[NameAliases] = []
+
+
+def register_name_aliases(aliases: NameAliases) -> None:
+    """Teach `transfer` a wrapper's state-dict names (idempotent)."""
+    if aliases not in _ALIASES:
+        _ALIASES.append(aliases)
+
+
+def plain_name(dst_name: str) -> str | None:
+    """`dst_name` without any registered wrapper's renaming, or None when no wrapper renamed it."""
+    for a in _ALIASES:
+        plain = a.plain(dst_name)
+        if plain is not None:
+            return plain
+    return None
+
+
+def adapter_note(dst_name: str) -> str | None:
+    """The note for a tensor a registered wrapper added, or None."""
+    return next((a.note for a in _ALIASES if a.is_added(dst_name)), None)
 
 
 def _fmt_shape(s: tuple[int, ...] | None) -> str:
@@ -309,6 +337,20 @@ def _resolve_policy(policy: Policy) -> PolicyFn:
 
 
 @torch.no_grad()
+def _policy_fns(dst: nn.Module, policies: Mapping[str, Policy] | None, default_policy: Policy
+                ) -> tuple[dict[str, PolicyFn], PolicyFn]:
+    """Resolve the policies; `auto` follows `dst`'s declared parts (name heuristics only when it
+    declares nothing)."""
+    fns = {pat: _resolve_policy(p) for pat, p in dict(policies or {}).items()}
+    default_fn = _resolve_policy(default_policy)
+    parts = parts_of(dst)
+    if parts is None:
+        return fns, default_fn
+    declared = declared_auto_policy(parts)
+    return ({pat: declared if fn is auto_policy else fn for pat, fn in fns.items()},
+            declared if default_fn is auto_policy else default_fn)
+
+
 def transfer(
     src: Source,
     dst: nn.Module,
@@ -335,15 +377,13 @@ def transfer(
     state, where = load_state(src)
     rename = _compile_rules(rules)
     exclude = [exclude] if isinstance(exclude, str) else list(exclude or [])
-    policies = dict(policies or {})
-    pol_fns = {pat: _resolve_policy(p) for pat, p in policies.items()}
-    default_fn = _resolve_policy(default_policy)
+    pol_fns, default_fn = _policy_fns(dst, policies, default_policy)
 
     dst_state = dst.state_dict()  # detached tensors sharing storage with dst's parameters/buffers
     report = TransferReport(source=where)
     mapped: dict[str, str] = {}  # dst name -> src name
-    # a LoRA-wrapped destination keeps the original layer as `base_layer`: plain names still match
-    wrapped = {d.replace(".base_layer.", "."): d for d in dst_state if ".base_layer." in d}
+    # a wrapped destination (e.g. LoRA keeps the original layer as `base_layer`): plain names still match
+    wrapped = {plain: d for d in dst_state if (plain := plain_name(d)) is not None}
     for s_name in state:
         d_name = rename(s_name)
         if d_name is not None and d_name not in dst_state and d_name in wrapped:
@@ -371,8 +411,8 @@ def transfer(
         if d_name not in mapped:
             if matches(d_name, exclude):
                 status, note = "excluded", "excluded"
-            elif wrapped and ".lora_" in d_name:
-                status, note = "reset", "LoRA adapter: kept its init"
+            elif (note := adapter_note(d_name)) is not None:
+                status = "reset"
             else:
                 status, note = "missing", "not in source"
             report.records.append(TensorRecord(d_name, status, None, None, d_shape, note))
