@@ -81,7 +81,8 @@ def engine_step_time(make, init, batch, precision, steps, data, out) -> float:
     clock = StepClock()
     cfg = {"model": {}, "data": {}, "optim": {"name": "adamw", "lr": 1e-3},
            "trainer": {"max_steps": WARMUP + steps + 1, "batch_size": batch, "precision": precision,
-                       "grad_clip": 1.0, "progress": False, "measure_flops": False, "log_every": 10}}
+                       "grad_clip": 1.0},
+           "logging": {"progress": False, "measure_flops": False, "every": 10}}
     run_training(cfg, out, model=model, data=data, callbacks=[clock])
     t = clock.times  # the last step also runs the final evaluation: leave it out
     return median_step(t[WARMUP - 1: WARMUP + steps])

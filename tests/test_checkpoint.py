@@ -13,8 +13,8 @@ from torchgraft.train.checkpoint import (CheckpointManager, list_checkpoints, lo
 
 SMALL = {"model": {"name": "lenet", "conv_channels": [4, 8], "hidden": 32}, "data": {"name": "digits"},
          "optim": {"name": "adamw", "lr": 3e-3},
-         "trainer": {"max_steps": 20, "batch_size": 32, "checkpoint_every": 5, "keep_last": 3,
-                     "progress": False, "tensorboard": False, "measure_flops": False}}
+         "trainer": {"max_steps": 20, "batch_size": 32}, "checkpoint": {"every": 5, "keep_last": 3},
+         "logging": {"progress": False, "tensorboard": False, "measure_flops": False}}
 
 
 def _adam_with_state():

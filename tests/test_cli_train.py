@@ -5,8 +5,8 @@ import pytest
 
 from torchgraft.cli import main
 
-FAST = ["trainer.max_steps=4", "trainer.progress=false", "trainer.tensorboard=false",
-        "trainer.eval_every=2", "trainer.checkpoint_every=2", "model.conv_channels=[4,8]", "model.hidden=16"]
+FAST = ["trainer.max_steps=4", "logging.progress=false", "logging.tensorboard=false",
+        "eval.every=2", "checkpoint.every=2", "model.conv_channels=[4,8]", "model.hidden=16"]
 
 
 def run(argv, capsys):
@@ -58,8 +58,8 @@ def test_resume_with_only_corrupted_checkpoints_is_an_error(tmp_path, capsys):
 def test_shipped_configs_run(tmp_path, config):
     from torchgraft.train import load_run_config, run_training
 
-    cfg = load_run_config(config, ["trainer.max_steps=2", "trainer.batch_size=8", "trainer.eval_max_batches=1",
-                                   "trainer.progress=false", "trainer.tensorboard=false",
-                                   "trainer.measure_flops=false"])
+    cfg = load_run_config(config, ["trainer.max_steps=2", "trainer.batch_size=8", "eval.max_batches=1",
+                                   "logging.progress=false", "logging.tensorboard=false",
+                                   "logging.measure_flops=false"])
     res = run_training(cfg, tmp_path)
     assert res.step == 2 and res.metrics["val_loss"] > 0

@@ -18,18 +18,19 @@ from safetensors.torch import load_file
 
 from torchgraft.config import load_yaml
 from torchgraft.distributed import cleanup
-from torchgraft.distributed.trainer import _choose_checkpoint
 from torchgraft.errors import ConfigError
-from torchgraft.train.checkpoint import CheckpointFallbackWarning
+from torchgraft.recipes.training import run_training
+from torchgraft.train.checkpoint import CheckpointFallbackWarning, CheckpointManager
 from torchgraft.train.config import load_run_config
-from torchgraft.train.trainer import run_training
 
 CONFIG = """\
 model: {family: gpt, n_layer: 2, n_head: 2, n_embd: 32, block_size: 32}
 data: {name: text, source: builtin, tokenizer: char, seq_len: 32, val_fraction: 0.1}
 optim: {name: adamw, lr: 2.0e-3, weight_decay: 0.1}
-trainer: {max_steps: 6, batch_size: 8, seed: 0, eval_every: 3, eval_max_batches: 2, eval_batch_size: 16,
-          log_every: 1, checkpoint_every: 2, progress: false, tensorboard: false}
+trainer: {max_steps: 6, batch_size: 8, seed: 0}
+eval: {every: 3, max_batches: 2, batch_size: 16}
+checkpoint: {every: 2}
+logging: {every: 1, progress: false, tensorboard: false}
 """
 
 
@@ -99,7 +100,7 @@ def test_cli_fsdp_two_processes_resumes_across_world_sizes(tmp_path):
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.warns(CheckpointFallbackWarning, match="corrupted"):
-        assert _choose_checkpoint(tmp_path / "ref" / "checkpoints").name == "step_00000004"
+        assert CheckpointManager(tmp_path / "ref" / "checkpoints").newest_verified().name == "step_00000004"
 
 
 def test_cli_errors_of_every_rank_reach_the_user(tmp_path, capsys):

@@ -12,7 +12,7 @@ import torchgraft
 from torchgraft.cli import main
 from torchgraft.recipes.finetune import run_finetune
 
-QUIET = {"progress": False, "tensorboard": False, "measure_flops": False, "log_every": 0}
+QUIET = {"progress": False, "tensorboard": False, "measure_flops": False, "every": 0}
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def pretrained(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("pre") / "run"
     cfg = {"model": {"name": "lenet"}, "data": {"name": "digits", "labels": [0, 1, 2, 3, 4]},
-           "optim": {"lr": 1e-3}, "trainer": {"max_steps": 40, "batch_size": 64, **QUIET}}
+           "optim": {"lr": 1e-3}, "trainer": {"max_steps": 40, "batch_size": 64}, "logging": QUIET}
     run_training(cfg, out)
     return out
 
@@ -31,7 +31,7 @@ def _cfg(source, **ft):
             "model": {"name": "lenet"},
             "data": {"name": "digits", "labels": [5, 6, 7, 8, 9], "per_class": 10},
             "optim": {"lr": 1e-3},
-            "trainer": {"max_steps": 12, "batch_size": 25, **QUIET}}
+            "trainer": {"max_steps": 12, "batch_size": 25}, "logging": QUIET}
 
 
 def _source_weights(run):
@@ -82,7 +82,7 @@ def test_lora_method_adapter_and_merged_weights(pretrained, tmp_path):
 def test_gradual_unfreeze_and_layer_decay_with_the_trainer(pretrained, tmp_path):
     out = tmp_path / "gu"
     cfg = _cfg(pretrained, method="freeze", freeze=["*"], unfreeze_at={6: ["fc1"]}, layer_decay=0.5)
-    cfg["trainer"]["checkpoint_every"] = 6
+    cfg["checkpoint"] = {"every": 6}
     run_finetune(cfg, out)
     steps = sorted((out / "checkpoints").glob("step_*"))
     at6, at12 = load_file(str(steps[0] / "model.safetensors")), load_file(str(steps[-1] / "model.safetensors"))
@@ -156,7 +156,8 @@ def test_hf_layout_source_through_load_hf(tmp_path):
            "model": {"name": "gpt-tiny"},
            "data": {"name": "text", "tokenizer": "char", "seq_len": 32, "max_tokens": 20000,
                     "cache_dir": str(tmp_path / "cache"), "progress": False},
-           "trainer": {"max_steps": 3, "batch_size": 4, "eval_max_batches": 1, "eval_batch_size": 4, **QUIET}}
+           "trainer": {"max_steps": 3, "batch_size": 4}, "eval": {"max_batches": 1, "batch_size": 4},
+           "logging": QUIET}
     summary = run_finetune(cfg, tmp_path / "run")
     assert summary["source"] == type(torchgraft.load_hf(tmp_path / "hf")).__name__  # a model, not the file
     assert summary["transfer"]["copied"] == len(src.state_dict()) - 1 and summary["transfer"]["adapted"] == 1

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-QUIET = {"progress": False, "tensorboard": False, "measure_flops": False}
+QUIET = {"progress": False, "tensorboard": False, "measure_flops": False, "every": 25}
 MODEL = {"family": "gpt", "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "dropout": 0.0}
 LORA = {"targets": ["o_proj", "fc_out"], "rank": 4, "alpha": 8}  # the residual-stream writers
 
@@ -56,8 +56,8 @@ def run_experiment(root: Path, pre_steps: int = 300, ft_steps: int = 150) -> dic
     pre_data, ft_data = _bundles(root / "cache")
     pre_cfg = {"model": MODEL, "data": {"name": "text", "tokenizer": "char", "seq_len": 64},
                "optim": {"lr": 3e-3, "weight_decay": 0.1}, "schedule": {"name": "cosine", "warmup_steps": 30},
-               "trainer": {"max_steps": pre_steps, "batch_size": 32, "grad_clip": 1.0, "eval_max_batches": 20,
-                           "log_every": 25, **QUIET}}
+               "trainer": {"max_steps": pre_steps, "batch_size": 32, "grad_clip": 1.0},
+               "eval": {"max_batches": 20}, "logging": QUIET}
     done = root / "pretrain" / "result.json"
     if done.is_file():  # reuse a finished pretraining run (the script can be rerun on the same OUT_DIR)
         pre_metrics = json.loads(done.read_text())["metrics"]
@@ -68,8 +68,8 @@ def run_experiment(root: Path, pre_steps: int = 300, ft_steps: int = 150) -> dic
         cfg = {"finetune": {"source": str(root / "pretrain"), "method": method, "lora": LORA, "strict": True},
                "model": MODEL, "data": {"name": "text", "tokenizer": "char", "seq_len": 64},
                "optim": {"lr": lr, "weight_decay": 0.0}, "schedule": {"name": "cosine", "warmup_steps": 10},
-               "trainer": {"max_steps": steps, "batch_size": 32, "grad_clip": 1.0, "eval_every": 50,
-                           "eval_max_batches": 20, "log_every": 25, **QUIET}}
+               "trainer": {"max_steps": steps, "batch_size": 32, "grad_clip": 1.0},
+               "eval": {"every": 50, "max_batches": 20}, "logging": QUIET}
         return run_finetune(cfg, root / name, data=ft_data)
 
     zero = finetune("zero", "full", 1e-9, 1)  # the pretrained model on domain B (one step at lr ~ 0)

@@ -192,12 +192,13 @@ def test_trained_run_saves_its_tokenizer_for_generate_and_convert(tmp_path, caps
 
     import torchgraft.recipes.lm as lm_mod
     from torchgraft.cli import main
+    from torchgraft.data import run_tokenizer
     from torchgraft.data.tokenizers import load_tokenizer
 
     config = Path(__file__).resolve().parents[1] / "configs" / "gpt-char.yaml"
     run, hf = tmp_path / "run", tmp_path / "hf"
-    main(["train", str(config), "--out", str(run), "trainer.max_steps=2", "trainer.eval_max_batches=1",
-          "trainer.progress=false", "trainer.tensorboard=false", "trainer.measure_flops=false",
+    main(["train", str(config), "--out", str(run), "trainer.max_steps=2", "eval.max_batches=1",
+          "logging.progress=false", "logging.tensorboard=false", "logging.measure_flops=false",
           f"data.cache_dir={tmp_path / 'cache'}", "data.progress=false", "data.seq_len=32"])
     capsys.readouterr()
     saved = run / "tokenizer" / "tokenizer.json"
@@ -208,7 +209,7 @@ def test_trained_run_saves_its_tokenizer_for_generate_and_convert(tmp_path, caps
     def no_rebuild(data):
         raise AssertionError("the tokenizer was rebuilt from the config instead of read from the run")
 
-    monkeypatch.setattr(lm_mod, "_tokenizer_from_data", no_rebuild)
+    monkeypatch.setattr(run_tokenizer, "tokenizer_from_data", no_rebuild)
     main(["generate", str(run), "--prompt", "The", "--max-new-tokens", "5", "-t", "0"])
     out = capsys.readouterr().out
     lm = lm_mod.load_lm(run)

@@ -19,9 +19,9 @@ from torchgraft.train.checkpoint import list_checkpoints
 CFG = {"model": {}, "data": {"name": "digits"},
        "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.01},
        "schedule": {"name": "cosine", "warmup_steps": 5},
-       "trainer": {"max_steps": 40, "batch_size": 32, "checkpoint_every": 4, "eval_every": 10,
-                   "keep_last": 2, "grad_clip": 1.0, "progress": False, "tensorboard": False,
-                   "measure_flops": False, "log_every": 1}}
+       "trainer": {"max_steps": 40, "batch_size": 32, "grad_clip": 1.0},
+       "eval": {"every": 10}, "checkpoint": {"every": 4, "keep_last": 2},
+       "logging": {"progress": False, "tensorboard": False, "measure_flops": False, "every": 1}}
 
 
 def dropout_mlp():

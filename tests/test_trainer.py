@@ -12,7 +12,7 @@ from torchgraft.data.loader import DictTensorDataset
 from torchgraft.data.registry import DataBundle
 from torchgraft.errors import ConfigError
 from torchgraft.train import Callback, NonFiniteError, run_training
-from torchgraft.train.config import OptimConfig, ScheduleConfig, load_run_config
+from torchgraft.train.config import MOVED_KEYS, OptimConfig, ScheduleConfig, load_run_config
 from torchgraft.train.mfu import count_flops, peak_flops
 from torchgraft.train.optim import build_optimizer
 from torchgraft.train.schedule import LRSchedule
@@ -20,12 +20,15 @@ from torchgraft.train.schedule import LRSchedule
 SMALL_LENET = {"name": "lenet", "conv_channels": [4, 8], "hidden": 32}
 
 
-def cfg(**trainer):
-    base = {"max_steps": 10, "batch_size": 32, "progress": False, "tensorboard": False,
-            "log_every": 1, "measure_flops": False}
-    base.update(trainer)
-    return {"model": dict(SMALL_LENET), "data": {"name": "digits"},
-            "optim": {"name": "adamw", "lr": 3e-3}, "trainer": base}
+def cfg(**options):
+    """A small digits run; each option goes to its section (`eval_every` -> eval.every, ...)."""
+    tree = {"model": dict(SMALL_LENET), "data": {"name": "digits"}, "optim": {"name": "adamw", "lr": 3e-3},
+            "trainer": {"max_steps": 10, "batch_size": 32},
+            "logging": {"progress": False, "tensorboard": False, "every": 1, "measure_flops": False}}
+    for key, value in options.items():
+        section, _, name = MOVED_KEYS.get(key, f"trainer.{key}").partition(".")
+        tree.setdefault(section, {})[name] = value
+    return tree
 
 
 def test_lenet_learns_digits_and_writes_run_dir(tmp_path):
@@ -87,8 +90,8 @@ def test_grad_accumulation_equals_full_batch_with_variable_lengths(tmp_path):
         model = TinyLM()
         model.load_state_dict(init)
         c = {"model": {}, "data": {}, "optim": {"name": "sgd", "lr": 0.5},
-             "trainer": {"max_steps": 3, "batch_size": 16, "grad_accum_steps": accum, "progress": False,
-                         "tensorboard": False, "measure_flops": False}}
+             "trainer": {"max_steps": 3, "batch_size": 16, "grad_accum_steps": accum},
+             "logging": {"progress": False, "tensorboard": False, "measure_flops": False}}
         out[accum] = run_training(c, tmp_path / str(accum), model=model, data=data).model.state_dict()
     for k in init:
         torch.testing.assert_close(out[1][k], out[4][k], rtol=1e-5, atol=1e-6)
@@ -231,9 +234,9 @@ def test_gpt_tiny_on_chars_loss_goes_down(tmp_path):
          "data": {"name": "text", "tokenizer": "char", "seq_len": 64, "cache_dir": str(tmp_path / "cache"),
                   "progress": False},
          "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.1},
-         "trainer": {"max_steps": 40, "batch_size": 16, "grad_accum_steps": 2, "eval_every": 40,
-                     "eval_max_batches": 4, "progress": False, "tensorboard": False, "log_every": 1,
-                     "grad_clip": 1.0}}
+         "trainer": {"max_steps": 40, "batch_size": 16, "grad_accum_steps": 2, "grad_clip": 1.0},
+         "eval": {"every": 40, "max_batches": 4},
+         "logging": {"progress": False, "tensorboard": False, "every": 1}}
     res = run_training(c, tmp_path)
     assert res.model.config.vocab_size == 106  # filled from the data (3 specials + 103 characters)
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

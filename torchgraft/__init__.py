@@ -18,7 +18,7 @@ _LAZY: dict[str, str] = {
     "grow": "torchgraft.tools.grow",
     "load_hf": "torchgraft.interop.hf",
     "save_hf": "torchgraft.interop.hf",
-    "run_training": "torchgraft.train",
+    "run_training": "torchgraft.recipes.training",
     "load_checkpoint": "torchgraft.train",
 }
 __all__ += list(_LAZY)

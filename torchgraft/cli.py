@@ -87,15 +87,15 @@ def train_cmd(
 ) -> None:
     """Train a model from a YAML config; `--resume` (or resume=true) continues the run exactly."""
     from torchgraft.distributed.env import launched_by_torchrun, relaunch_with_torchrun
-    from torchgraft.train.cli import train_from_cli
+    from torchgraft.recipes.training import train_from_cli
 
     if nproc != 1 and not launched_by_torchrun():
         from torchgraft.config import load_yaml, parse_overrides
-        from torchgraft.train.config import load_run_config
+        from torchgraft.recipes.training import load_checked_config
 
         ov = parse_overrides(overrides or [])
         ov.pop("resume", None)
-        load_run_config(load_yaml(config), ov)  # a bad config fails here once, not on every rank
+        load_checked_config(load_yaml(config), ov)  # a bad config fails here once, not on every rank
         args = ["train", str(config), *(overrides or []), *(["--out", str(out)] if out else []),
                 *(["--resume"] if resume else [])]
         code = relaunch_with_torchrun(nproc, args)

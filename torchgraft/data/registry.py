@@ -100,11 +100,6 @@ def list_datasets() -> list[str]:
     return sorted(_BUILDERS)
 
 
-_LOADED = False
-
-
 def _ensure_loaded() -> None:
-    global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        import torchgraft.data  # noqa: F401  (its __init__ imports the modules that register)
+    """Nothing to import: this module is only reachable through `torchgraft.data`, whose __init__
+    imports the built-in dataset modules (they register themselves) before anything runs here."""

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,92 +33,18 @@ from torch.utils.data import Dataset
 
 from torchgraft.config import from_dict
 from torchgraft.data.registry import DataBundle, register_dataset
+from torchgraft.data.sources import builtin_documents, iter_documents, source_key  # noqa: F401  (re-exported)
 from torchgraft.data.tokenizers import Tokenizer, byte_tokenizer, char_tokenizer, load_tokenizer, train_bpe
 from torchgraft.errors import ConfigError
+from torchgraft.io import publish_dir
 
 FORMAT_VERSION = 1
-_TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".py", ".jsonl", ".json", ".csv", ".tex", ".html"}
 
 
 def default_cache_dir() -> Path:
     """`$TORCHGRAFT_CACHE/text`, else `~/.cache/torchgraft/text`."""
     root = os.environ.get("TORCHGRAFT_CACHE") or Path.home() / ".cache" / "torchgraft"
     return Path(root) / "text"
-
-
-# ---- sources --------------------------------------------------------------------------------------
-def builtin_documents() -> list[str]:
-    """The built-in corpus: the help texts of Python's `pydoc_data.topics`, sorted by topic."""
-    from pydoc_data.topics import topics
-
-    return [topics[k] for k in sorted(topics)]
-
-
-def _source_files(source: str) -> list[Path]:
-    p = Path(source).expanduser()
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and not any(
-            part.startswith(".") for part in f.relative_to(p).parts) and f.suffix.lower() in _TEXT_SUFFIXES)
-        if not files:
-            raise ConfigError(f"no text files ({', '.join(sorted(_TEXT_SUFFIXES))}) found under {p}")
-        return files
-    raise ConfigError(f"text source not found: {source!r} (give a file, a directory or 'builtin')")
-
-
-def _iter_file(path: Path, field: str) -> Iterator[str]:
-    if path.suffix.lower() in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise ConfigError(f"{path}:{lineno} is not valid JSON (JSONL needs one object "
-                                      "per line)") from None
-                if not isinstance(row, dict) or field not in row:
-                    keys = list(row) if isinstance(row, dict) else []
-                    raise ConfigError(f"{path}:{lineno} has no field {field!r} (keys: {keys}); set "
-                                      "the data option `field:`")
-                value = row[field]
-                if not isinstance(value, str):
-                    raise ConfigError(f"{path}:{lineno}: field {field!r} must be a string")
-                if value:
-                    yield value
-    else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path} is not UTF-8 text") from None
-        if text:
-            yield text
-
-
-def iter_documents(source: str = "builtin", field: str = "text") -> Iterator[str]:
-    """Yield the documents of `source` ('builtin', a .txt/.jsonl file or a directory)."""
-    if source == "builtin":
-        yield from builtin_documents()
-        return
-    for path in _source_files(source):
-        yield from _iter_file(path, field)
-
-
-def source_key(source: str, field: str) -> str:
-    """What identifies a source's content for caching: file paths, sizes and mtimes (cheap) or, for
-    the built-in corpus, a hash of its text."""
-    h = hashlib.sha256()
-    if source == "builtin":
-        h.update(b"builtin")
-        for doc in builtin_documents():
-            h.update(doc.encode())
-    else:
-        for p in _source_files(source):
-            st = p.stat()
-            h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        h.update(field.encode())
-    return h.hexdigest()[:16]
 
 
 # ---- tokenizer resolution -------------------------------------------------------------------------
@@ -143,7 +68,7 @@ def resolve_tokenizer(spec: str, source: str = "builtin", field: str = "text", v
             tok = train_bpe(iter_documents(source, field), vocab_size)
         tmp = d.with_name(d.name + f".tmp{os.getpid()}")
         tok.save(tmp)
-        _publish(tmp, d)
+        publish_dir(tmp, d, replace=False)
         return load_tokenizer(d), d / "tokenizer.json"
     p = Path(spec).expanduser()
     if not p.exists():
@@ -151,15 +76,6 @@ def resolve_tokenizer(spec: str, source: str = "builtin", field: str = "text", v
                           "tokenizer.json (or a directory holding one)")
     tok = load_tokenizer(p)
     return tok, (p / "tokenizer.json" if p.is_dir() else p)
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Move a finished temporary directory into place (another process may have won the race)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # someone else wrote the same content first
 
 
 # ---- shards ---------------------------------------------------------------------------------------
@@ -248,7 +164,7 @@ def build_shards(source: str, field: str, tokenizer: Tokenizer, cache_dir: str |
             "dtype": dtype.name, "n_documents": n_docs, "n_tokens": n_tokens, "shards": shards}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     tokenizer.save(tmp)
-    _publish(tmp, final)
+    publish_dir(tmp, final, replace=False)
     return final
 
 

@@ -213,7 +213,7 @@ def train_bpe_files(files: Sequence[str | Path], vocab_size: int, out: str | Pat
                     min_frequency: int = 2, show_progress: bool = True) -> Tokenizer:
     """`torchgraft tokenizer train`: byte-level BPE over text/JSONL files (JSONL: the `text` field),
     saved into directory `out` (tokenizer.json + tokenizer_config.json)."""
-    from torchgraft.data.text import iter_documents
+    from torchgraft.data.sources import iter_documents
 
     paths = [Path(f) for f in files]
     if not paths:

@@ -11,7 +11,7 @@ See docs/distributed.md.
 """
 from torchgraft.distributed.checkpoint import (
     export_safetensors, full_state_dict, is_sharded_checkpoint, load_sharded, read_extra, save_sharded)
-from torchgraft.distributed.config import DistributedConfig
+from torchgraft.distributed.config import DistributedConfig, distributed_config
 from torchgraft.distributed.env import (
     DistInfo, all_reduce_mean, backend_for, barrier, cleanup, get_info, init_distributed,
     is_main_process, launched_by_torchrun, relaunch_with_torchrun, torchrun_command)
@@ -21,7 +21,7 @@ from torchgraft.distributed.parallel import (
 from torchgraft.distributed.sampler import DistributedStatefulSampler
 
 __all__ = [
-    "DistInfo", "DistributedConfig", "DistributedStatefulSampler", "STRATEGIES", "all_reduce_mean",
+    "DistInfo", "DistributedConfig", "distributed_config", "DistributedStatefulSampler", "STRATEGIES", "all_reduce_mean",
     "apply_activation_checkpointing", "backend_for", "barrier", "cleanup", "clip_grad_norm_",
     "export_safetensors", "find_blocks", "full_state_dict", "get_info", "grad_sync",
     "init_distributed", "is_main_process", "is_sharded_checkpoint", "launched_by_torchrun",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import pickle
 import warnings
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchgraft.errors import CheckpointError
+from torchgraft.io import atomic_write_file, atomic_write_text
 
 _META = "torchgraft_dcp.json"
 
@@ -130,12 +130,7 @@ def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
     if _rank() == 0:
         meta = {"format": "torch.distributed.checkpoint", "has_optimizer": optimizer is not None,
                 "world_size": dist.get_world_size() if _is_dist() else 1, "extra": extra or {}}
-        tmp = path / (_META + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path / _META)
+        atomic_write_text(path / _META, json.dumps(meta, indent=2))
     if _is_dist():
         dist.barrier()
     return path
@@ -240,11 +235,7 @@ def export_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, s
                 v = v.clone()
             seen.add(v.untyped_storage().data_ptr())
             tensors[k] = v
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"}))
         out = path
     if _is_dist():
         dist.barrier()

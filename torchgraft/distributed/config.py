@@ -1,8 +1,13 @@
-"""The `distributed:` section of a run config (plain dataclass: no torch.distributed import here)."""
+"""The `distributed:` section of a run config (plain dataclass: no torch.distributed import here).
+
+The run config keeps the section as a plain mapping (so `torchgraft.train` does not depend on this
+package); `distributed_config` validates it when the distributed engine reads it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+from torchgraft.config import from_dict
 
 
 @dataclass
@@ -25,3 +30,10 @@ class DistributedConfig:
     mixed_precision: str = "none"
     cpu_offload: bool = False
     block_pattern: str | None = None
+
+
+def distributed_config(section: dict[str, Any] | DistributedConfig | None) -> DistributedConfig:
+    """The validated `distributed:` section (unknown keys and wrong types fail with one line)."""
+    if isinstance(section, DistributedConfig):
+        return section
+    return from_dict(DistributedConfig, dict(section or {}), prefix="distributed")

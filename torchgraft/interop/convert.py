@@ -7,7 +7,7 @@
 
 Tokenizer files found next to the source (for a run: the checkpoint folder, the run root or
 `<run>/tokenizer/`, where the trainer saves it) are copied along; a run without one gets the tokenizer
-rebuilt from its config's `data:` section (`torchgraft.recipes.lm.checkpoint_tokenizer`).
+rebuilt from its config's `data:` section (`torchgraft.data.run_tokenizer.checkpoint_tokenizer`).
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def torchgraft_to_hf(src: str | Path, dst: str | Path, *, dtype: torch.dtype | N
             config_overrides={k: v for k, v in special.items() if k in SPECIAL_TOKEN_FIELDS})
     copied = _copy_tokenizer(_tokenizer_dirs(src, ckpt), dst)
     if not copied:  # a run saved before the trainer wrote its tokenizer: rebuild it from the config
-        from torchgraft.recipes.lm import checkpoint_tokenizer
+        from torchgraft.data.run_tokenizer import checkpoint_tokenizer
 
         try:
             tok = checkpoint_tokenizer(ckpt, loaded.meta)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import struct
 import sys
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from torchgraft.errors import CheckpointError
+from torchgraft.io import atomic_write_file, atomic_write_text
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -222,22 +222,6 @@ def pending(name: str, tensor: torch.Tensor) -> PendingTensor:
     return PendingTensor(name, tuple(tensor.shape), tensor.dtype, lambda: tensor)
 
 
-def _atomic_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # pragma: no cover - directories cannot be fsynced on some filesystems
-        pass
-
-
 def write_file(path: str | Path, tensors: list[PendingTensor],
                metadata: dict[str, str] | None = None) -> None:
     """Write one safetensors file, producing and writing one tensor at a time (atomic rename)."""
@@ -252,8 +236,8 @@ def write_file(path: str | Path, tensors: list[PendingTensor],
         offset += t.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = _atomic_path(path)
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
@@ -266,11 +250,8 @@ def write_file(path: str | Path, tensors: list[PendingTensor],
                 if x.numel():
                     f.write(memoryview(x.reshape(-1).view(torch.uint8).numpy()))
                 del x
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write_file(path, write)
 
 
 def write_checkpoint(directory: str | Path, tensors: list[PendingTensor],
@@ -312,15 +293,5 @@ def write_checkpoint(directory: str | Path, tensors: list[PendingTensor],
 
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON to `path` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    tmp = _atomic_path(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 

@@ -163,12 +163,8 @@ def materialize(model: nn.Module, device: str | torch.device = "cpu") -> nn.Modu
     return model
 
 
-_LOADED = False
 
 
 def _ensure_loaded() -> None:
-    """Import the model families so they register themselves (lazily, to keep imports cheap)."""
-    global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        import torchgraft.models  # noqa: F401
+    """Nothing to import: this module is only reachable through `torchgraft.models`, whose __init__
+    imports every family module (they register themselves) first; an import here was a cycle."""

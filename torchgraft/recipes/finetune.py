@@ -122,7 +122,8 @@ def run_finetune(config: str | Path | dict[str, Any], out_dir: str | Path, overr
     from torchgraft.tools.freeze import GradualUnfreeze
     from torchgraft.tools.param_groups import param_groups
     from torchgraft.tools.transfer import transfer
-    from torchgraft.train import load_run_config, run_training
+    from torchgraft.recipes.training import run_training
+    from torchgraft.train import load_run_config
     from torchgraft.train.trainer import build_model_for, model_meta, seed_everything
 
     ft, tree = split_config(config, overrides)
@@ -172,10 +173,9 @@ def run_finetune(config: str | Path | dict[str, Any], out_dir: str | Path, overr
 
 def write_merged(model: nn.Module, path: Path, meta_fn) -> Path:
     """Fold adapters into the base weights and write a weights-only checkpoint with original names."""
-    import os
-
     from safetensors.torch import save_file
 
+    from torchgraft.io import atomic_write_file, atomic_write_text
     from torchgraft.peft import lora_layers, unload
 
     if lora_layers(model):
@@ -188,8 +188,6 @@ def write_merged(model: nn.Module, path: Path, meta_fn) -> Path:
         if key not in seen:
             seen.add(key)
             state[k] = v.detach().cpu().clone().contiguous()
-    tmp = path / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path / "model.safetensors")
-    (path / "meta.json").write_text(json.dumps({"model": meta_fn(model), "merged": True}, indent=1))
+    atomic_write_file(path / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    atomic_write_text(path / "meta.json", json.dumps({"model": meta_fn(model), "merged": True}, indent=1))
     return path

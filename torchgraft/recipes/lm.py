@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchgraft.data.tokenizers import Tokenizer, load_tokenizer
+from torchgraft.data.run_tokenizer import checkpoint_tokenizer, find_tokenizer, run_data_section
+from torchgraft.data.tokenizers import Tokenizer
 from torchgraft.errors import CheckpointError, ConfigError
 
 
@@ -37,51 +38,6 @@ def _is_hf_dir(p: Path) -> bool:
     return p.is_dir() and (p / "config.json").is_file() and (
         (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()) \
         and not (p / "meta.json").is_file()
-
-
-def _run_data_section(run_dir: Path | None, meta: dict[str, Any]) -> dict[str, Any] | None:
-    """The `data:` section of the run config, from meta.json or the run's config.yaml."""
-    for key in ("run_config", "config", "run"):
-        section = meta.get(key)
-        if isinstance(section, dict) and isinstance(section.get("data"), dict):
-            return section["data"]
-    if run_dir is not None and (run_dir / "config.yaml").is_file():
-        from torchgraft.config import load_yaml
-
-        data = load_yaml(run_dir / "config.yaml").get("data")
-        if isinstance(data, dict):
-            return data
-    return None
-
-
-def _tokenizer_from_data(data: dict[str, Any] | None) -> Tokenizer | None:
-    if not data or data.get("name") != "text":
-        return None
-    from torchgraft.data.text import resolve_tokenizer
-
-    tok, _ = resolve_tokenizer(str(data.get("tokenizer", "char")), str(data.get("source", "builtin")),
-                               str(data.get("field", "text")), int(data.get("vocab_size", 4096)),
-                               data.get("cache_dir"))
-    return tok
-
-
-def find_tokenizer(*dirs: Path | None) -> Tokenizer | None:
-    """The first tokenizer.json in `dirs` (or their `tokenizer/` subfolder), else None."""
-    for d in dirs:
-        if d is None:
-            continue
-        for cand in (d / "tokenizer.json", d / "tokenizer" / "tokenizer.json"):
-            if cand.is_file():
-                return load_tokenizer(cand)
-    return None
-
-
-def checkpoint_tokenizer(ck_dir: Path, meta: dict[str, Any]) -> Tokenizer | None:
-    """The tokenizer of a trainer checkpoint folder: a saved tokenizer.json (the checkpoint folder, then
-    its run directory's root or `tokenizer/`, where the trainer saves it), else one rebuilt from the
-    run's `data:` section (runs saved before the trainer wrote it), else None."""
-    run_dir = ck_dir.parent.parent if ck_dir.parent.name == "checkpoints" else None
-    return find_tokenizer(ck_dir, run_dir) or _tokenizer_from_data(_run_data_section(run_dir, meta))
 
 
 def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LoadedLM:
@@ -111,7 +67,7 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LoadedLM:
 
     restore_adapters(model, run_dir)  # a LoRA/DoRA fine-tune run: its checkpoints hold adapter weights
     model.load_state_dict(ck.model_state)
-    data = _run_data_section(run_dir, ck.meta)
+    data = run_data_section(run_dir, ck.meta)
     tok = checkpoint_tokenizer(ck_dir, ck.meta)
     return LoadedLM(model.eval(), tok, data, ck_dir)
 

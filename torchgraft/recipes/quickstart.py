@@ -39,9 +39,10 @@ def _config(digits: list[int], steps: int, eval_every: int, *, per_class: int | 
         "data": data,
         "optim": {"name": "adamw", "lr": lr, "weight_decay": 0.01},
         "schedule": {"name": "cosine", "warmup_steps": min(10, steps // 10), "min_lr_ratio": 0.1},
-        "trainer": {"max_steps": steps, "batch_size": batch_size, "seed": 0, "eval_every": eval_every,
-                    "log_every": min(10, eval_every), "checkpoint_every": steps, "keep_last": 1,
-                    "grad_clip": 1.0, "progress": progress, "tensorboard": False},
+        "trainer": {"max_steps": steps, "batch_size": batch_size, "seed": 0, "grad_clip": 1.0},
+        "eval": {"every": eval_every},
+        "checkpoint": {"every": steps, "keep_last": 1},
+        "logging": {"every": min(10, eval_every), "progress": progress, "tensorboard": False},
     }
 
 

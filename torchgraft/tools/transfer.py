@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from torchgraft.errors import CheckpointError, TransferError
-from torchgraft.tools.console import recording_console
+from torchgraft.io import step_of
 from torchgraft.models.parts import parts_of
 from torchgraft.tools.adapt import POLICIES, PolicyFn, PolicyMismatch, auto_policy, declared_auto_policy
+from torchgraft.tools.console import recording_console
 
 Source = Union[nn.Module, Mapping[str, torch.Tensor], str, Path]
 Rules = Union[Mapping[str, "str | None"], Iterable["tuple[str, str | None]"], Callable[[str], "str | None"], None]
@@ -188,9 +189,9 @@ def newest_checkpoint(path: str | Path) -> Path:
     ckdir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     steps = []
     for d in ckdir.glob("step_*"):
-        m = re.fullmatch(r"step_(\d+)", d.name)
-        if m and d.is_dir() and (d / "model.safetensors").is_file():
-            steps.append((int(m.group(1)), d))
+        step = step_of(d.name)
+        if step is not None and d.is_dir() and (d / "model.safetensors").is_file():
+            steps.append((step, d))
     if not steps:
         raise CheckpointError(f"no checkpoint in {p}: expected model.safetensors or "
                               "checkpoints/step_XXXXXXXX/model.safetensors (check the path)")

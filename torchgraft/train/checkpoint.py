@@ -19,9 +19,9 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,55 +32,21 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from torchgraft.errors import CheckpointError
+from torchgraft.io import (STEP_DIR_RE, atomic_write_bytes, fsync_dir, publish_dir, remove_dir, step_dir_name,
+                           write_synced)
 
 FORMAT_VERSION = 1
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
 class CheckpointFallbackWarning(UserWarning):
     """The newest checkpoint was unusable and an older one is used instead."""
 
 
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-# ---------------------------------------------------------------- low-level atomic file writing
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file + fsync + rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _write_bytes(tmp, data)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _json_bytes(obj: Any) -> bytes:
+def json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True).encode()
 
 
-def _state_dict_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def state_dict_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached contiguous CPU tensors; tied (shared-storage) entries are cloned so every name stays."""
     out, seen = {}, set()
     for k, v in sd.items():
@@ -162,49 +128,80 @@ def restore_rng(js: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
 
 # ---------------------------------------------------------------- writing / verifying a checkpoint
 
+def checkpoint_files(*, model_state: dict[str, torch.Tensor] | None, meta: dict[str, Any],
+                     optimizer_state: dict[str, Any] | None = None,
+                     trainer_state: dict[str, Any] | None = None,
+                     rng_tensors: dict[str, torch.Tensor] | None = None) -> dict[str, bytes]:
+    """The files of a checkpoint folder (name -> bytes), every part optional but `meta`."""
+    files: dict[str, bytes] = {}
+    if model_state is not None:
+        files["model.safetensors"] = st_save(state_dict_tensors(model_state), metadata={"format": "pt"})
+    if optimizer_state is not None:
+        tensors, js = optimizer_to_files(optimizer_state)
+        files["optimizer.safetensors"] = st_save(tensors)
+        files["optimizer.json"] = json_bytes(js)
+    if rng_tensors is not None:
+        files["rng.safetensors"] = st_save({k: v.contiguous() for k, v in rng_tensors.items()})
+    if trainer_state is not None:
+        files["trainer_state.json"] = json_bytes(trainer_state)
+    files["meta.json"] = json_bytes(meta)
+    return files
+
+
+def _noop() -> None:
+    pass
+
+
+def write_checkpoint_dir(path: str | Path, files: dict[str, bytes], *,
+                         write_shards: Callable[[Path], None] | None = None, main: bool = True,
+                         barrier: Callable[[], None] = _noop) -> Path:
+    """The one checkpoint writer, for single-file and sharded layouts.
+
+    The folder is written under a temporary name: `write_shards(tmp)` (every process, e.g. DCP
+    shards into `tmp/dcp`) and `files` (the main process) are fsynced, `manifest.json` lists the
+    sha256 and size of every file (written last), then the folder is renamed into place. A crash
+    leaves either the old set or the new one. Every process calls this; only `main` writes files.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{'sharded' if write_shards else os.getpid()}")
+    if main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    if write_shards is not None:
+        barrier()
+        write_shards(tmp)
+    if main:
+        for name, data in files.items():
+            write_synced(tmp / name, data)
+        entries = {n: _entry(b) for n, b in files.items()}
+        for f in sorted(tmp.rglob("*")):
+            rel = str(f.relative_to(tmp))
+            if f.is_file() and rel not in entries:
+                entries[rel] = _entry(f.read_bytes())
+            elif f.is_dir():
+                fsync_dir(f)
+        manifest = {"format_version": FORMAT_VERSION, "step": json.loads(files["meta.json"]).get("step"),
+                    "files": dict(sorted(entries.items()))}
+        write_synced(tmp / "manifest.json", json_bytes(manifest))
+        publish_dir(tmp, path)
+    barrier()
+    return path
+
+
+def _entry(data: bytes) -> dict[str, Any]:
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
 def write_checkpoint(path: str | Path, *, model_state: dict[str, torch.Tensor], meta: dict[str, Any],
                      optimizer_state: dict[str, Any] | None = None,
                      trainer_state: dict[str, Any] | None = None,
                      rng_tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write a checkpoint folder atomically (temp folder, fsync every file, manifest, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    files: dict[str, bytes] = {"model.safetensors": st_save(_state_dict_tensors(model_state),
-                                                            metadata={"format": "pt"})}
-    if optimizer_state is not None:
-        tensors, js = optimizer_to_files(optimizer_state)
-        files["optimizer.safetensors"] = st_save(tensors)
-        files["optimizer.json"] = _json_bytes(js)
-    if rng_tensors is not None:
-        files["rng.safetensors"] = st_save({k: v.contiguous() for k, v in rng_tensors.items()})
-    if trainer_state is not None:
-        files["trainer_state.json"] = _json_bytes(trainer_state)
-    files["meta.json"] = _json_bytes(meta)
-    manifest = {"format_version": FORMAT_VERSION, "step": meta.get("step"),
-                "files": {n: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)}
-                          for n, b in files.items()}}
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    for name, data in files.items():
-        _write_bytes(tmp / name, data)
-    _write_bytes(tmp / "manifest.json", _json_bytes(manifest))
-    publish_dir(tmp, path)
-    return path
-
-
-def publish_dir(tmp: Path, path: Path) -> None:
-    """Atomically make the fully written folder `tmp` visible as `path` (fsync, then rename)."""
-    _fsync_dir(tmp)
-    if path.exists():  # re-saving the same step (e.g. after a resume): move the old one aside first
-        trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
-        os.replace(path, trash)
-        os.replace(tmp, path)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Write a single-file checkpoint folder atomically (temp folder, fsync every file, manifest, rename)."""
+    return write_checkpoint_dir(path, checkpoint_files(
+        model_state=model_state, meta=meta, optimizer_state=optimizer_state,
+        trainer_state=trainer_state, rng_tensors=rng_tensors))
 
 
 def read_verified(path: str | Path) -> dict[str, bytes]:
@@ -263,7 +260,7 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR_RE.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
@@ -290,25 +287,31 @@ def load_latest(path: str | Path, *, before: Path | None = None) -> LoadedCheckp
         candidates = list_checkpoints(root)
         if not candidates:
             raise CheckpointError(f"no checkpoints in {root}")
-    elif (path / "manifest.json").exists() or _STEP_DIR.match(path.name):
-        siblings = list_checkpoints(path.parent) if _STEP_DIR.match(path.name) else []
+    elif (path / "manifest.json").exists() or STEP_DIR_RE.match(path.name):
+        siblings = list_checkpoints(path.parent) if STEP_DIR_RE.match(path.name) else []
         candidates = [p for p in siblings if p.name <= path.name] or [path]
         if path not in candidates:
             candidates.append(path)
     else:
         raise CheckpointError(f"{path} is neither a run directory nor a checkpoint folder "
                               f"(expected checkpoints/ or manifest.json inside)")
+    return newest_verified(candidates, path, parse=True)
+
+
+def newest_verified(candidates: list[Path], where: str | Path, *, parse: bool = False) -> Any:
+    """The newest of `candidates` (oldest first) whose manifest verifies: its path, or its
+    `LoadedCheckpoint` when `parse`. Each bad one warns `CheckpointFallbackWarning` and the previous
+    is tried (the one fallback loop of every loader)."""
     errors = []
     for cand in reversed(candidates):
         try:
-            loaded = _parse(cand, read_verified(cand))
+            files = read_verified(cand)
+            return _parse(cand, files) if parse else cand
         except CheckpointError as e:
             errors.append(str(e))
             warnings.warn(f"{e}; falling back to the previous checkpoint", CheckpointFallbackWarning,
-                          stacklevel=2)
-            continue
-        return loaded
-    raise CheckpointError(f"no good checkpoint under {path}: " + "; ".join(errors))
+                          stacklevel=3)
+    raise CheckpointError(f"no good checkpoint under {where}: " + "; ".join(errors))
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -343,12 +346,18 @@ class CheckpointManager:
         return self.root / step_dir_name(step)
 
     def save(self, step: int, **parts: Any) -> Path:
+        """Write a single-file checkpoint of `step` (`write_checkpoint` arguments)."""
         self.clean_temp()
         return write_checkpoint(self.path_for(step), **parts)
 
+    def newest_verified(self) -> Path | None:
+        """The newest checkpoint whose manifest verifies (falling back with a warning), None if none."""
+        ckpts = list_checkpoints(self.root)
+        return newest_verified(ckpts, self.root) if ckpts else None
+
     def mark_best(self, step: int, metric: str, value: float) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.root / "best.json", _json_bytes(
+        atomic_write_bytes(self.root / "best.json", json_bytes(
             {"name": step_dir_name(step), "step": step, "metric": metric, "value": value}))
 
     def best_name(self) -> str | None:
@@ -366,9 +375,7 @@ class CheckpointManager:
             keep.add(best)
         for p in ckpts:
             if p.name not in keep:
-                trash = p.with_name(f".trash-{p.name}-{os.getpid()}")
-                os.replace(p, trash)
-                shutil.rmtree(trash, ignore_errors=True)
+                remove_dir(p)
 
     def clean_temp(self) -> None:
         """Remove leftovers of interrupted writes/deletes (.tmp-*, .trash-*)."""
@@ -376,3 +383,8 @@ class CheckpointManager:
             for p in self.root.iterdir():
                 if p.name.startswith((".tmp-", ".trash-")) and p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
+
+
+def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
+    """One checkpoint folder, manifest verified (no fallback)."""
+    return _parse(Path(path), read_verified(path))

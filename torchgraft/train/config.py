@@ -1,8 +1,9 @@
-"""Run configuration: one YAML with sections model, data, optim, schedule, trainer.
+"""Run configuration: one YAML with sections model, data, task, optim, schedule, trainer, eval,
+checkpoint, logging, distributed.
 
-`model` and `data` stay mappings (validated by the model registry / dataset builder); the other
-sections are typed dataclasses, so unknown keys and wrong types fail with a clear message.
-To add a section (e.g. `distributed`), add a dataclass field to `RunConfig`.
+`model`, `data` and `distributed` stay mappings (validated by the model registry, the dataset builder
+and the distributed engine); the other sections are typed dataclasses, so unknown keys and wrong
+types fail with a clear message. To add a section, add a dataclass field to `RunConfig`.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from torchgraft.config import apply_overrides, from_dict, load_yaml, to_dict
-from torchgraft.distributed.config import DistributedConfig
 from torchgraft.errors import ConfigError
 
 
@@ -39,6 +39,8 @@ class ScheduleConfig:
 
 @dataclass
 class TrainerConfig:
+    """`trainer:` the optimisation loop itself."""
+
     max_steps: int = 1000
     batch_size: int = 64               # examples per optimizer step (all micro-batches together)
     grad_accum_steps: int = 1          # micro-batches per step; batch_size must divide evenly
@@ -47,35 +49,81 @@ class TrainerConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
     grad_clip: float = 0.0             # max global grad norm; 0 = off
-    eval_every: int = 0                # steps; 0 = only at the end
-    eval_batch_size: int = 256
-    eval_max_batches: int | None = None
-    log_every: int = 10
-    checkpoint_every: int = 0          # steps; 0 = only at the end
-    keep_last: int = 2                 # last-K checkpoints kept (the best one is kept too)
-    save_best: bool = True             # checkpoint each new best evaluation (needs eval_every > 0)
-    best_metric: str = "val_loss"
-    best_mode: Literal["min", "max", "auto"] = "auto"
+    max_bad_steps: int = 5             # consecutive NaN/Inf steps before the run stops
+    init_from: str | None = None       # start from these weights (a run dir or checkpoint folder)
+
+
+@dataclass
+class EvalConfig:
+    """`eval:` when and on how much data to evaluate, which metric is "best", early stopping."""
+
+    every: int = 0                     # steps; 0 = only at the end
+    batch_size: int = 256
+    max_batches: int | None = None
+    best_metric: str | None = None     # default: the task's default metric (val_loss for both built-ins)
+    best_mode: Literal["min", "max", "auto"] = "auto"  # auto: the task's higher_is_better(best_metric)
     early_stopping_patience: int = 0   # evaluations without improvement; 0 = off
     early_stopping_min_delta: float = 0.0
-    max_bad_steps: int = 5             # consecutive NaN/Inf steps before the run stops
+
+
+@dataclass
+class CheckpointConfig:
+    """`checkpoint:` when to save and what to keep."""
+
+    every: int = 0                     # steps; 0 = only at the end
+    keep_last: int = 2                 # last-K checkpoints kept (the best one is kept too)
+    save_best: bool = True             # checkpoint each new best evaluation (needs eval.every > 0)
+
+
+@dataclass
+class LoggingConfig:
+    """`logging:` metrics.jsonl / TensorBoard cadence, the progress bar, FLOP counting."""
+
+    every: int = 10                    # steps between metrics records
     progress: bool = True
     tensorboard: bool = True
     measure_flops: bool = True         # count model FLOPs once (for FLOP/s and MFU)
-    init_from: str | None = None       # start from these weights (a run dir or checkpoint folder)
+
+
+# keys that moved out of `trainer:` -> their new dotted name
+MOVED_KEYS = {
+    "eval_every": "eval.every", "eval_batch_size": "eval.batch_size", "eval_max_batches": "eval.max_batches",
+    "best_metric": "eval.best_metric", "best_mode": "eval.best_mode",
+    "early_stopping_patience": "eval.early_stopping_patience",
+    "early_stopping_min_delta": "eval.early_stopping_min_delta",
+    "checkpoint_every": "checkpoint.every", "keep_last": "checkpoint.keep_last",
+    "save_best": "checkpoint.save_best",
+    "log_every": "logging.every", "progress": "logging.progress", "tensorboard": "logging.tensorboard",
+    "measure_flops": "logging.measure_flops",
+}
 
 
 @dataclass
 class RunConfig:
     model: dict[str, Any] = field(default_factory=lambda: {"name": "lenet"})
     data: dict[str, Any] = field(default_factory=lambda: {"name": "digits"})
+    task: str | dict[str, Any] | None = None  # overrides the data's task (a name or {name: ..., options})
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # how the run is spread over processes: a plain mapping here, validated by the engine that reads it
+    # (torchgraft.distributed.config), so this module does not depend on torchgraft.distributed
+    distributed: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+
+def check_moved_keys(tree: dict[str, Any]) -> None:
+    """An old `trainer.<key>` (before the eval/checkpoint/logging split) fails naming its new key."""
+    trainer = tree.get("trainer")
+    if isinstance(trainer, dict):
+        for key in trainer:
+            if key in MOVED_KEYS:
+                raise ConfigError(f"trainer.{key} moved: use {MOVED_KEYS[key]}")
 
 
 def load_run_config(source: str | Path | dict[str, Any] | RunConfig,
@@ -89,6 +137,7 @@ def load_run_config(source: str | Path | dict[str, Any] | RunConfig,
         tree = load_yaml(source)
     if overrides:
         tree = apply_overrides(tree, overrides)
+    check_moved_keys(tree)
     cfg = from_dict(RunConfig, tree)
     check_run_config(cfg)
     return cfg
@@ -101,9 +150,11 @@ def check_run_config(cfg: RunConfig) -> None:
     if t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
         raise ConfigError(f"trainer.batch_size={t.batch_size} must be a multiple of "
                           f"trainer.grad_accum_steps={t.grad_accum_steps}")
-    for key in ("eval_every", "checkpoint_every", "log_every", "keep_last", "early_stopping_patience"):
-        if getattr(t, key) < 0:
-            raise ConfigError(f"trainer.{key} must be >= 0, got {getattr(t, key)}")
+    for where, value in (("eval.every", cfg.eval.every), ("checkpoint.every", cfg.checkpoint.every),
+                         ("logging.every", cfg.logging.every), ("checkpoint.keep_last", cfg.checkpoint.keep_last),
+                         ("eval.early_stopping_patience", cfg.eval.early_stopping_patience)):
+        if value < 0:
+            raise ConfigError(f"{where} must be >= 0, got {value}")
     if t.max_bad_steps < 1:
         raise ConfigError(f"trainer.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     if cfg.optim.lr <= 0:
@@ -112,5 +163,5 @@ def check_run_config(cfg: RunConfig) -> None:
     if s.warmup_steps < 0 or not 0 <= s.min_lr_ratio <= 1 or not 0 < s.decay_fraction <= 1:
         raise ConfigError("schedule: need warmup_steps >= 0, 0 <= min_lr_ratio <= 1, "
                           "0 < decay_fraction <= 1")
-    if not isinstance(cfg.model, dict) or not isinstance(cfg.data, dict):
-        raise ConfigError("model and data must be sections (mappings)")
+    if not isinstance(cfg.model, dict) or not isinstance(cfg.data, dict) or not isinstance(cfg.distributed, dict):
+        raise ConfigError("model, data and distributed must be sections (mappings)")

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torchgraft.io import atomic_write_text
+
 
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, enabled: bool = True,
@@ -39,9 +41,7 @@ class MetricsLogger:
                     keep.append(line)
             except ValueError:
                 continue  # a line cut short by a crash
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

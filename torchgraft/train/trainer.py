@@ -1,45 +1,43 @@
-"""The training loop: config in, run directory out.
+"""The training loop: config in, run directory out. One `Trainer` for every task and every scale.
 
-Separate small pieces so other features plug in without touching the loop:
-`build_model_for` (model from config + data), `wrap_model` (compile; DDP/FSDP later), `make_sampler`
-(stateful, rank-aware), `MetricsLogger` (rank-0 logging), `Trainer.save_checkpoint` /
-`Trainer.restore` (checkpoint I/O), `Trainer.global_count` (target count across ranks).
+What differs between kinds of problems is the `Task` (torchgraft.train.tasks: batch keys, model call,
+loss, metrics); what differs between one process and several is the engine (`LocalEngine` here,
+`torchgraft.distributed.engine.DistributedEngine`); when to evaluate, checkpoint and log is decided by
+the small objects of `torchgraft.train.cadence`. The loop itself knows none of these details.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import random
-import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
 from torchgraft.config import to_dict
-from torchgraft.data.loader import StatefulLoader, StatefulSampler, iter_eval_batches
+from torchgraft.data.loader import StatefulLoader, iter_eval_batches
 from torchgraft.data.registry import DataBundle, build_data
 from torchgraft.errors import CheckpointError, ConfigError, TorchgraftError
+from torchgraft.train.cadence import LogCadence, Throughput, TrainState, Validator, eval_line
 from torchgraft.train.callbacks import Callback, CallbackList
-from torchgraft.train.checkpoint import (CheckpointManager, capture_rng, list_checkpoints, load_latest,
-                                         load_optimizer_state, restore_rng)
+from torchgraft.train.checkpoint import capture_rng, list_checkpoints, restore_rng
+from torchgraft.train.checkpointer import Checkpointer
 from torchgraft.train.config import RunConfig, load_run_config
+from torchgraft.train.engine import LocalEngine, resolve_device  # noqa: F401  (resolve_device: public here too)
 from torchgraft.train.logging import MetricsLogger, ProgressBar
 from torchgraft.train.mfu import count_flops, device_peak_flops
 from torchgraft.train.optim import ParamGroupsFn, build_optimizer
 from torchgraft.train.precision import autocast, make_grad_scaler
 from torchgraft.train.schedule import LRSchedule
-
-IGNORE_INDEX = -100
+from torchgraft.train.tasks import Task, build_task
 
 
 class NonFiniteError(TorchgraftError):
@@ -52,15 +50,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name!r} but CUDA is not available; use device=cpu or auto")
-    return dev
 
 
 def build_model_for(section: dict[str, Any], info: dict[str, Any], device: str | None = None) -> nn.Module:
@@ -80,18 +69,6 @@ def build_model_for(section: dict[str, Any], info: dict[str, Any], device: str |
                 raise ConfigError(f"model.{key}={have} does not fit the data ({info[key]}); "
                                   f"remove model.{key} to take it from the data")
     return build(spec, device=device)
-
-
-def wrap_model(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Module:
-    """The module the loop calls: `torch.compile` when asked (DDP/FSDP wrapping goes here too)."""
-    if cfg.trainer.compile:
-        return torch.compile(model)
-    return model
-
-
-def make_sampler(dataset: Any, cfg: RunConfig) -> StatefulSampler:
-    """The training sampler (a distributed run passes rank / world_size)."""
-    return StatefulSampler(len(dataset), cfg.trainer.batch_size, shuffle=True, seed=cfg.trainer.seed)
 
 
 def model_meta(model: nn.Module) -> dict[str, Any]:
@@ -118,41 +95,6 @@ def save_run_tokenizer(run_dir: Path, info: dict[str, Any]) -> Path | None:
     return tok.save(run_dir / "tokenizer")
 
 
-def _logits(out: Any) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out
-
-
-def flat_logits_and_labels(model: nn.Module, batch: dict[str, torch.Tensor], task: str
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the model on a batch; return float32 logits (N, K) and labels (N,) over every target."""
-    if task == "lm":
-        logits = _logits(model(batch["input_ids"], attention_mask=batch.get("attention_mask")))  # (B, T, V)
-    else:
-        logits = _logits(model(batch["inputs"]))  # (B, K)
-    return logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1)
-
-
-def loss_sum_and_count(model: nn.Module, batch: dict[str, torch.Tensor], task: str
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sum of per-target cross-entropy, number of targets, number correct) for one (micro-)batch."""
-    logits, labels = flat_logits_and_labels(model, batch, task)
-    loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    valid = labels != IGNORE_INDEX
-    correct = ((logits.argmax(-1) == labels) & valid).sum()
-    return loss, valid.sum(), correct
-
-
-def step_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str,
-              total: torch.Tensor | None) -> torch.Tensor:
-    """Training loss of one micro-batch: summed cross-entropy / `total` targets of the whole step
-    (so accumulated micro-batches give exactly the full batch's gradient), or the plain mean over
-    this batch's targets when `total` is None (a single micro-batch)."""
-    logits, labels = flat_logits_and_labels(model, batch, task)
-    if total is None:
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / total
-
-
 def split_batch(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
     if n == 1:
         return [batch]
@@ -166,21 +108,26 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-# ------------------------------------------------------------------------------------ state / result
+def rescale_loader_state(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """Let a run resume with another number of processes: the global batch must be the same; the
+    position (batches drawn per rank = optimizer steps) then carries over unchanged."""
+    ws_old, ws_new = saved.get("world_size", 1), current["world_size"]
+    if ws_old == ws_new:
+        return saved
+    if saved.get("batch_size", 0) * ws_old != current["batch_size"] * ws_new:
+        raise CheckpointError(f"cannot resume on {ws_new} processes: the checkpoint's global batch was "
+                              f"{saved.get('batch_size', 0) * ws_old}, this run's is "
+                              f"{current['batch_size'] * ws_new}; keep trainer.batch_size")
+    return {**saved, "world_size": ws_new, "batch_size": current["batch_size"]}
+
 
 @dataclass
-class TrainState:
-    step: int = 0
-    best_value: float | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    consecutive_bad: int = 0
-    skipped_steps: int = 0
-    samples_seen: int = 0
-    targets_seen: int = 0
-    last_eval: dict[str, float] = field(default_factory=dict)
-    should_stop: bool = False
-    stop_reason: str = ""
+class StepOutput:
+    loss: float
+    grad_norm: float
+    ok: bool          # finite loss and gradient: the update was applied
+    count: torch.Tensor  # loss units (samples / target tokens) of this process's batch
+    lr: float = 0.0
 
 
 @dataclass
@@ -205,90 +152,79 @@ class TrainResult:
 # ------------------------------------------------------------------------------------ trainer
 
 class Trainer:
-    is_main = True  # this process logs and writes run files (rank 0 in a distributed run)
+    """Trains `cfg` into `out_dir` with `engine` (one process by default).
+
+    `model` replaces the one named by cfg.model, `data` replaces cfg.data; `param_groups_fn(model)`
+    supplies custom optimizer groups. The trainer's resumable state is `state_dict()` /
+    `load_state_dict()` (counters, data position, RNG, loss scaler); model and optimizer state are
+    written by the engine's checkpoint layout."""
 
     def __init__(self, cfg: RunConfig | dict | str | Path, out_dir: str | Path, *,
                  model: nn.Module | None = None, data: DataBundle | None = None,
-                 callbacks: Sequence[Callback] = (), param_groups_fn: ParamGroupsFn | None = None):
+                 callbacks: Sequence[Callback] = (), param_groups_fn: ParamGroupsFn | None = None,
+                 engine: LocalEngine | None = None):
         self.cfg = cfg if isinstance(cfg, RunConfig) else load_run_config(cfg)
         t = self.cfg.trainer
+        self.engine = engine if engine is not None else LocalEngine(t.device)
+        self.device, self.is_main = self.engine.device, self.engine.is_main
         self.run_dir = Path(out_dir)
-        self.device = resolve_device(t.device)
         seed_everything(t.seed)
-        self.data = data if data is not None else build_data(self.cfg.data, t.seed)
-        self.task = self.data.task
-        self.model, self.train_model = self.setup_model(model)
+        self.data = data if data is not None else self.engine.prepare_data(lambda: build_data(self.cfg.data, t.seed))
+        self.task: Task = build_task(self.cfg.task if self.cfg.task is not None else self.data.task)
+        self.model, self.train_model = self.engine.setup_model(
+            model, lambda device: build_model_for(self.cfg.model, self.data.info, device=device),
+            self.load_initial_weights if t.init_from else None, t.compile)
         self.optimizer = build_optimizer(self.model, self.cfg.optim, param_groups_fn)
         self.schedule = LRSchedule(self.cfg.schedule, t.max_steps)
         self.scaler = make_grad_scaler(t.precision, self.device)
-        self.loader = StatefulLoader(self.data.train, self.make_sampler(self.data.train),
+        self.loader = StatefulLoader(self.data.train, self.engine.sampler(len(self.data.train), t.batch_size, t.seed),
                                      self.data.collate_fn)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=t.keep_last)
         self.callbacks = CallbackList(callbacks)
         self.state = TrainState()
-        self.best_mode = t.best_mode if t.best_mode != "auto" else ("max" if "acc" in t.best_metric else "min")
+        metric = self.cfg.eval.best_metric or self.task.default_metric
+        self.validator = Validator(self.cfg.eval, metric, self.task.higher_is_better(metric))
+        self.checkpoints = Checkpointer(self.run_dir / "checkpoints", self.cfg.checkpoint, self.cfg.eval.every,
+                                        self.engine)
+        self.ckpt = self.checkpoints.manager
+        self.log_cadence = LogCadence(self.cfg.logging)
         self.flops_per_step: int | None = None
         self.peak_flops = device_peak_flops(self.device, t.precision)
         self.logger: MetricsLogger | None = None
         self.scaler_skip = False  # the last step was skipped by the fp16 GradScaler
 
-    def load_initial_weights(self, path: str) -> None:
+    def load_initial_weights(self, model: nn.Module) -> None:
         """`trainer.init_from`: load weights (manifest verified) into the model before training."""
         from torchgraft.train.checkpoint import load_checkpoint
 
+        path = self.cfg.trainer.init_from
         state, _ = load_checkpoint(path)
         try:
-            self.model.load_state_dict(state)
+            model.load_state_dict(state)
         except RuntimeError as e:
             raise CheckpointError(f"trainer.init_from={path}: weights do not fit the model "
                                   f"({str(e).splitlines()[0]}); use torchgraft.transfer for partial loads") from None
 
-    # ---- pieces a distributed run overrides (torchgraft.distributed.trainer.DistributedTrainer)
-    def setup_model(self, model: nn.Module | None) -> tuple[nn.Module, nn.Module]:
-        """(the model, the module the loop calls): build, load init_from, move, wrap."""
-        self.model = model if model is not None else build_model_for(self.cfg.model, self.data.info)
-        if self.cfg.trainer.init_from:
-            self.load_initial_weights(self.cfg.trainer.init_from)
-        self.model.to(self.device)
-        self.model.train()
-        return self.model, wrap_model(self.model, self.cfg, self.device)
-
-    def make_sampler(self, dataset: Any) -> StatefulSampler:
-        return make_sampler(dataset, self.cfg)
-
-    def micro_batch_context(self, last: bool) -> Any:
-        """Context around one micro-batch's forward/backward (DDP: no gradient sync unless `last`)."""
-        return contextlib.nullcontext()
-
-    def reduce_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """The step's loss as logged (averaged over ranks when distributed)."""
-        return loss
-
-    def global_count(self, count: torch.Tensor) -> torch.Tensor:
-        """Number of targets in the whole optimizer step (all micro-batches; all ranks when distributed)."""
-        return count
-
-    def make_logger(self, resume_step: int | None) -> MetricsLogger:
-        return MetricsLogger(self.run_dir, tensorboard=self.cfg.trainer.tensorboard, resume_step=resume_step)
-
     # ---- one optimizer step
-    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, float, bool]:
-        """Forward/backward over the micro-batches, guard, clip, update. Returns (loss, grad norm, ok)."""
-        t = self.cfg.trainer
+    def train_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        """Forward/backward over the micro-batches, guard, clip, update.
+
+        Each micro-batch's loss is `task.loss_sum / (units of the whole step on all ranks / world)`:
+        DDP/FSDP average gradients over ranks, so the sum is the gradient of the global mean."""
+        t, engine = self.cfg.trainer, self.engine
         micro_batches = split_batch(batch, t.grad_accum_steps)
-        if len(micro_batches) == 1 and type(self).global_count is Trainer.global_count:
-            total = None  # one micro-batch in one process: the plain mean over its targets
-        else:
-            total = self.global_count((batch["labels"] != IGNORE_INDEX).sum()).clamp(min=1)
+        count = self.task.count(batch)
+        total = engine.all_reduce_sum(count.to(torch.float64)) if engine.world_size > 1 else count
+        divisor = total.clamp(min=1) / engine.world_size if engine.world_size > 1 else total.clamp(min=1)
         loss_acc = None
         for i, mb in enumerate(micro_batches):
-            with self.micro_batch_context(last=i == len(micro_batches) - 1):
+            with engine.no_sync(self.train_model, last=i == len(micro_batches) - 1):
                 with autocast(t.precision, self.device):
-                    loss = step_loss(self.train_model, mb, self.task, total)
+                    loss = self.task.loss_sum(self.train_model, mb) / divisor
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_acc = loss.detach() if loss_acc is None else loss_acc + loss.detach()
-        loss_acc = self.reduce_loss(loss_acc)
+        if engine.world_size > 1:
+            loss_acc = engine.all_reduce_sum(loss_acc) / engine.world_size
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if t.grad_clip > 0:
@@ -311,220 +247,217 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_val, norm_val, ok
+        return StepOutput(loss_val, norm_val, ok, count)
 
     # ---- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Task metrics over the validation set: `eval_sums` summed over batches and processes, then
+        `metrics`, plus `extra_metrics` computed on the main process (and shared with the others)."""
         if self.data.val is None or len(self.data.val) == 0:
             return {}
-        t = self.cfg.trainer
+        e, t = self.cfg.eval, self.cfg.trainer
         self.model.eval()
-        loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = torch.zeros((), dtype=torch.long, device=self.device)
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        for batch in iter_eval_batches(self.data.val, t.eval_batch_size, self.data.collate_fn,
-                                       t.eval_max_batches):
+        sums: dict[str, torch.Tensor] = {}
+        for batch in iter_eval_batches(self.data.val, e.batch_size, self.data.collate_fn, e.max_batches):
+            batch = self.engine.shard_eval_batch(_to_device(batch, self.device))
             with autocast(t.precision, self.device):
-                ls, c, k = loss_sum_and_count(self.train_model, _to_device(batch, self.device), self.task)
-            loss += ls.double()
-            count += c
-            correct += k
+                for k, v in self.task.eval_sums(self.train_model, batch).items():
+                    sums[k] = sums[k] + v.double() if k in sums else v.double()
         self.model.train()
-        n = max(1, int(count))
-        metrics = {"val_loss": float(loss) / n, "val_accuracy": int(correct) / n}
-        if self.task == "lm":
-            metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+        names = list(sums)
+        totals = self.engine.all_reduce_sum(torch.stack([sums[k] for k in names])).tolist() if names else []
+        metrics = self.task.metrics(dict(zip(names, totals)))
+        extra = self.task.extra_metrics(self.model) if self.is_main else None
+        metrics.update(self.engine.broadcast(extra) or {})
         return metrics
 
-    def _after_eval(self, metrics: dict[str, float]) -> bool:
-        """Update best / early stopping; True when this evaluation is a new best."""
-        t, s = self.cfg.trainer, self.state
-        s.last_eval = metrics
-        if t.best_metric not in metrics:
-            raise ConfigError(f"trainer.best_metric={t.best_metric!r} is not an evaluation metric "
-                              f"(have: {', '.join(metrics)})")
-        value = metrics[t.best_metric]
-        sign = 1.0 if self.best_mode == "max" else -1.0
-        improved = s.best_value is None or sign * (value - s.best_value) > t.early_stopping_min_delta
-        if improved:
-            s.best_value, s.best_step, s.evals_without_improvement = value, s.step, 0
-        else:
-            s.evals_without_improvement += 1
-            if t.early_stopping_patience and s.evals_without_improvement >= t.early_stopping_patience:
-                s.should_stop = True
-                s.stop_reason = (f"early stopping: {t.best_metric} did not improve for "
-                                 f"{s.evals_without_improvement} evaluations")
-        self.callbacks.on_eval_end(self, metrics)
-        return improved
+    # ---- resumable state
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's own state: counters, data position, RNG (JSON part + `rng_tensors`), loss scaler."""
+        rng_json, rng_tensors = capture_rng()
+        return {"state": dataclasses.asdict(self.state), "loader": self.loader.state_dict(), "rng": rng_json,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                **self.engine.describe(), "rng_tensors": rng_tensors}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.loader.load_state_dict(rescale_loader_state(sd["loader"], self.loader.state_dict()))
+        if self.scaler is not None and sd.get("scaler"):
+            self.scaler.load_state_dict(sd["scaler"])
+        self.state = TrainState(**sd["state"])
+        self.state.should_stop, self.state.stop_reason = False, ""
+        restore_rng(sd["rng"], sd["rng_tensors"])
 
     # ---- checkpoints
     def save_checkpoint(self, best: bool = False) -> Path:
+        """Write the checkpoint of this step in the engine's layout (every process calls it)."""
         s = self.state
-        rng_json, rng_tensors = capture_rng()
-        trainer_state = {"state": dataclasses.asdict(s), "loader": self.loader.state_dict(),
-                         "rng": rng_json,
-                         "scaler": self.scaler.state_dict() if self.scaler is not None else None}
-        meta = {"model": model_meta(self.model), "step": s.step, "metrics": s.last_eval,
-                "run_config": self.cfg.to_dict(), "task": self.task}
-        from torchgraft import __version__
-        meta["torchgraft_version"] = __version__
-        path = self.ckpt.save(s.step, model_state=self.model.state_dict(), meta=meta,
-                              optimizer_state=self.optimizer.state_dict(),
-                              trainer_state=trainer_state, rng_tensors=rng_tensors)
-        if best:
-            self.ckpt.mark_best(s.step, self.cfg.trainer.best_metric, s.best_value)
-        self.ckpt.prune()
-        self.callbacks.on_checkpoint(self, path)
+        trainer_state = meta = None
+        if self.is_main:
+            from torchgraft import __version__
+
+            trainer_state = self.state_dict()
+            meta = {"model": model_meta(self.model), "step": s.step, "metrics": s.last_eval,
+                    "run_config": self.cfg.to_dict(), "task": self.task.name, "torchgraft_version": __version__}
+        path = self.checkpoints.save(s.step, self.model, self.optimizer, trainer_state, meta,
+                                     best=(self.validator.metric, s.best_value) if best else None)
+        if self.is_main:
+            self.callbacks.on_checkpoint(self, path)
         return path
 
     def restore(self) -> bool:
         """Load the newest good checkpoint of the run directory; False when there is none."""
-        root = self.run_dir / "checkpoints"
-        self.ckpt.clean_temp()
-        if not list_checkpoints(root):
-            return False
-        ck = load_latest(root)
-        if ck.optimizer_state is None or ck.trainer_state is None or ck.rng_tensors is None:
-            raise CheckpointError(f"{ck.path} holds weights only; it cannot resume a run")
-        try:
-            self.model.load_state_dict(ck.model_state)
-        except RuntimeError as e:
-            raise CheckpointError(f"cannot resume from {ck.path}: its weights do not fit this model "
-                                  f"({str(e).splitlines()[0]}); resume with the run's own config") from None
-        load_optimizer_state(self.optimizer, ck.optimizer_state)
-        ts = ck.trainer_state
-        self.loader.load_state_dict(ts["loader"])
-        if self.scaler is not None and ts.get("scaler"):
-            self.scaler.load_state_dict(ts["scaler"])
-        self.state = TrainState(**ts["state"])
-        self.state.should_stop, self.state.stop_reason = False, ""
-        restore_rng(ts["rng"], ck.rng_tensors)
-        return True
+        sd = self.checkpoints.restore(self.model, self.optimizer)
+        if sd is not None:
+            self.load_state_dict(sd)
+        return sd is not None
 
     # ---- the loop
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train to `trainer.max_steps` (or an early stop); `resume` continues the run in out_dir."""
+        self._start(resume)
+        try:
+            while self.state.step < self.cfg.trainer.max_steps and not self.state.should_stop:
+                self._after_step(self._step())
+            self._finish_interrupted()
+        finally:
+            self._close()
+        return self._result()
+
+    def _start(self, resume: bool) -> None:
+        """Run files, FLOP count, resume, logger and progress bar."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.logging.measure_flops:
+            self._measure_flops()
+        if not resume and list_checkpoints(self.ckpt.root):
+            raise ConfigError(f"{self.run_dir} already holds checkpoints of a run; pass --resume "
+                              f"(resume=True) to continue it, or choose another output directory")
+        resumed = self.restore() if resume else False
+        s, lg = self.state, self.cfg.logging
+        if self.is_main:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            save_run_tokenizer(self.run_dir, self.data.info)
+        self.logger = MetricsLogger(self.run_dir, tensorboard=lg.tensorboard, enabled=self.is_main,
+                                    resume_step=s.step if resumed else None)
+        self.bar = ProgressBar(self.cfg.trainer.max_steps, s.step, enabled=lg.progress and self.is_main,
+                               unit=self.task.unit)
+        if resumed:
+            self.bar.print(f"resumed from step {s.step}")
+        elif resume and self.is_main:
+            warnings.warn(f"no checkpoint in {self.ckpt.root} to resume from: starting a new run", stacklevel=3)
+        self.callbacks.on_train_start(self)
+        self.throughput = Throughput(s, self.task.unit, self.flops_per_step, self.peak_flops)
+        self.checkpoints.last_saved = s.step if resumed else -1
+        self._first_step, self._last = s.step, StepOutput(float("nan"), float("nan"), True, torch.zeros(()))
+
+    def _step(self) -> StepOutput:
+        """One optimizer step and its counters (non-finite streaks stop the run)."""
+        s, t = self.state, self.cfg.trainer
+        batch = _to_device(next(self.loader), self.device)
+        lr = self.schedule.apply(self.optimizer, s.step)
+        out = self.train_step(batch)
+        out.lr = lr
+        s.step += 1
+        s.samples_seen += self.task.num_samples(batch)
+        if self.task.unit == "tokens":
+            s.targets_seen += int(out.count)
+        if out.ok:
+            s.consecutive_bad = 0
+        else:
+            s.skipped_steps += 1
+            s.consecutive_bad += 0 if self.scaler_skip else 1
+            if s.consecutive_bad >= t.max_bad_steps:
+                self._stop_non_finite(out.loss, out.grad_norm)
+        self._last = out
+        return out
+
+    def _after_step(self, out: StepOutput) -> None:
+        """The cadence of one step: evaluate, log, callbacks, checkpoint."""
+        s = self.state
+        final = s.step >= self.cfg.trainer.max_steps
+        evaluated = self.validator.due(s.step, final)
+        record = self._record(out) if self.log_cadence.due(s.step, evaluated) else {}
+        improved = self._validate(record) if evaluated else False
+        if record:
+            self.logger.log(record)
+            self.bar.update(s.step, record)
+            if evaluated and "val_loss" in record:
+                self.bar.print(eval_line(s.step, record))
+        self.callbacks.on_step_end(self, record or {"step": s.step, "loss": out.loss, "lr": out.lr})
+        if self.checkpoints.due(s, final, improved):
+            self.save_checkpoint(best=improved)
+
+    def _record(self, out: StepOutput) -> dict[str, Any]:
+        s = self.state
+        return {"step": s.step, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
+                "epoch": self.loader.epoch, **self.throughput.record(s), "skipped_steps": s.skipped_steps,
+                "elapsed_s": self.throughput.elapsed()}
+
+    def _validate(self, record: dict[str, Any]) -> bool:
+        """Evaluate into `record`; True on a new best."""
+        metrics = self.evaluate()
+        self.validator.last_step = self.state.step
+        if not metrics:
+            return False
+        record.update(metrics)
+        improved = self.validator.update(self.state, metrics)
+        self.callbacks.on_eval_end(self, metrics)
+        return improved
+
+    def _finish_interrupted(self) -> None:
+        """A run stopped by a callback between evaluations still ends evaluated and checkpointed."""
+        s = self.state
+        if s.step == self._first_step:
+            return
+        if self.validator.last_step != s.step:
+            record = {"step": s.step, "loss": self._last.loss}
+            self._validate(record)
+            if len(record) > 2:  # there were metrics
+                self.logger.log(record)
+        if self.checkpoints.last_saved != s.step and s.consecutive_bad == 0:
+            self.save_checkpoint(best=s.best_step == s.step)
+
+    def _close(self) -> None:
+        self.bar.close()
+        self.logger.close()
+        self.engine.barrier()
+
+    def _result(self) -> TrainResult:
+        s, t = self.state, self.cfg.trainer
+        ckpts = list_checkpoints(self.ckpt.root)
+        best_name = self.ckpt.best_name()
+        result = TrainResult(
+            run_dir=self.run_dir, step=s.step, metrics=dict(s.last_eval),
+            best={"metric": self.validator.metric, "value": s.best_value, "step": s.best_step},
+            last_checkpoint=ckpts[-1] if ckpts else None,
+            best_checkpoint=(self.ckpt.root / best_name) if best_name else None,
+            stop_reason=s.stop_reason or ("max_steps" if s.step >= t.max_steps else ""),
+            model=self.engine.finish(self.model), elapsed_s=self.throughput.elapsed())
+        if self.is_main:
+            (self.run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
+        self.callbacks.on_train_end(self, result)
+        return result
+
     def _measure_flops(self) -> None:
-        """FLOPs of one optimizer step (fwd + bwd), counted on a side batch in eval mode."""
+        """FLOPs of one optimizer step of this process (fwd + bwd), counted on a side batch in eval mode."""
         t = self.cfg.trainer
         micro = t.batch_size // t.grad_accum_steps
         batch = _to_device(next(iter_eval_batches(self.data.train, micro, self.data.collate_fn)), self.device)
 
         def fwd_bwd() -> None:
             with autocast(t.precision, self.device):
-                loss, _, _ = loss_sum_and_count(self.model, batch, self.task)
+                loss = self.task.loss_sum(self.model, batch)
             loss.backward()
 
         was_training = self.model.training
         self.model.eval()
         try:
-            self.flops_per_step = count_flops(fwd_bwd) * t.grad_accum_steps
+            self.flops_per_step = count_flops(fwd_bwd) * t.grad_accum_steps // self.engine.world_size
         finally:
             self.model.train(was_training)
             self.optimizer.zero_grad(set_to_none=True)
             for p in self.model.parameters():
                 p.grad = None
-
-    def fit(self, resume: bool = False) -> TrainResult:
-        t, s = self.cfg.trainer, self.state
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if t.measure_flops:
-            self._measure_flops()
-        if not resume and list_checkpoints(self.ckpt.root):
-            raise ConfigError(f"{self.run_dir} already holds checkpoints of a run; pass --resume "
-                              f"(resume=True) to continue it, or choose another output directory")
-        resumed = self.restore() if resume else False
-        s = self.state
-        if self.is_main:
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-            save_run_tokenizer(self.run_dir, self.data.info)
-        self.logger = self.make_logger(s.step if resumed else None)
-        unit = "tokens" if self.task == "lm" else "samples"
-        bar = ProgressBar(t.max_steps, s.step, enabled=t.progress and self.is_main, unit=unit)
-        if resumed:
-            bar.print(f"resumed from step {s.step}")
-        elif resume and self.is_main:
-            warnings.warn(f"no checkpoint in {self.ckpt.root} to resume from: starting a new run", stacklevel=2)
-        self.callbacks.on_train_start(self)
-        start = time.perf_counter()
-        last_t, last_step, last_targets, last_samples = start, s.step, s.targets_seen, s.samples_seen
-        last_saved = s.step if resumed else -1
-        last_eval_step = -1
-        first_step, loss = s.step, float("nan")
-        try:
-            while s.step < t.max_steps and not s.should_stop:
-                batch = _to_device(next(self.loader), self.device)
-                lr = self.schedule.apply(self.optimizer, s.step)
-                loss, gnorm, ok = self.train_step(batch)
-                s.step += 1
-                s.samples_seen += len(batch["labels"])
-                s.targets_seen += int((batch["labels"] != IGNORE_INDEX).sum()) if unit == "tokens" else 0
-                if ok:
-                    s.consecutive_bad = 0
-                else:
-                    s.skipped_steps += 1
-                    s.consecutive_bad += 0 if self.scaler_skip else 1
-                    if s.consecutive_bad >= t.max_bad_steps:
-                        self._stop_non_finite(loss, gnorm)
-                final = s.step >= t.max_steps
-                do_eval = (t.eval_every and s.step % t.eval_every == 0) or final
-                do_log = do_eval or (t.log_every and s.step % t.log_every == 0)
-                record: dict[str, Any] = {}
-                if do_log:
-                    now = time.perf_counter()
-                    dt = max(now - last_t, 1e-9)
-                    record = {"step": s.step, "loss": loss, "lr": lr, "grad_norm": gnorm,
-                              "epoch": self.loader.epoch, "samples_per_s": (s.samples_seen - last_samples) / dt,
-                              "skipped_steps": s.skipped_steps, "elapsed_s": now - start}
-                    if unit == "tokens":
-                        record["tokens_per_s"] = (s.targets_seen - last_targets) / dt
-                    if self.flops_per_step:
-                        record["flops_per_s"] = self.flops_per_step * (s.step - last_step) / dt
-                        if self.peak_flops:
-                            record["mfu"] = record["flops_per_s"] / self.peak_flops
-                    last_t, last_step, last_targets, last_samples = now, s.step, s.targets_seen, s.samples_seen
-                improved = False
-                if do_eval:
-                    metrics = self.evaluate()
-                    last_eval_step = s.step
-                    if metrics:
-                        record.update(metrics)
-                        improved = self._after_eval(metrics)
-                if record:
-                    self.logger.log(record)
-                    bar.update(s.step, record)
-                    if do_eval and "val_loss" in record:
-                        bar.print(f"step {s.step}: " + "  ".join(
-                            f"{k} {record[k]:.4f}" for k in ("loss", "val_loss", "val_accuracy") if k in record))
-                self.callbacks.on_step_end(self, record or {"step": s.step, "loss": loss, "lr": lr})
-                save_best = improved and t.save_best and t.eval_every > 0
-                due = (t.checkpoint_every and s.step % t.checkpoint_every == 0) or final or s.should_stop
-                if (due or save_best) and s.consecutive_bad == 0:  # never checkpoint inside a bad streak
-                    self.save_checkpoint(best=improved)
-                    last_saved = s.step
-            ran = s.step > first_step
-            if ran and last_eval_step != s.step:  # stopped early by a callback
-                metrics = self.evaluate()
-                if metrics:
-                    self._after_eval(metrics)
-                    self.logger.log({"step": s.step, "loss": loss, **metrics})
-            if ran and last_saved != s.step and s.consecutive_bad == 0:
-                self.save_checkpoint(best=s.best_step == s.step)
-        finally:
-            bar.close()
-            self.logger.close()
-        ckpts = list_checkpoints(self.ckpt.root)
-        best_name = self.ckpt.best_name()
-        result = TrainResult(
-            run_dir=self.run_dir, step=s.step, metrics=dict(s.last_eval),
-            best={"metric": t.best_metric, "value": s.best_value, "step": s.best_step},
-            last_checkpoint=ckpts[-1] if ckpts else None,
-            best_checkpoint=(self.ckpt.root / best_name) if best_name else None,
-            stop_reason=s.stop_reason or ("max_steps" if s.step >= t.max_steps else ""),
-            model=self.model, elapsed_s=time.perf_counter() - start)
-        if self.is_main:
-            (self.run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
-        self.callbacks.on_train_end(self, result)
-        return result
 
     def _stop_non_finite(self, loss: float, gnorm: float) -> None:
         s = self.state
@@ -539,19 +472,15 @@ class Trainer:
 
 def run_training(cfg: RunConfig | dict | str | Path, out_dir: str | Path, *, model: nn.Module | None = None,
                  data: DataBundle | None = None, resume: bool = False, callbacks: Sequence[Callback] = (),
-                 param_groups_fn: ParamGroupsFn | None = None) -> TrainResult:
-    """Train `cfg` (RunConfig, mapping or YAML path) into `out_dir`.
+                 param_groups_fn: ParamGroupsFn | None = None, engine: LocalEngine | None = None) -> TrainResult:
+    """Train `cfg` (RunConfig, mapping or YAML path) into `out_dir` in this process.
 
     `model` replaces the one named by cfg.model (only its requires_grad parameters are optimized);
     `data` replaces cfg.data; `param_groups_fn(model)` supplies custom optimizer groups;
     `resume=True` continues from the newest good checkpoint in `out_dir` (or starts if there is none).
+    `engine` defaults to `LocalEngine`; a run on several processes (DDP / FSDP) goes through
+    `torchgraft.recipes.training.run_training`, which picks the engine from the config and launcher.
     """
-    cfg = cfg if isinstance(cfg, RunConfig) else load_run_config(cfg)
-    trainer_cls = Trainer
-    from torchgraft.distributed.trainer import DistributedTrainer, wants_distributed
-
-    if wants_distributed(cfg, out_dir, resume):  # a strategy set, torchrun, or a distributed run's checkpoint
-        trainer_cls = DistributedTrainer
-    trainer = trainer_cls(cfg, out_dir, model=model, data=data, callbacks=callbacks,
-                          param_groups_fn=param_groups_fn)
+    trainer = Trainer(cfg, out_dir, model=model, data=data, callbacks=callbacks,
+                      param_groups_fn=param_groups_fn, engine=engine)
     return trainer.fit(resume=resume)

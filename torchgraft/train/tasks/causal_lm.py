@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchgraft.train.tasks import IGNORE_INDEX, Task, register_task
+from torchgraft.train.tasks.base import IGNORE_INDEX, Task, register_task
 from torchgraft.train.tasks.classification import logits_of
 
 MODEL_KWARGS = ("attention_mask", "position_ids")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchgraft.train.tasks import Task, register_task
+from torchgraft.train.tasks.base import Task, register_task
 
 
 def logits_of(out: Any) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torchgraft.train.tasks import register_task
+from torchgraft.train.tasks.base import register_task
 from torchgraft.train.tasks.classification import ClassificationTask
 from torchgraft.train.tasks.metrics import ConfusionReport
 

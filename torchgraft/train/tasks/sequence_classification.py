@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchgraft.train.tasks import register_task
+from torchgraft.train.tasks.base import register_task
 from torchgraft.train.tasks.classification import ClassificationTask, logits_of
 from torchgraft.train.tasks.metrics import ConfusionReport
 

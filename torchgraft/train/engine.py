@@ -1,0 +1,130 @@
+"""Engines: what differs between training in one process and on several (DDP / FSDP2).
+
+The `Trainer` runs the same loop everywhere and asks its engine for
+- the model it trains (`setup_model`: build, load initial weights, move, wrap / shard, compile);
+- each rank's share of the data (`sampler`, `shard_eval_batch`) and data preparation (`prepare_data`);
+- the context of one micro-batch (`no_sync`: skip the gradient all-reduce but on the last one);
+- sums over processes (`all_reduce_sum`: target counts, logged loss, evaluation sums) and `broadcast`;
+- which process logs and writes run files (`is_main`);
+- the checkpoint layout (`checkpoint_parts` for writing, `load_checkpoint` for resuming):
+  single-file state on the main process, or DCP shards written by every rank.
+
+`LocalEngine` is the one-process engine (this module); `torchgraft.distributed.engine.DistributedEngine`
+is the other. The choice is made above both packages (`torchgraft.recipes.training.make_engine`),
+so `torchgraft.train` never imports `torchgraft.distributed`.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+from torch import nn
+
+from torchgraft.data.loader import StatefulSampler
+from torchgraft.data.registry import DataBundle
+from torchgraft.errors import CheckpointError, ConfigError
+from torchgraft.train.checkpoint import load_optimizer_state, read_checkpoint
+
+ModelBuilder = Callable[[str | None], nn.Module]  # device ("meta" or None) -> a new model
+WriteShards = Callable[[Path], None]               # tmp checkpoint folder -> writes this rank's shards
+
+
+def resolve_device(name: str) -> torch.device:
+    """`trainer.device` -> a torch.device (auto: CUDA when available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name!r} but CUDA is not available; use device=cpu or auto")
+    return dev
+
+
+class LocalEngine:
+    """Training in this one process: no wrapping but `torch.compile`, no reductions, single-file
+    checkpoints. Also the base of the distributed engine, whose methods override these."""
+
+    rank = 0
+    world_size = 1
+    is_main = True
+
+    def __init__(self, device: str | torch.device = "auto"):
+        self.device = resolve_device(device) if isinstance(device, str) else device
+
+    # ---- data
+    def prepare_data(self, build: Callable[[], DataBundle]) -> DataBundle:
+        return build()
+
+    def sampler(self, num_samples: int, global_batch: int, seed: int) -> StatefulSampler:
+        """The training sampler of this process (global_batch / world_size examples per step)."""
+        return StatefulSampler(num_samples, global_batch // self.world_size, shuffle=True, seed=seed,
+                               rank=self.rank, world_size=self.world_size)
+
+    def shard_eval_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """This process's part of an evaluation batch (all of it here)."""
+        return batch
+
+    # ---- model
+    def setup_model(self, model: nn.Module | None, build: ModelBuilder,
+                    load_init: Callable[[nn.Module], None] | None, compile: bool) -> tuple[nn.Module, nn.Module]:
+        """(the model, the module the loop calls)."""
+        model = model if model is not None else build(None)
+        if load_init is not None:
+            load_init(model)
+        model.to(self.device)
+        model.train()
+        return model, (torch.compile(model) if compile else model)
+
+    def no_sync(self, train_model: nn.Module, last: bool) -> ContextManager:
+        """Context of one micro-batch's forward/backward (DDP: no gradient sync unless `last`)."""
+        return contextlib.nullcontext()
+
+    # ---- collectives
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def broadcast(self, obj: Any) -> Any:
+        """The main process's `obj` on every process."""
+        return obj
+
+    def barrier(self) -> None:
+        pass
+
+    # ---- checkpoints
+    def describe(self) -> dict[str, Any]:
+        """What trainer_state.json records about the engine ({} for one process)."""
+        return {}
+
+    def checkpoint_parts(self, model: nn.Module, optimizer: torch.optim.Optimizer
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, WriteShards | None]:
+        """(full model state for model.safetensors, optimizer state for the single-file layout or None,
+        the shard writer for the sharded layout or None). Every process calls it."""
+        return model.state_dict(), optimizer.state_dict(), None
+
+    def load_checkpoint(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+                        ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Load weights and optimizer state of checkpoint folder `path`; return (trainer state, RNG tensors)."""
+        ck = read_resumable(path)
+        try:
+            model.load_state_dict(ck.model_state)
+        except RuntimeError as e:
+            raise CheckpointError(f"cannot resume from {path}: its weights do not fit this model "
+                                  f"({str(e).splitlines()[0]}); resume with the run's own config") from None
+        if ck.optimizer_state is None:
+            raise CheckpointError(f"{path} holds weights only; it cannot resume a run")
+        load_optimizer_state(optimizer, ck.optimizer_state)
+        return ck.trainer_state, ck.rng_tensors
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        """The model a run returns (a plain module)."""
+        return model
+
+
+def read_resumable(path: Path):
+    """A verified checkpoint that holds what resuming needs (trainer state and RNG), else CheckpointError."""
+    ck = read_checkpoint(path)
+    if ck.trainer_state is None or ck.rng_tensors is None:
+        raise CheckpointError(f"{path} holds weights only; it cannot resume a run")
+    return ck
