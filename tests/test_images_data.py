@@ -197,6 +197,7 @@ run_training(cfg, out, resume=resume, callbacks=[Slow()])
 """
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_with_workers_is_bitwise_equal(tmp_path):
     """A training run decoding with 2 worker processes and random augmentation, killed with SIGKILL
     and resumed, ends with exactly the weights of an uninterrupted run."""
