@@ -123,3 +123,30 @@ def test_text_run_predict(tmp_path, capsys):
     preds = [json.loads(line) for line in out.strip().splitlines()]
     assert [p["label"] for p in preds] == ["pos", "neg"]
     assert all(len(p["probabilities"]) == 3 and abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in preds)
+
+
+def test_sft_run_and_generate_chat_uses_the_saved_template(tmp_path, capsys):
+    from torchgraft.data.chat_template import ChatTemplate, chat_prompt
+    from torchgraft.data.tokenizers import char_tokenizer
+    from torchgraft.generation import generate
+    from torchgraft.recipes.lm import load_lm
+
+    tok = char_tokenizer(["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ#:?\n.0123456789+"])
+    tok.save(tmp_path / "tok")
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"prompt": f"Say {w}.", "response": w}) + "\n"
+                                              for w in ["moon", "tree", "sun", "sky", "sea"] * 4))
+    cfg = config(tmp_path, {"name": "sft", "path": str(tmp_path / "c.jsonl"), "tokenizer": str(tmp_path / "tok"),
+                            "seq_len": 64, "val_fraction": 0.2},
+                 {"name": "llama-tiny"}, steps=6)
+    code, out, err = run_cli(["train", cfg, "--out", tmp_path / "run"], capsys)
+    assert code in (0, None), err
+    run = tmp_path / "run"
+    assert (run / "tokenizer" / "chat_template.jinja").is_file()
+    code, out, err = run_cli(["generate", run, "--chat", "-p", "Say moon.", "-t", "0", "-n", "6"], capsys)
+    assert code in (0, None), err
+    lm = load_lm(run)
+    template = ChatTemplate.for_tokenizer(run)
+    want = generate(lm.model, [chat_prompt(template, "Say moon.")], lm.tokenizer, max_new_tokens=6,
+                    temperature=0.0, add_bos=False).texts[0]
+    assert out == want + "\n"
+    assert chat_prompt(template, "Say moon.") == "<|endoftext|>### User:\nSay moon.\n\n### Assistant:\n"
