@@ -1,9 +1,9 @@
 """Instruction tuning end to end: pretrain a small Llama here, LoRA-SFT it on a synthetic instruction
 set, and measure exact match on held-out prompts before and after SFT (same run, same prompts).
 
-    python benchmarks/bench_sft.py [--out runs/bench-sft] [--pretrain-steps 600] [--sft-steps 300]
+    python benchmarks/bench_sft.py [--out runs/bench-sft] [--pretrain-steps 300] [--sft-steps 200]
 
-1. Corpus (`corpus.txt`): Python's built-in documentation text (`pydoc_data.topics`) plus synthetic
+1. Corpus (`corpus.txt`): every 6th page of Python's built-in documentation text (`pydoc_data.topics`) plus synthetic
    statements of four small skills, over words of that text: "7 plus 5 is 12.", "the word apple in
    capitals is APPLE.", "the letter after c is d.", "moon twice is moon moon.".
 2. Pretraining: a 4-layer, 128-wide character-level Llama (`torchgraft train`, data `text`).
@@ -80,7 +80,9 @@ def make_data(out: Path, seed: int = 0, heldout_fraction: float = 0.2) -> dict[s
             statements.append(s)
             (held if i < n_held else train).append({"prompt": q, "response": a, "skill": skill})
     rng.shuffle(statements)
-    corpus = "\n\n".join(builtin_documents()) + "\n\n" + "\n".join(statements * 3) + "\n"
+    docs = builtin_documents()
+    builtin = "\n\n".join(docs[i] for i in range(0, len(docs), 6))  # every 6th help page (~70k chars)
+    corpus = builtin + "\n\n" + "\n".join(statements * 3) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "corpus.txt").write_text(corpus)
     rng.shuffle(train)
@@ -96,11 +98,11 @@ MODEL = {"family": "llama", "n_layer": 4, "n_head": 4, "n_kv_head": 2, "n_embd":
 
 def pretrain_config(out: Path, steps: int) -> dict:
     return {"model": MODEL,
-            "data": {"name": "text", "source": str(out / "corpus.txt"), "tokenizer": "char", "seq_len": 128,
+            "data": {"name": "text", "source": str(out / "corpus.txt"), "tokenizer": "char", "seq_len": 64,
                      "val_fraction": 0.05, "cache_dir": str(out / "cache"), "progress": False},
             "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.0},
             "schedule": {"name": "cosine", "warmup_steps": 30},
-            "trainer": {"max_steps": steps, "batch_size": 32, "grad_clip": 1.0, "seed": 0},
+            "trainer": {"max_steps": steps, "batch_size": 16, "grad_clip": 1.0, "seed": 0},
             "eval": {"every": steps, "max_batches": 10},
             "checkpoint": {"every": steps, "keep_last": 1},
             "logging": {"every": 50, "progress": False, "tensorboard": False, "measure_flops": False}}
@@ -112,10 +114,10 @@ def sft_config(out: Path, source: Path, steps: int) -> dict:
                                               "down_proj"], "rank": 16, "alpha": 32}},
             "model": MODEL,
             "data": {"name": "sft", "path": str(out / "sft_train.jsonl"), "val_path": str(out / "sft_val.jsonl"),
-                     "tokenizer": str(source / "tokenizer"), "seq_len": 256, "packing": True},
+                     "tokenizer": str(source / "tokenizer"), "seq_len": 128, "packing": True},
             "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.0},
             "schedule": {"name": "cosine", "warmup_steps": 20},
-            "trainer": {"max_steps": steps, "batch_size": 16, "grad_clip": 1.0, "seed": 0},
+            "trainer": {"max_steps": steps, "batch_size": 8, "grad_clip": 1.0, "seed": 0},
             "eval": {"every": steps},
             "checkpoint": {"every": steps, "keep_last": 1},
             "logging": {"every": 50, "progress": False, "tensorboard": False, "measure_flops": False}}
@@ -176,8 +178,8 @@ def run(out: Path, pretrain_steps: int, sft_steps: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/bench-sft"))
-    ap.add_argument("--pretrain-steps", type=int, default=600)
-    ap.add_argument("--sft-steps", type=int, default=300)
+    ap.add_argument("--pretrain-steps", type=int, default=300)
+    ap.add_argument("--sft-steps", type=int, default=200)
     args = ap.parse_args(argv)
     import shutil
 
