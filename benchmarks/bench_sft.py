@@ -1,11 +1,11 @@
 """Instruction tuning end to end: pretrain a small Llama here, LoRA-SFT it on a synthetic instruction
 set, and measure exact match on held-out prompts before and after SFT (same run, same prompts).
 
-    python benchmarks/bench_sft.py [--out runs/bench-sft] [--pretrain-steps 300] [--sft-steps 200]
+    python benchmarks/bench_sft.py [--out runs/bench-sft] [--pretrain-steps 600] [--sft-steps 300]
 
 1. Corpus (`corpus.txt`): every 6th page of Python's built-in documentation text (`pydoc_data.topics`) plus synthetic
-   statements of four small skills, over words of that text: "7 plus 5 is 12.", "the word apple in
-   capitals is APPLE.", "the letter after c is d.", "moon twice is moon moon.".
+   statements of five small skills, over words of that text: "42 is an even number.", "the letter
+   after c is d.", "7 plus 5 is 12.", "moon twice is moon moon.", "the word apple in capitals is APPLE.".
 2. Pretraining: a 4-layer, 128-wide character-level Llama (`torchgraft train`, data `text`).
 3. Instructions (`sft_train.jsonl`): the same skills asked as questions ("What is 7 plus 5?",
    "Write apple in capitals.", ...) with the answer as the response, rendered with the built-in chat
@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-SKILLS = ("add", "upper", "next", "twice")
+SKILLS = ("parity", "next", "add", "twice", "upper")
 LETTERS = "abcdefghijklmnopqrstuvwxy"  # the letter after each is defined
 
 
@@ -45,6 +45,9 @@ def words(limit: int = 400) -> list[str]:
 
 def fact(skill: str, x) -> tuple[str, str, str]:
     """(statement for pretraining, question, answer) of one skill on operand `x`."""
+    if skill == "parity":
+        kind = "even" if x % 2 == 0 else "odd"
+        return f"{x} is an {kind} number.", f"Is {x} even or odd?", kind
     if skill == "add":
         a, b = x
         return f"{a} plus {b} is {a + b}.", f"What is {a} plus {b}?", str(a + b)
@@ -57,6 +60,8 @@ def fact(skill: str, x) -> tuple[str, str, str]:
 
 
 def operands(skill: str, vocab: list[str]) -> list:
+    if skill == "parity":
+        return list(range(100))
     if skill == "add":
         return [(a, b) for a in range(10) for b in range(10)]
     if skill == "next":
@@ -82,7 +87,7 @@ def make_data(out: Path, seed: int = 0, heldout_fraction: float = 0.2) -> dict[s
     rng.shuffle(statements)
     docs = builtin_documents()
     builtin = "\n\n".join(docs[i] for i in range(0, len(docs), 6))  # every 6th help page (~70k chars)
-    corpus = builtin + "\n\n" + "\n".join(statements * 3) + "\n"
+    corpus = builtin + "\n\n" + "\n".join(statements * 5) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "corpus.txt").write_text(corpus)
     rng.shuffle(train)
@@ -178,8 +183,8 @@ def run(out: Path, pretrain_steps: int, sft_steps: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/bench-sft"))
-    ap.add_argument("--pretrain-steps", type=int, default=300)
-    ap.add_argument("--sft-steps", type=int, default=200)
+    ap.add_argument("--pretrain-steps", type=int, default=600)
+    ap.add_argument("--sft-steps", type=int, default=300)
     args = ap.parse_args(argv)
     import shutil
 
