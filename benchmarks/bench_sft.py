@@ -1,7 +1,7 @@
 """Instruction tuning end to end: pretrain a small Llama here, LoRA-SFT it on a synthetic instruction
 set, and measure exact match on held-out prompts before and after SFT (same run, same prompts).
 
-    python benchmarks/bench_sft.py [--out runs/bench-sft] [--pretrain-steps 600] [--sft-steps 300]
+    python benchmarks/bench_sft.py [--out runs/bench-sft] [--pretrain-steps 600] [--sft-steps 800]
 
 1. Corpus (`corpus.txt`): every 6th page of Python's built-in documentation text (`pydoc_data.topics`) plus synthetic
    statements of five small skills, over words of that text: "42 is an even number.", "the letter
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/bench-sft"))
     ap.add_argument("--pretrain-steps", type=int, default=600)
-    ap.add_argument("--sft-steps", type=int, default=300)
+    ap.add_argument("--sft-steps", type=int, default=800)
     args = ap.parse_args(argv)
     import shutil
 
