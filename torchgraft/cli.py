@@ -250,6 +250,9 @@ def generate_cmd(
     seed: Optional[int] = typer.Option(None, "--seed"),
     device: str = typer.Option("cpu", "--device"),
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute the full sequence each step"),
+    chat: bool = typer.Option(False, "--chat", help="wrap each prompt as a user turn in the model's chat "
+                              "template (the one its SFT run saved) and print only the answer"),
+    system: Optional[str] = typer.Option(None, "--system", help="system message (with --chat)"),
 ) -> None:
     """Generate text from a trained LM; one prompt streams as it is produced."""
     _at_least("--max-new-tokens/-n", max_new_tokens, 1)
@@ -270,6 +273,23 @@ def generate_cmd(
         raise ConfigError(f"no tokenizer.json found for {path}; put one next to the weights")
     opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                 repetition_penalty=repetition_penalty, stop=stop, seed=seed, use_cache=not no_cache)
+    if chat:
+        from torchgraft.data.chat_template import ChatTemplate, chat_prompt
+
+        tok = lm.tokenizer
+        where = lm.path.parent.parent if lm.path.parent.name == "checkpoints" else lm.path
+        template = ChatTemplate.for_tokenizer(where, special_tokens={
+            "bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token})
+        texts = [chat_prompt(template, p, system) for p in prompt]
+        opts["add_bos"] = False  # the template places bos itself
+        if len(prompt) == 1:
+            for piece in stream(lm.model, texts[0], tok, **opts):
+                typer.echo(piece, nl=False)
+            typer.echo()
+            return
+        for p, text in zip(prompt, generate(lm.model, texts, tok, **opts).texts or []):
+            typer.echo(f"--- {p!r}\n{text}")
+        return
     if len(prompt) == 1:
         typer.echo(prompt[0], nl=False)
         for piece in stream(lm.model, prompt[0], lm.tokenizer, **opts):
@@ -387,6 +407,24 @@ def export_cmd(
 from torchgraft.cli_rl import rl_app  # noqa: E402
 
 app.add_typer(rl_app, name="rl")
+# -- your own data: predict with a classification run (torchgraft/recipes/predict.py)
+@app.command("predict")
+def predict_cmd(
+    run_dir: Path = typer.Argument(..., help="run directory of a classification run (images or textclass data)"),
+    inputs: Optional[list[str]] = typer.Argument(None, help="image paths or texts (pairs as 'first<TAB>second')"),
+    file: Optional[Path] = typer.Option(None, "--file", help="a file with one input per line"),
+    top_k: int = typer.Option(3, "--top-k", help="probabilities of the K most likely labels"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per input"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Label new images or texts with a trained classifier: label and top-k probabilities per input."""
+    import json
+
+    from torchgraft.recipes.predict import format_prediction, load_classifier, read_inputs
+
+    items = read_inputs(inputs or [], file)
+    for p in load_classifier(run_dir, device=device).predict(items, top_k=top_k):
+        typer.echo(json.dumps(p) if as_json else format_prediction(p))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -7,6 +7,7 @@ permutation so a distributed run can reuse it unchanged.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -96,23 +97,77 @@ class StatefulSampler:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
+class _BatchKeys:
+    """The batches of keys a `StatefulSampler` will hand out from its current position, as a
+    `batch_sampler` for a torch DataLoader (its workers decode ahead; the sampler's own position
+    only moves when the trainer takes a batch, so the saved state stays exact)."""
+
+    def __init__(self, sampler: StatefulSampler, with_epoch: bool):
+        self.sampler = copy.copy(sampler)  # a private cursor; the original is not advanced here
+        self.with_epoch = with_epoch
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        s = self.sampler
+        while True:
+            idx = s.next_indices()
+            yield [(s.epoch, int(i)) for i in idx] if self.with_epoch else [int(i) for i in idx]
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not fight the training process for cores
+
+
+def item_keys(dataset: Dataset, epoch: int, indices: torch.Tensor) -> list[Any]:
+    """What to index `dataset` with: `(epoch, i)` for datasets that draw per-epoch randomness
+    (augmentation seeded by (seed, epoch, index), see `epoch_keys`), else plain `i`."""
+    if getattr(dataset, "epoch_keys", False):
+        return [(epoch, int(i)) for i in indices]
+    return [int(i) for i in indices]
+
+
 class StatefulLoader:
-    """Endless iterator of collated batches drawn with a `StatefulSampler`."""
+    """Endless iterator of collated batches drawn with a `StatefulSampler`.
+
+    `num_workers > 0` decodes in DataLoader worker processes, fed the same batches of keys the
+    sampler hands out (from its saved position after a resume), so the batch order, and any
+    augmentation seeded by (seed, epoch, index), is the same with or without workers.
+    """
 
     def __init__(self, dataset: Dataset, sampler: StatefulSampler,
-                 collate_fn: Callable[[list[Any]], Any] | None = None):
+                 collate_fn: Callable[[list[Any]], Any] | None = None, num_workers: int = 0):
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
         self.dataset, self.sampler = dataset, sampler
         self.collate_fn = collate_fn or default_collate
-        self._fast = collate_fn is None and hasattr(dataset, "get_batch")
+        self.num_workers = num_workers
+        self._fast = collate_fn is None and hasattr(dataset, "get_batch") and num_workers == 0
+        self._it: Iterator[Any] | None = None
 
     def __iter__(self) -> Iterator[Any]:
         return self
 
+    def _worker_iter(self) -> Iterator[Any]:
+        from torch.utils.data import DataLoader
+
+        keys = _BatchKeys(self.sampler, getattr(self.dataset, "epoch_keys", False))
+        return iter(DataLoader(self.dataset, batch_sampler=keys, num_workers=self.num_workers,
+                               collate_fn=self.collate_fn, worker_init_fn=_worker_init,
+                               prefetch_factor=2))
+
     def __next__(self) -> Any:
+        if self.num_workers:
+            if self._it is None:
+                self._it = self._worker_iter()
+            self.sampler.next_indices()  # keep the saved position in step with what was consumed
+            return next(self._it)
         idx = self.sampler.next_indices()
         if self._fast:
             return self.dataset.get_batch(idx)
-        return self.collate_fn([self.dataset[int(i)] for i in idx])
+        return self.collate_fn([self.dataset[k] for k in item_keys(self.dataset, self.sampler.epoch, idx)])
+
+    def close(self) -> None:
+        """Stop the worker processes (they restart on the next batch)."""
+        self._it = None
 
     @property
     def epoch(self) -> int:
@@ -123,13 +178,23 @@ class StatefulLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.load_state_dict(state)
+        self.close()  # prefetched batches belong to the old position
 
 
 def iter_eval_batches(dataset: Dataset, batch_size: int, collate_fn: Callable | None = None,
-                      max_batches: int | None = None) -> Iterator[Any]:
-    """Sequential, non-shuffled batches over the whole dataset (the last one may be short)."""
+                      max_batches: int | None = None, num_workers: int = 0) -> Iterator[Any]:
+    """Sequential, non-shuffled batches over the whole dataset (the last one may be short);
+    decoded in `num_workers` DataLoader worker processes when > 0."""
     n = len(dataset)
     collate = collate_fn or default_collate
+    if num_workers > 0:
+        from torch.utils.data import DataLoader
+
+        starts = list(range(0, n, batch_size))[:max_batches]
+        batches = [list(range(s, min(s + batch_size, n))) for s in starts]
+        yield from DataLoader(dataset, batch_sampler=batches, num_workers=min(num_workers, len(batches)) or 0,
+                              collate_fn=collate, worker_init_fn=_worker_init)
+        return
     fast = collate_fn is None and hasattr(dataset, "get_batch")
     for b, start in enumerate(range(0, n, batch_size)):
         if max_batches is not None and b >= max_batches:

@@ -4,25 +4,54 @@ A builder takes the `data:` mapping (minus `name`) and the run seed and returns 
 Batches are dicts:
 - classification: {"inputs": (B, C, H, W) float, "labels": (B,) long}
 - language modelling: {"input_ids": (B, T) long, "labels": (B, T) long, -100 = ignore}
-  (optionally "attention_mask": (B, T))
+  (optionally "attention_mask": (B, T) padding or (B, 1, T, T) per-document, "position_ids": (B, T))
+- sequence classification: {"input_ids": (B, T), "attention_mask": (B, T), "labels": (B,)}
+  (optionally "token_type_ids": (B, T) for text pairs)
+
+Besides its datasets a bundle may carry `files` (name -> content) that the run writes into its run
+directory (e.g. `labels.json`, the chat template), and `num_workers` for decoding in DataLoader
+worker processes. A dataset that can turn raw user inputs (image paths, strings) into a batch for
+`torchgraft predict` registers an encoder with `register_encoder`.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Union
 
 from torch.utils.data import Dataset
 
 from torchgraft.errors import ConfigError, did_you_mean
 
+TaskSpec = Union[str, dict[str, Any]]  # a task name or {name: ..., **options} (see train/tasks)
+
+
 @dataclass
 class DataBundle:
     train: Dataset
     val: Dataset | None
-    task: str  # the name of the task it feeds (torchgraft.train.tasks.build_task resolves it)
+    task: TaskSpec
     collate_fn: Callable[[list[Any]], dict[str, Any]] | None = None
     info: dict[str, Any] = field(default_factory=dict)  # e.g. num_classes, vocab_size, tokenizer
+    files: dict[str, str | bytes] = field(default_factory=dict)  # written into the run dir (relative names)
+    num_workers: int = 0  # DataLoader worker processes for the training/eval loaders
+
+
+Encoder = Callable[[list[str]], dict[str, Any]]  # raw inputs (paths / strings) -> a model batch
+
+
+LABELS_FILE = "labels.json"  # class names of a classification run, in class-index order
+
+
+def read_labels(run_dir: str | Path) -> list[str]:
+    """The class names a classification run saved (`RUN_DIR/labels.json`)."""
+    p = Path(run_dir) / LABELS_FILE
+    if not p.is_file():
+        raise ConfigError(f"{p} not found: only classification runs on images/textclass data save class "
+                          "names (train one, or give the run directory of one)")
+    return json.loads(p.read_text())
 
 
 _BUILDERS: dict[str, Callable[[dict[str, Any], int], DataBundle]] = {}
@@ -30,6 +59,27 @@ _BUILDERS: dict[str, Callable[[dict[str, Any], int], DataBundle]] = {}
 
 def register_dataset(name: str, builder: Callable[[dict[str, Any], int], DataBundle]) -> None:
     _BUILDERS[name] = builder
+
+
+_ENCODERS: dict[str, tuple[Callable[[dict[str, Any], Any], Encoder], str]] = {}
+
+
+def register_encoder(name: str, factory: Callable[[dict[str, Any], Any], Encoder], task: str) -> None:
+    """`factory(data_options, run_dir) -> encode(inputs) -> batch` for dataset `name`, whose batches
+    `task` (a registered task name) feeds to the model; used by `torchgraft predict`."""
+    _ENCODERS[name] = (factory, task)
+
+
+def build_encoder(section: dict[str, Any], run_dir: Any) -> tuple[Encoder, str]:
+    """(input encoder, task name) of the dataset named in a run's `data:` section."""
+    _ensure_loaded()
+    opts = dict(section)
+    name = opts.pop("name", None)
+    if name not in _ENCODERS:
+        raise ConfigError(f"runs on dataset {name!r} cannot predict on raw inputs (predict works for "
+                          f"runs on: {', '.join(sorted(_ENCODERS))})")
+    factory, task = _ENCODERS[name]
+    return factory(opts, run_dir), task
 
 
 def build_data(section: dict[str, Any], seed: int = 0) -> DataBundle:

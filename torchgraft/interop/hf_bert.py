@@ -106,6 +106,9 @@ def config_to_hf(cfg: Any) -> tuple[str, dict[str, Any]]:
     if not cfg.bias:
         raise ConfigError("Hugging Face BERT always has biases; this model has bias=false")
     arch = ARCH_OF_TASK[cfg.task]
+    if arch == CLASSIFY and cfg.pooling != "pooler":
+        raise ConfigError("Hugging Face BertForSequenceClassification classifies the pooler output; "
+                          f"this model pools with pooling={cfg.pooling!r}")
     if arch == CLASSIFY and not cfg.pooler:
         raise ConfigError("Hugging Face BertForSequenceClassification classifies the pooler output; "
                           "this model has pooler=false")

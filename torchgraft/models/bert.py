@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from torchgraft.errors import ConfigError
+from torchgraft.models.heads import pool_tokens
 from torchgraft.models.parts import ModelParts, token_inputs
 from torchgraft.models.registry import register_family, register_preset
 from torchgraft.nn.attention import Attention, make_attention_mask
@@ -40,6 +41,9 @@ class BertConfig:
     dropout: float = 0.1  # hidden and attention-probability dropout (BERT's 0.1)
     activation: str = "gelu"  # exact erf GELU
     pooler: bool = True
+    # sequence_classification pools with: "pooler" (the tanh pooler on [CLS]; [CLS] when pooler=false),
+    # "cls" (the [CLS] hidden state) or "mean" (mean over real tokens, as sentence-transformers do)
+    pooling: Literal["pooler", "cls", "mean"] = "pooler"
     task: BertTask = "none"
     num_labels: int = 2
     classifier_dropout: float | None = None  # None = dropout
@@ -125,9 +129,14 @@ class Bert(nn.Module):
             x = block(x, attention_mask=mask)
         return x
 
-    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Pooled sentence vector (B, C): the tanh pooler, or the [CLS] state when there is none."""
-        return self.pooler(hidden) if self.pooler is not None else hidden[:, 0]
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled sentence vector (B, C) as `config.pooling` says: the tanh pooler (the [CLS] state
+        when there is none), the [CLS] state, or the mean over real tokens (`attention_mask`)."""
+        if self.config.pooling == "mean":
+            return pool_tokens(hidden, "mean", attention_mask)
+        if self.config.pooling == "cls" or self.pooler is None:
+            return hidden[:, 0]
+        return self.pooler(hidden)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,7 +145,7 @@ class Bert(nn.Module):
         if task == "none":
             return hidden
         if task == "sequence_classification":
-            return self.classifier(self.classifier_drop(self.pool(hidden)))
+            return self.classifier(self.classifier_drop(self.pool(hidden, attention_mask)))
         return self.classifier(self.classifier_drop(hidden))
 
 

@@ -61,12 +61,12 @@ def build_model_for(section: dict[str, Any], info: dict[str, Any], device: str |
     spec = dict(section)
     _, mcfg = resolve_config(spec)
     fields = {f.name for f in dataclasses.fields(mcfg)}
-    for key in ("num_classes", "vocab_size"):
+    for key in ("num_classes", "num_labels", "vocab_size"):
         if key in info and key in fields:
             have = getattr(mcfg, key)
             if key not in spec:
                 spec[key] = info[key]
-            elif (key == "num_classes" and have != info[key]) or (key == "vocab_size" and have < info[key]):
+            elif (key in ("num_classes", "num_labels") and have != info[key]) or (key == "vocab_size" and have < info[key]):
                 raise ConfigError(f"model.{key}={have} does not fit the data ({info[key]}); "
                                   f"remove model.{key} to take it from the data")
     return build(spec, device=device)
@@ -94,6 +94,30 @@ def save_run_tokenizer(run_dir: Path, info: dict[str, Any]) -> Path | None:
     if tok is None or not hasattr(tok, "save"):
         return None
     return tok.save(run_dir / "tokenizer")
+
+
+def write_run_files(run_dir: Path, files: dict[str, str | bytes]) -> None:
+    """Write `{relative name: content}` into the run directory, each file atomically (data files such
+    as `labels.json`, a task's evaluation files such as `confusion_matrix.png`)."""
+    from torchgraft.io import atomic_write_bytes
+
+    for name, content in files.items():
+        path = run_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, content.encode() if isinstance(content, str) else content)
+
+
+def reduce_sums(sums: dict[str, torch.Tensor], all_reduce_sum: Any) -> dict[str, Any]:
+    """Sum evaluation statistics over processes in one reduction: scalars come back as floats,
+    larger statistics (e.g. a (K, K) confusion matrix) as tensors of their shape."""
+    if not sums:
+        return {}
+    names = list(sums)
+    flat = all_reduce_sum(torch.cat([sums[k].reshape(-1) for k in names])).cpu()
+    out: dict[str, Any] = {}
+    for k, part in zip(names, flat.split([sums[k].numel() for k in names])):
+        out[k] = float(part) if sums[k].dim() == 0 else part.view(sums[k].shape)
+    return out
 
 
 def split_batch(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
@@ -182,7 +206,7 @@ class Trainer:
         self.schedule = LRSchedule(self.cfg.schedule, t.max_steps)
         self.scaler = make_grad_scaler(t.precision, self.device)
         self.loader = StatefulLoader(self.data.train, self.engine.sampler(len(self.data.train), t.batch_size, t.seed),
-                                     self.data.collate_fn)
+                                     self.data.collate_fn, num_workers=self.data.num_workers)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.callbacks = CallbackList(callbacks)
         self.state = TrainState()
@@ -263,15 +287,17 @@ class Trainer:
         e, t = self.cfg.eval, self.cfg.trainer
         self.model.eval()
         sums: dict[str, torch.Tensor] = {}
-        for batch in iter_eval_batches(self.data.val, e.batch_size, self.data.collate_fn, e.max_batches):
+        for batch in iter_eval_batches(self.data.val, e.batch_size, self.data.collate_fn, e.max_batches,
+                                       num_workers=self.data.num_workers):
             batch = self.engine.shard_eval_batch(_to_device(batch, self.device))
             with autocast(t.precision, self.device):
                 for k, v in self.task.eval_sums(self.train_model, batch).items():
                     sums[k] = sums[k] + v.double() if k in sums else v.double()
         self.model.train()
-        names = list(sums)
-        totals = self.engine.all_reduce_sum(torch.stack([sums[k] for k in names])).tolist() if names else []
-        metrics = self.task.metrics(dict(zip(names, totals)))
+        totals = reduce_sums(sums, self.engine.all_reduce_sum)
+        metrics = self.task.metrics(totals)
+        if self.is_main:
+            write_run_files(self.run_dir, self.task.eval_files(totals))
         extra = self.task.extra_metrics(self.model) if self.is_main else None
         metrics.update(self.engine.broadcast(extra) or {})
         return metrics
@@ -374,6 +400,7 @@ class Trainer:
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
             save_run_tokenizer(self.run_dir, self.data.info)
+            write_run_files(self.run_dir, self.data.files)
         self.logger = MetricsLogger(self.run_dir, tensorboard=lg.tensorboard, enabled=self.is_main,
                                     resume_step=s.step if resumed else None)
         self.bar = ProgressBar(self.cfg.trainer.max_steps, s.step, enabled=lg.progress and self.is_main,

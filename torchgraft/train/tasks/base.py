@@ -57,6 +57,11 @@ class Task:
         """Evaluation metrics (keys start with `val_`) from the summed statistics."""
         raise NotImplementedError
 
+    def eval_files(self, sums: dict[str, Any]) -> dict[str, bytes]:
+        """Files (name -> bytes) the run writes into its run directory after an evaluation, from the
+        same summed statistics (e.g. a confusion-matrix PNG); `{}` by default."""
+        return {}
+
     def extra_metrics(self, model: nn.Module) -> dict[str, float]:
         """Metrics that need more than the validation batches (computed on the main process)."""
         return {}

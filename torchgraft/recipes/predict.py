@@ -1,0 +1,117 @@
+"""`torchgraft predict RUN_DIR INPUT...`: class labels and probabilities from a classification run.
+
+The run directory says everything: the model (checkpoint meta.json; the best checkpoint when one
+is marked, else the newest), the class names (`labels.json`), how raw inputs become a batch (the
+run's `data:` section, through the dataset's registered encoder: image paths for `images`, strings
+for `textclass`, with the run's saved tokenizer), and the task that runs the model. LoRA / DoRA
+fine-tunes are rebuilt with their adapters (`finetune.json`) before the weights load.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchgraft.errors import CheckpointError, ConfigError
+
+
+@dataclass
+class Classifier:
+    model: nn.Module
+    labels: list[str]
+    encode: Any        # list[str] -> batch
+    task: Any          # a Task with forward(model, batch) -> logits
+    checkpoint: Path
+
+    @torch.inference_mode()
+    def predict(self, inputs: Sequence[str], top_k: int = 5, batch_size: int = 32) -> list[dict[str, Any]]:
+        """One `{"input", "label", "probabilities": {label: p, ...}}` per input (top-k, most likely first)."""
+        if top_k < 1:
+            raise ConfigError(f"--top-k must be >= 1, got {top_k}")
+        device = next(self.model.parameters()).device
+        out = []
+        for start in range(0, len(inputs), batch_size):
+            chunk = list(inputs[start:start + batch_size])
+            batch = {k: v.to(device) for k, v in self.encode(chunk).items()}
+            probs = self.task.forward(self.model, batch).float().softmax(-1).cpu()  # (N, K)
+            k = min(top_k, probs.shape[-1])
+            values, idx = probs.topk(k, dim=-1)
+            for s, v, i in zip(chunk, values.tolist(), idx.tolist()):
+                out.append({"input": s, "label": self.labels[i[0]],
+                            "probabilities": {self.labels[j]: round(p, 6) for j, p in zip(i, v)}})
+        return out
+
+
+def _checkpoint_dir(run_dir: Path) -> Path:
+    """The best checkpoint when the run marked one, else the run directory (newest checkpoint)."""
+    best = run_dir / "checkpoints" / "best.json"
+    if best.is_file():
+        try:
+            cand = run_dir / "checkpoints" / json.loads(best.read_text())["name"]
+        except (ValueError, KeyError):
+            cand = None
+        if cand is not None and cand.is_dir():
+            return cand
+    return run_dir
+
+
+def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu") -> Classifier:
+    """Model, class names, input encoder and task of a classification run directory."""
+    from torchgraft.data.registry import build_encoder, read_labels
+    from torchgraft.models.registry import build
+    from torchgraft.train.checkpoint import load_latest
+    from torchgraft.train.tasks import build_task
+
+    run = Path(run_dir).expanduser()
+    if not run.is_dir():
+        raise ConfigError(f"run directory not found: {run}")
+    labels = read_labels(run)
+    ck = load_latest(_checkpoint_dir(run))
+    m = ck.meta.get("model") or {}
+    if not m.get("family"):
+        raise CheckpointError(f"checkpoint {ck.path} does not name a registered model family, so predict "
+                              "cannot rebuild the model")
+    model = build({"family": m["family"], **(m.get("config") or {})}, device="cpu")
+    from torchgraft.recipes.finetune import restore_adapters
+
+    restore_adapters(model, run)  # a LoRA/DoRA fine-tune: its checkpoints hold the adapter weights
+    try:
+        model.load_state_dict(ck.model_state)
+    except RuntimeError as e:
+        raise CheckpointError(f"the weights in {ck.path} do not fit the model its meta.json names "
+                              f"({str(e).splitlines()[0]})") from None
+    run_cfg = ck.meta.get("run_config") or {}
+    data = run_cfg.get("data")
+    if not isinstance(data, dict):
+        from torchgraft.config import load_yaml
+
+        data = load_yaml(run / "config.yaml").get("data") if (run / "config.yaml").is_file() else None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{run} has no run config with a data: section (config.yaml)")
+    encode, task_name = build_encoder(data, run)
+    task = build_task({"name": task_name, "label_names": labels})
+    return Classifier(model.to(device).eval(), labels, encode, task, Path(ck.path))
+
+
+def read_inputs(inputs: Sequence[str], file: str | Path | None) -> list[str]:
+    """The inputs given on the command line plus one per non-empty line of `file`."""
+    items = list(inputs)
+    if file is not None:
+        p = Path(file).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"input file not found: {p}")
+        items += [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not items:
+        raise ConfigError("nothing to predict: give inputs (image paths or texts) or --file with one per line")
+    return items
+
+
+def format_prediction(p: dict[str, Any]) -> str:
+    """One human-readable line: input, label, and the top-k probabilities."""
+    probs = ", ".join(f"{k} {v:.3f}" for k, v in p["probabilities"].items())
+    return f"{p['input']}\t{p['label']}\t({probs})"
