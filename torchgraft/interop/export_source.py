@@ -56,34 +56,24 @@ def _tokenizer_dir(dirs: list[Path]) -> str | None:
     return None
 
 
-def _build(meta: dict[str, Any], where: Path) -> nn.Module:
-    from torchgraft.models.registry import build
+def _build_loaded(meta: dict[str, Any], state: dict[str, torch.Tensor], where: Path,
+                  notes: list[str]) -> nn.Module:
+    """The registered model of `meta` with `state` loaded; the LoRA/DoRA adapters of a fine-tune run
+    are rebuilt as in training (train/adapters.py), so `export` merges them into a copy and says so."""
+    from torchgraft.train.adapters import adapter_layers_in, attach_saved_adapters, load_weights
 
     m = meta.get("model") or {}
     if not m.get("family"):
         raise CheckpointError(f"{where}/meta.json does not name a registered model family; load the model "
                               "yourself and call torchgraft.export(model, example, ...)")
+    from torchgraft.models.registry import build
+
     model = build({"family": m["family"], **(m.get("config") or {})})
     model.model_name = m.get("name", m["family"])
+    if attach_saved_adapters(model, state, meta, where):  # export() merges them into a copy and says so
+        notes.append(f"recreated {len(adapter_layers_in(state))} LoRA adapter(s) of {where}")
+    load_weights(model, state, where)
     return model
-
-
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], where: Path, run_dir: Path | None,
-                notes: list[str]) -> None:
-    if any(".lora_" in k for k in state) and not any(".lora_" in k for k in model.state_dict()):
-        adapter = run_dir / "adapter" if run_dir is not None else None
-        if adapter is None or not (adapter / "adapter_config.json").is_file():
-            raise CheckpointError(f"{where} holds LoRA tensors but no adapter/adapter_config.json was found "
-                                  "next to it; export the run directory of the fine-tune")
-        from torchgraft.peft import load_adapter
-
-        layers = load_adapter(model, adapter)
-        notes.append(f"recreated {len(layers)} LoRA adapter(s) from {adapter}")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{where}: weights do not match meta.json's model "
-                              f"({str(e).splitlines()[0]})") from None
 
 
 def load_export_source(source: str | Path) -> ExportSource:
@@ -111,9 +101,8 @@ def load_export_source(source: str | Path) -> ExportSource:
         from safetensors.torch import load_file
 
         meta = json.loads((p / "meta.json").read_text())
-        model = _build(meta, p)
+        model = _build_loaded(meta, load_file(str(p / "model.safetensors")), p, notes)
         run_dir = p.parent if (p.parent / "config.yaml").is_file() else None
-        _load_state(model, load_file(str(p / "model.safetensors")), p, run_dir, notes)
         meta_extra["labels"] = _run_labels(run_dir)
         meta_extra["tokenizer"] = _tokenizer_dir([p, *([run_dir] if run_dir else [])])
         return ExportSource(model.eval(), meta_extra, notes)
@@ -122,8 +111,7 @@ def load_export_source(source: str | Path) -> ExportSource:
     ck = load_latest(p)
     ck_dir = Path(ck.path)
     run_dir = ck_dir.parent.parent if ck_dir.parent.name == "checkpoints" else None
-    model = _build(ck.meta, ck_dir)
-    _load_state(model, ck.model_state, ck_dir, run_dir, notes)
+    model = _build_loaded(ck.meta, ck.model_state, ck_dir, notes)
     meta_extra["checkpoint"] = ck_dir.name
     meta_extra["labels"] = ck.meta.get("labels") or _run_labels(run_dir)
     meta_extra["tokenizer"] = _tokenizer_dir(_tokenizer_dirs(p, ck_dir))

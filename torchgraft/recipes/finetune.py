@@ -100,20 +100,6 @@ def apply_method(model: nn.Module, ft: FinetuneConfig) -> dict[str, Any]:
     return info
 
 
-def restore_adapters(model: nn.Module, run_dir: str | Path | None) -> bool:
-    """Re-inject the LoRA/DoRA layers of a fine-tune run (from its `finetune.json`) into a freshly
-    built base model, so the run's checkpoints (which hold the adapter weights) load into it.
-    False (model untouched) when `run_dir` is not a LoRA/DoRA fine-tune run."""
-    p = Path(run_dir) / "finetune.json" if run_dir is not None else None
-    if p is None or not p.is_file():
-        return False
-    summary = json.loads(p.read_text())
-    if summary.get("method") not in ("lora", "dora") or "finetune_config" not in summary:
-        return False
-    apply_method(model, from_dict(FinetuneConfig, summary["finetune_config"], prefix="finetune"))
-    return True
-
-
 def run_finetune(config: str | Path | dict[str, Any], out_dir: str | Path, overrides: list[str] | None = None,
                  merge: bool | None = None, data: Any = None, model: nn.Module | None = None) -> dict[str, Any]:
     """Run the whole recipe; returns the summary also written to `out_dir/finetune.json`.

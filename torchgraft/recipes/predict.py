@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchgraft.errors import CheckpointError, ConfigError
+from torchgraft.errors import ConfigError
 
 
 @dataclass
@@ -63,7 +63,6 @@ def _checkpoint_dir(run_dir: Path) -> Path:
 def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu") -> Classifier:
     """Model, class names, input encoder and task of a classification run directory."""
     from torchgraft.data.registry import build_encoder, read_labels
-    from torchgraft.models.registry import build
     from torchgraft.train.checkpoint import load_latest
     from torchgraft.train.tasks import build_task
 
@@ -72,19 +71,9 @@ def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu") -> 
         raise ConfigError(f"run directory not found: {run}")
     labels = read_labels(run)
     ck = load_latest(_checkpoint_dir(run))
-    m = ck.meta.get("model") or {}
-    if not m.get("family"):
-        raise CheckpointError(f"checkpoint {ck.path} does not name a registered model family, so predict "
-                              "cannot rebuild the model")
-    model = build({"family": m["family"], **(m.get("config") or {})}, device="cpu")
-    from torchgraft.recipes.finetune import restore_adapters
+    from torchgraft.train.adapters import model_from_checkpoint
 
-    restore_adapters(model, run)  # a LoRA/DoRA fine-tune: its checkpoints hold the adapter weights
-    try:
-        model.load_state_dict(ck.model_state)
-    except RuntimeError as e:
-        raise CheckpointError(f"the weights in {ck.path} do not fit the model its meta.json names "
-                              f"({str(e).splitlines()[0]})") from None
+    model = model_from_checkpoint(ck, "cpu")  # a LoRA/DoRA fine-tune: adapters rebuilt and merged
     run_cfg = ck.meta.get("run_config") or {}
     data = run_cfg.get("data")
     if not isinstance(data, dict):

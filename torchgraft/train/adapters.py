@@ -42,8 +42,11 @@ def adapter_spec(meta: dict[str, Any], ck_path: Path) -> dict[str, Any]:
     """The `finetune:` section that made the adapters: meta.json's `finetune`, else the run's finetune.json."""
     if isinstance(meta.get("finetune"), dict):
         return meta["finetune"]
-    run = run_dir_of(ck_path)
+    run = run_dir_of(ck_path) or (Path(ck_path).parent if (Path(ck_path).parent / "config.yaml").is_file()
+                                  else None)
     path = run / "finetune.json" if run is not None else None
+    if path is not None and not path.is_file() and (run / "adapter" / "adapter_config.json").is_file():
+        return _spec_of_peft_config(run / "adapter" / "adapter_config.json")
     if path is None or not path.is_file():
         raise CheckpointError(f"{ck_path} holds LoRA adapter tensors but no finetune.json was found next to "
                               "it to give their rank and alpha; load the base model, apply_lora as in "
@@ -54,6 +57,17 @@ def adapter_spec(meta: dict[str, Any], ck_path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is unreadable or lacks finetune_config; cannot rebuild the adapters "
                               f"of {ck_path}") from None
     return spec
+
+
+def _spec_of_peft_config(path: Path) -> dict[str, Any]:
+    """A `finetune:`-like spec from a PEFT `adapter_config.json` (what `save_adapter` writes)."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"{path} is unreadable; cannot rebuild the adapters next to it") from None
+    return {"method": "dora" if cfg.get("use_dora") else "lora",
+            "lora": {"rank": cfg.get("r", 8), "alpha": cfg.get("lora_alpha", 16.0),
+                     "use_rslora": cfg.get("use_rslora", False)}}
 
 
 def attach_saved_adapters(model: nn.Module, state: dict[str, torch.Tensor], meta: dict[str, Any],
