@@ -58,3 +58,24 @@ def count_flops(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
+
+
+def step_flops(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.Tensor], precision: str,
+               device: torch.device) -> int:
+    """FLOPs of one forward + backward of `loss_fn(model)`, counted in eval mode (no dropout) and
+    leaving no gradients behind."""
+    from torchgraft.train.precision import autocast
+
+    def fwd_bwd() -> None:
+        with autocast(precision, device):
+            loss = loss_fn(model)
+        loss.backward()
+
+    was_training = model.training
+    model.eval()
+    try:
+        return count_flops(fwd_bwd)
+    finally:
+        model.train(was_training)
+        for p in model.parameters():
+            p.grad = None

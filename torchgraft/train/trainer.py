@@ -34,7 +34,7 @@ from torchgraft.train.checkpointer import Checkpointer
 from torchgraft.train.config import RunConfig, load_run_config
 from torchgraft.train.engine import LocalEngine, resolve_device  # noqa: F401  (resolve_device: public here too)
 from torchgraft.train.logging import MetricsLogger, ProgressBar
-from torchgraft.train.mfu import count_flops, device_peak_flops
+from torchgraft.train.mfu import device_peak_flops, step_flops
 from torchgraft.train.optim import ParamGroupsFn, build_optimizer
 from torchgraft.train.precision import autocast, make_grad_scaler
 from torchgraft.train.schedule import LRSchedule
@@ -510,25 +510,12 @@ class Trainer:
         return result
 
     def _measure_flops(self) -> None:
-        """FLOPs of one optimizer step of this process (fwd + bwd), counted on a side batch in eval mode."""
+        """FLOPs of one optimizer step of this process (fwd + bwd), counted on a side batch."""
         t = self.cfg.trainer
         micro = t.batch_size // t.grad_accum_steps
         batch = _to_device(next(iter_eval_batches(self.data.train, micro, self.data.collate_fn)), self.device)
-
-        def fwd_bwd() -> None:
-            with autocast(t.precision, self.device):
-                loss = self.task.loss_sum(self.model, batch)
-            loss.backward()
-
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            self.flops_per_step = count_flops(fwd_bwd) * t.grad_accum_steps // self.engine.world_size
-        finally:
-            self.model.train(was_training)
-            self.optimizer.zero_grad(set_to_none=True)
-            for p in self.model.parameters():
-                p.grad = None
+        flops = step_flops(self.model, lambda m: self.task.loss_sum(m, batch), t.precision, self.device)
+        self.flops_per_step = flops * t.grad_accum_steps // self.engine.world_size
 
     def _stop_non_finite(self, loss: float, gnorm: float) -> None:
         s = self.state
