@@ -20,3 +20,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def invoke_cli(argv, capsys):
+    """(exit code, stdout, stderr, seconds) of one in-process `torchgraft` CLI call."""
+    import time
+
+    from torchgraft.cli import main
+
+    t0 = time.perf_counter()
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err, time.perf_counter() - t0

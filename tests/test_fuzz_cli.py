@@ -11,12 +11,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from torchgraft.cli import main
+from conftest import invoke_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["logging.progress=false", "logging.tensorboard=false", "logging.measure_flops=false"]
@@ -27,16 +27,7 @@ GPT = ["configs/gpt-char.yaml", "trainer.max_steps=2", "trainer.batch_size=4", "
 TIME_BOUND_S = 60  # generous on 2 busy cores; a hang (issue: 60-150 s) still fails
 
 
-def run(argv, capsys):
-    """(exit code, stdout, stderr, seconds) of one in-process CLI call."""
-    t0 = time.perf_counter()
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err, time.perf_counter() - t0
+run = invoke_cli  # (exit code, stdout, stderr, seconds) of one in-process CLI call
 
 
 def snapshot(*dirs: Path) -> dict[str, tuple[int, int]]:

@@ -8,19 +8,14 @@ import pytest
 import torch
 
 from torchgraft.cli import main
+from conftest import invoke_cli
 
 QUIET = ["logging.progress=false", "logging.tensorboard=false", "logging.measure_flops=false"]
 SMALL = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "data.seq_len=32", "model.block_size=32"]
 
 
 def cli(argv, capsys):
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return invoke_cli(argv, capsys)[:3]
 
 
 @pytest.fixture(scope="module")
