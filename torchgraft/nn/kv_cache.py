@@ -36,7 +36,25 @@ class LayerKVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-class KVCache:
+class _CacheBuffers:
+    """What both caches read off their per-layer buffers `k`, `v` (lists of (B, H_kv, S, D) tensors)."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class KVCache(_CacheBuffers):
     """Per-layer key/value buffers plus the number of positions already filled (`pos`).
 
     - `cache.pos`: tokens cached so far (the next token's cache slot); `len(cache)` is the same.
@@ -63,14 +81,6 @@ class KVCache:
 
     def __len__(self) -> int:
         return self.pos
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.k[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.k[0].device
 
     @property
     def remaining(self) -> int:
@@ -100,9 +110,6 @@ class KVCache:
             self.v[i] = self.v[i].index_select(0, index)
         self.batch_size = int(index.numel())
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
     def __repr__(self) -> str:
         return (f"KVCache(n_layer={self.n_layer}, batch_size={self.batch_size}, pos={self.pos}, "
                 f"max_seq_len={self.max_seq_len}, n_kv_head={self.n_kv_head}, head_dim={self.head_dim}, "
@@ -129,7 +136,7 @@ class StaticLayerKVCache:
         return self.k, self.v
 
 
-class StaticKVCache:
+class StaticKVCache(_CacheBuffers):
     """Fixed-shape KV cache for compiled decoding (`torch.compile` / CUDA graphs).
 
     Unlike `KVCache`, attention always runs over all `max_seq_len` slots, and nothing about the
@@ -157,22 +164,11 @@ class StaticKVCache:
         """A static view of a `KVCache`'s preallocated buffers (e.g. from `model.make_kv_cache`)."""
         return cls(cache.k, cache.v)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.k[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.k[0].device
-
     def layer(self, i: int) -> StaticLayerKVCache:
         return self._layers[i]
 
     def advance(self, n: int) -> None:
         """Nothing to do: the caller moves `index`."""
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def __repr__(self) -> str:
         return (f"StaticKVCache(n_layer={self.n_layer}, batch_size={self.batch_size}, "
