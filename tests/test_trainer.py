@@ -281,3 +281,19 @@ def test_resume_without_checkpoints_warns_and_starts_fresh(tmp_path):
     with pytest.warns(UserWarning, match="no checkpoint .* to resume from"):
         res = run_training(cfg(max_steps=2), tmp_path / "run", resume=True)
     assert res.step == 2
+
+
+@pytest.mark.slow
+def test_compiled_lm_loss_matches_eager(tmp_path):
+    """`trainer.compile` compiles the model and the LM task's loss as one graph; the run must train
+    the same weights as eager."""
+    tree = {"model": {"name": "gpt-tiny", "n_layer": 1, "n_embd": 32, "block_size": 32},
+            "data": {"name": "text", "source": "builtin", "tokenizer": "char", "seq_len": 32},
+            "optim": {"name": "adamw", "lr": 1e-3}, "trainer": {"max_steps": 3, "batch_size": 4},
+            "eval": {"every": 0}, "checkpoint": {"every": 0, "save_best": False},
+            "logging": {"progress": False, "tensorboard": False, "measure_flops": False}}
+    eager = run_training(tree, tmp_path / "e")
+    tree["trainer"]["compile"] = True
+    compiled = run_training(tree, tmp_path / "c")
+    for k, v in eager.model.state_dict().items():
+        torch.testing.assert_close(compiled.model.state_dict()[k], v, rtol=1e-4, atol=1e-5)

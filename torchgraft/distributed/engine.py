@@ -32,7 +32,7 @@ from torchgraft.distributed.parallel import find_blocks, grad_sync, parallelize,
 from torchgraft.errors import CheckpointError, ConfigError
 from torchgraft.train.checkpoint import list_checkpoints, load_optimizer_state
 from torchgraft.train.config import RunConfig
-from torchgraft.train.engine import LocalEngine, ModelBuilder, WriteShards, read_resumable, resolve_device
+from torchgraft.train.engine import LocalEngine, LossFn, ModelBuilder, WriteShards, read_resumable, resolve_device
 
 
 def wants_distributed(cfg: RunConfig, out_dir: str | Path | None = None, resume: bool = False) -> bool:
@@ -114,6 +114,11 @@ class DistributedEngine(LocalEngine):
                 wrapped = torch.compile(wrapped)
         self._wrapped = wrapped
         return unwrap(model), wrapped
+
+    def training_loss(self, loss_sum: LossFn, compile: bool) -> LossFn:
+        """The task's loss as it is: `setup_model` already compiled the wrapped model (DDP) or
+        each block inside FSDP, the way those wrappers support."""
+        return loss_sum
 
     def no_sync(self, train_model: nn.Module, last: bool) -> ContextManager:
         return grad_sync(train_model, sync=last)

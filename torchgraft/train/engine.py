@@ -1,7 +1,9 @@
 """Engines: what differs between training in one process and on several (DDP / FSDP2).
 
 The `Trainer` runs the same loop everywhere and asks its engine for
-- the model it trains (`setup_model`: build, load initial weights, move, wrap / shard, compile);
+- the model it trains (`setup_model`: build, load initial weights, move, wrap / shard, compile) and
+  the loss function the loop calls (`training_loss`: here the model and the task's loss compiled
+  as one graph);
 - each rank's share of the data (`sampler`, `shard_eval_batch`) and data preparation (`prepare_data`);
 - the context of one micro-batch (`no_sync`: skip the gradient all-reduce but on the last one);
 - sums over processes (`all_reduce_sum`: target counts, logged loss, evaluation sums) and `broadcast`;
@@ -29,6 +31,7 @@ from torchgraft.errors import CheckpointError, ConfigError
 from torchgraft.train.checkpoint import load_optimizer_state, read_checkpoint
 
 ModelBuilder = Callable[[str | None], nn.Module]  # device ("meta" or None) -> a new model
+LossFn = Callable[[nn.Module, dict[str, Any]], torch.Tensor]  # (model, batch) -> summed loss
 WriteShards = Callable[[Path], None]               # tmp checkpoint folder -> writes this rank's shards
 
 
@@ -69,13 +72,20 @@ class LocalEngine:
     # ---- model
     def setup_model(self, model: nn.Module | None, build: ModelBuilder,
                     load_init: Callable[[nn.Module], None] | None, compile: bool) -> tuple[nn.Module, nn.Module]:
-        """(the model, the module the loop calls)."""
+        """(the model, the module the loop calls). `compile` is applied in `training_loss`."""
         model = model if model is not None else build(None)
         if load_init is not None:
             load_init(model)
         model.to(self.device)
         model.train()
-        return model, (torch.compile(model) if compile else model)
+        return model, model
+
+    def training_loss(self, loss_sum: LossFn, compile: bool) -> LossFn:
+        """The task's `loss_sum(model, batch)` as the loop calls it. With `compile`, the model's
+        forward and the task's loss become one `torch.compile` graph, so the loss (cross-entropy over
+        the logits, masking, the sum) fuses with the model's last ops instead of running eagerly
+        after a compiled model (measured in benchmarks/bench_gpt_step.py)."""
+        return torch.compile(loss_sum) if compile else loss_sum
 
     def no_sync(self, train_model: nn.Module, last: bool) -> ContextManager:
         """Context of one micro-batch's forward/backward (DDP: no gradient sync unless `last`)."""

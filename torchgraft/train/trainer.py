@@ -199,6 +199,7 @@ class Trainer:
         self.model, self.train_model = self.engine.setup_model(
             model, lambda device: build_model_for(self.cfg.model, self.data.info, device=device),
             self.load_initial_weights if t.init_from else None, t.compile)
+        self.loss_sum = self.engine.training_loss(self.task.loss_sum, t.compile)
         from torchgraft.train.validate import check_model_against_data
 
         check_model_against_data(getattr(self.model, "config", None), self.data.info)  # seq_len <= block_size
@@ -248,7 +249,7 @@ class Trainer:
         for i, mb in enumerate(micro_batches):
             with engine.no_sync(self.train_model, last=i == len(micro_batches) - 1):
                 with autocast(t.precision, self.device):
-                    loss = self.task.loss_sum(self.train_model, mb) / divisor
+                    loss = self.loss_sum(self.train_model, mb) / divisor
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_acc = loss.detach() if loss_acc is None else loss_acc + loss.detach()
         if engine.world_size > 1:
