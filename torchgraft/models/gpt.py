@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from torchgraft.errors import ConfigError
@@ -23,6 +22,7 @@ from torchgraft.models.registry import register_family, register_preset
 from torchgraft.nn.attention import Attention, make_attention_mask
 from torchgraft.nn.init import normal_init_
 from torchgraft.nn.kv_cache import KVCache
+from torchgraft.nn.linear import Linear, linear
 from torchgraft.nn.mlp import MLP, GatedMLP
 from torchgraft.nn.norm import LayerNorm, RMSNorm
 from torchgraft.nn.rope import RotaryEmbedding
@@ -145,7 +145,7 @@ class DecoderLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
-            return F.linear(hidden, self.tok_emb.weight)
+            return linear(hidden, self.tok_emb.weight)
         return self.lm_head(hidden)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -216,7 +216,7 @@ def decoder_lm(cls: type[DecoderLM], c, *, mlp: Callable[[Any], nn.Module], norm
               for _ in range(c.n_layer)]
     return cls(c, tok_emb=nn.Embedding(c.vocab_size, c.n_embd), blocks=blocks, norm=norm(c),
                pos_emb=nn.Embedding(c.block_size, c.n_embd) if learned_positions else None, rotary=rotary,
-               lm_head=None if c.tie_embeddings else nn.Linear(c.n_embd, c.vocab_size, bias=False),
+               lm_head=None if c.tie_embeddings else Linear(c.n_embd, c.vocab_size, bias=False),
                dropout=c.dropout, head_dim=head_dim)
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchgraft.nn.kv_cache import LayerKVCache
+from torchgraft.nn.linear import Linear
 from torchgraft.nn.rope import RotaryEmbedding, apply_rope
 
 
@@ -96,10 +97,10 @@ class Attention(nn.Module):
         self.dim, self.n_head, self.n_kv_head, self.head_dim = dim, n_head, n_kv_head, head_dim
         self.causal = causal
         self.dropout = dropout
-        self.q_proj = nn.Linear(dim, n_head * head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, n_kv_head * head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, n_kv_head * head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_head * head_dim, dim, bias=bias if out_bias is None else out_bias)
+        self.q_proj = Linear(dim, n_head * head_dim, bias=bias)
+        self.k_proj = Linear(dim, n_kv_head * head_dim, bias=bias)
+        self.v_proj = Linear(dim, n_kv_head * head_dim, bias=bias)
+        self.o_proj = Linear(n_head * head_dim, dim, bias=bias if out_bias is None else out_bias)
         if rotary is not None and rotary.head_dim != head_dim:
             raise ValueError(f"rotary head_dim ({rotary.head_dim}) must equal the attention head_dim ({head_dim})")
         self.rotary = rotary

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchgraft.nn.linear import Linear
+
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu")
 
 
@@ -39,8 +41,8 @@ class MLP(nn.Module):
         super().__init__()
         self.activation = activation
         self.act = activation_fn(activation)
-        self.fc_in = nn.Linear(dim, hidden, bias=bias)
-        self.fc_out = nn.Linear(hidden, dim, bias=bias)
+        self.fc_in = Linear(dim, hidden, bias=bias)
+        self.fc_out = Linear(hidden, dim, bias=bias)
         self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,9 +61,9 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.activation = activation
         self.act = activation_fn(activation)
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.gate_proj = Linear(dim, hidden, bias=bias)
+        self.up_proj = Linear(dim, hidden, bias=bias)
+        self.down_proj = Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
