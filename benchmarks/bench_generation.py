@@ -10,6 +10,12 @@ under torch.compile; compile time is reported separately, not timed), transforme
 alternate; each round times every variant once; the printed ratio is the median over rounds of
 ours / transformers tokens/s measured back to back.
 
+A decode step on CPU is bound by reading the weights, so the benchmark also prints the weight
+bytes each implementation streams per second (parameter bytes x decode steps / s) beside the
+machine's read bandwidth (`torch.sum` over 512 MB, same threads): the ceiling no fp32
+implementation can pass. torchgraft's few-row products (`torchgraft.nn.linear`) are what moves
+it towards that ceiling.
+
     python benchmarks/bench_generation.py                    # GPT-2 124M shape, batch 1 and 4
     python benchmarks/bench_generation.py --n-layer 4 --no-compile   # quicker
 """
@@ -29,6 +35,13 @@ def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def read_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """The best of `repeats` reads of an `nbytes` fp32 tensor (torch.sum), in GB/s."""
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    return max(nbytes / _timed(x.sum) for _ in range(repeats)) / 1e9
 
 
 def run(n_layer: int = 12, n_embd: int = 768, n_head: int = 12, vocab_size: int = 50257,
@@ -53,6 +66,9 @@ def run(n_layer: int = 12, n_embd: int = 768, n_head: int = 12, vocab_size: int 
     ours.to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters()) - \
+        ours.pos_emb.weight.numel() * ours.pos_emb.weight.element_size()  # one position row is read per step
+    ceiling = read_bandwidth_gbs()
     cases = []
     for batch in batches:
         g = torch.Generator().manual_seed(batch)
@@ -92,13 +108,16 @@ def run(n_layer: int = 12, n_embd: int = 768, n_head: int = 12, vocab_size: int 
         n = batch * new_tokens
         case = {"batch": batch, "greedy_outputs_identical": same, "compile_s": compile_s,
                 "transformers_tok_s": n / statistics.median(times["transformers"])}
+        case["transformers_weight_gbs"] = weight_bytes * new_tokens / statistics.median(times["transformers"]) / 1e9
         for name in variants:
             case[f"torchgraft_{name}_tok_s"] = n / statistics.median(times[name])
+            case[f"torchgraft_{name}_weight_gbs"] = weight_bytes * new_tokens / statistics.median(times[name]) / 1e9
             case[f"ratio_{name}"] = statistics.median(h / o for o, h in zip(times[name], times["transformers"]))
         cases.append(case)
     return {"benchmark": "generation", "model": f"gpt2-shape L{n_layer} C{n_embd} V{vocab_size}",
             "device": device, "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds,
-            "threads": torch.get_num_threads(), "cases": cases}
+            "threads": torch.get_num_threads(), "weight_mb": weight_bytes / 2**20, "read_bandwidth_gbs": ceiling,
+            "cases": cases}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -130,6 +149,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             line += (f", compiled {c['torchgraft_compiled_tok_s']:.1f} tok/s ({c['ratio_compiled']:.2f}x; "
                      f"compile {c['compile_s']:.0f}s)")
         print(line + f"; greedy outputs identical: {c['greedy_outputs_identical']}")
+        streamed = ", ".join(f"{k.removeprefix('torchgraft_').removesuffix('_weight_gbs')} {v:.1f}"
+                             for k, v in c.items() if k.endswith("_weight_gbs"))
+        print(f"    weights streamed, GB/s: {streamed} (read ceiling {r['read_bandwidth_gbs']:.1f})")
     return r
 
 
