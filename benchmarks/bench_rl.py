@@ -49,7 +49,9 @@ EVAL_EPISODES = 20
 
 def sb3_ppo(cfg, seed: int, target: float | None) -> dict:
     """SB3 PPO with the same env count, rollout, epochs, minibatch size, lr schedule, gamma, lambda,
-    clip, entropy and value coefficients, network (64x64 tanh, separate trunks) and evaluation."""
+    clip, entropy and value coefficients, reward scale (a TransformReward wrapper inside the Monitor,
+    so its episode statistics stay raw), network (64x64 tanh, separate trunks) and evaluation."""
+    from gymnasium.wrappers import TransformReward
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
@@ -58,7 +60,9 @@ def sb3_ppo(cfg, seed: int, target: float | None) -> dict:
     p, e = cfg.ppo, cfg.env
     batch = e.num_envs * p.rollout_steps
     eval_every_steps = cfg.eval.every * batch
-    env = make_vec_env(e.id, n_envs=e.num_envs, seed=seed, env_kwargs=dict(e.kwargs))
+    scale = p.reward_scale
+    wrap = None if scale == 1.0 else (lambda env: TransformReward(env, lambda r: r * scale))
+    env = make_vec_env(e.id, n_envs=e.num_envs, seed=seed, env_kwargs=dict(e.kwargs), wrapper_class=wrap)
     lr = (lambda frac: p.lr * frac) if p.anneal_lr else p.lr
     model = PPO("MlpPolicy", env, n_steps=p.rollout_steps, batch_size=batch // p.minibatches, n_epochs=p.epochs,
                 learning_rate=lr, gamma=p.gamma, gae_lambda=p.gae_lambda, clip_range=p.clip,
