@@ -9,9 +9,12 @@ Parts (each prints its table as soon as it finishes; `--parts` picks some):
 - lunar: LunarLander-v3. The heuristic expert is recorded (50 episodes), cloned through the normal
   trainer (`run_bc`) and fine-tuned with PPO (critic warm-up first). Target: mean return >= 200.
 - windy: the calm-lander policy (BC -> PPO from `lunar`) fine-tuned on the windy lander
-  (enable_wind=True) vs PPO from scratch on the windy lander (ours and SB3), same budget and
-  hyperparameters. Threshold: the heuristic expert's own mean return on the windy game, measured
-  in this run ("as good as the hand-written controller"). Reported: env steps to the threshold.
+  (enable_wind=True) vs PPO from scratch on the windy lander (ours and SB3), same budget (262,144
+  env steps), hyperparameters and evaluation cadence (every 2 updates); the fine-tune adds a
+  4-update critic warm-up. Threshold: the heuristic expert's own mean return on the windy game's 20
+  evaluation episodes, measured in this run ("as good as the hand-written controller"). Reported:
+  env steps to the threshold; then a held-out check of the final fine-tuned policies against the
+  heuristic on 100 other windy episodes.
 
 Evaluations are identical for both implementations (torchgraft.rl.evaluate: 20 seeded episodes,
 greedy actions, every `eval.every` updates), and both wall times include them.
@@ -46,7 +49,9 @@ EVAL_EPISODES = 20
 
 def sb3_ppo(cfg, seed: int, target: float | None) -> dict:
     """SB3 PPO with the same env count, rollout, epochs, minibatch size, lr schedule, gamma, lambda,
-    clip, entropy and value coefficients, network (64x64 tanh, separate trunks) and evaluation."""
+    clip, entropy and value coefficients, reward scale (a TransformReward wrapper inside the Monitor,
+    so its episode statistics stay raw), network (64x64 tanh, separate trunks) and evaluation."""
+    from gymnasium.wrappers import TransformReward
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
@@ -55,7 +60,9 @@ def sb3_ppo(cfg, seed: int, target: float | None) -> dict:
     p, e = cfg.ppo, cfg.env
     batch = e.num_envs * p.rollout_steps
     eval_every_steps = cfg.eval.every * batch
-    env = make_vec_env(e.id, n_envs=e.num_envs, seed=seed, env_kwargs=dict(e.kwargs))
+    scale = p.reward_scale
+    wrap = None if scale == 1.0 else (lambda env: TransformReward(env, lambda r: r * scale))
+    env = make_vec_env(e.id, n_envs=e.num_envs, seed=seed, env_kwargs=dict(e.kwargs), wrapper_class=wrap)
     lr = (lambda frac: p.lr * frac) if p.anneal_lr else p.lr
     model = PPO("MlpPolicy", env, n_steps=p.rollout_steps, batch_size=batch // p.minibatches, n_epochs=p.epochs,
                 learning_rate=lr, gamma=p.gamma, gae_lambda=p.gae_lambda, clip_range=p.clip,
@@ -195,16 +202,34 @@ def part_lunar(args, tmp: Path) -> dict:
             "mean_ppo_return": mean_ppo}
 
 
+WINDY_HYPER = ["ppo.lr=0.0003", "ppo.epochs=10", "ppo.clip=0.2", "ppo.reward_scale=0.01"]
+WINDY_HELD_OUT = (100, 20_000)  # episodes, first seed: a second look at the policies, on other episodes
+
+
 def part_windy(args, tmp: Path, lunar: dict | None) -> dict:
+    """Calm-lander policy fine-tuned on the windy lander vs PPO from scratch, same budget and settings.
+
+    Threshold (fixed before any run): the heuristic expert's mean return on the 20 evaluation
+    episodes of the windy game. Both methods use the same PPO hyperparameters (WINDY_HYPER on top of
+    configs/ppo-lunarlander.yaml) and the same evaluation cadence (every 2 updates = 8,192 env
+    steps, which is the resolution of "steps to threshold"); the fine-tune only adds a 4-update
+    critic warm-up, since its critic was fitted to the calm game at reward scale 1. The conservative
+    settings of the calm fine-tune (lr 1e-4, clip 0.1, 4 epochs, target_kl 0.02, reward scale 1) were
+    tried first: over 131k steps their evaluations stayed between 29 and 89 (final 81 / 40 / 84), below
+    the threshold; the wind needs a new skill, not a polish, so the fine-tune gets the same,
+    larger steps as learning from scratch.
+    """
     wind = {"enable_wind": True}
-    heur = evaluate(get_expert("lunarlander-heuristic", "LunarLander-v3"), "LunarLander-v3",
-                    episodes=EVAL_EPISODES, seed=10_000, env_kwargs=wind).mean_return
+    heuristic = get_expert("lunarlander-heuristic", "LunarLander-v3")
+    heur = evaluate(heuristic, "LunarLander-v3", episodes=EVAL_EPISODES, seed=10_000, env_kwargs=wind).mean_return
     threshold = heur
-    budget = 16384 if args.quick else 131072
+    budget = 16384 if args.quick else 262144
     common = ["env.kwargs={enable_wind: true}", f"ppo.total_steps={budget}", f"eval.target_return={threshold}",
-              f"eval.episodes={EVAL_EPISODES}", "logging.progress=false", "logging.tensorboard=false",
-              "ppo.lr=0.0003", "ppo.epochs=10", "ppo.clip=0.2", "ppo.reward_scale=0.01"]
-    print(f"\nwindy LunarLander: heuristic expert {heur:.1f} = threshold", flush=True)
+              f"eval.episodes={EVAL_EPISODES}", "eval.every=2", "logging.progress=false",
+              "logging.tensorboard=false", *WINDY_HYPER]
+    print(f"\nwindy LunarLander: heuristic expert {heur:.1f} = threshold; both methods: "
+          f"{' '.join(WINDY_HYPER)}, eval every 2 updates, budget {budget:,} (fine-tune: + 4 critic warm-up updates)",
+          flush=True)
     if lunar is None:  # run alone: clone the calm heuristic quickly as the starting policy
         lunar = part_lunar(args, tmp)
     fine, scratch, theirs = [], [], []
@@ -233,10 +258,29 @@ def part_windy(args, tmp: Path, lunar: dict | None) -> dict:
            "fine_vs_scratch_steps": rows[0]["mean_steps_to_target"] / rows[1]["mean_steps_to_target"]}
     print(f"fine-tune / scratch env steps to threshold: {out['fine_vs_scratch_steps']:.2f} "
           f"(scratch counted as the budget where it never got there)", flush=True)
+    out["held_out"] = held_out_check(heuristic, fine, args)
     if theirs:
         n = len(theirs)
         out["ratio"] = ratio_line(summarise("", scratch[:n], budget), rows[2], budget)
     return out
+
+
+def held_out_check(heuristic, fine: list[dict], args) -> dict:
+    """The 20-episode threshold test is noisy (its blocks' means spread by ~40), so the final
+    fine-tuned policies and the heuristic are also compared on other, unseen windy episodes."""
+    from torchgraft.rl import PolicyExpert, load_policy_run
+
+    episodes, seed = (20, WINDY_HELD_OUT[1]) if args.quick else WINDY_HELD_OUT
+    wind = {"enable_wind": True}
+    heur = evaluate(heuristic, "LunarLander-v3", episodes=episodes, seed=seed, env_kwargs=wind).mean_return
+    ours = []
+    for r in fine:
+        run = load_policy_run(r["run"])
+        ours.append(evaluate(PolicyExpert(run.policy, run.normalizer), "LunarLander-v3", episodes=episodes,
+                             seed=seed, env_kwargs=wind).mean_return)
+    print(f"held-out windy episodes ({episodes}, seeds {seed}..): heuristic {heur:.1f}; final fine-tuned policies "
+          + " / ".join(f"{x:.1f}" for x in ours) + f" (mean {statistics.mean(ours):.1f})", flush=True)
+    return {"episodes": episodes, "seed": seed, "heuristic": heur, "fine_tuned": ours}
 
 
 def warm_up() -> None:
