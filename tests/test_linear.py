@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchgraft.nn.linear import SMALL_ROWS, Linear, _use_transposed, linear
+from torchgraft.nn.linear import SMALL_ROWS, Linear, _rows, _use_transposed, linear
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 48), (3, 1, 48), (2, 4, 48), (17, 48), (5, 0, 48)])
@@ -23,12 +23,16 @@ def test_equals_f_linear_in_values_and_gradients(shape, bias):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-4)
 
 
+def uses_transposed(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return _use_transposed(x, w, _rows(x))
+
+
 def test_transposed_product_only_for_few_fp32_rows_outside_export():
     w = torch.zeros(8, 4)
-    assert _use_transposed(torch.zeros(SMALL_ROWS, 4), w)
-    assert _use_transposed(torch.zeros(2, 1, 4), w)
-    assert not _use_transposed(torch.zeros(SMALL_ROWS + 1, 4), w)
-    assert not _use_transposed(torch.zeros(2, 4, dtype=torch.bfloat16), w.bfloat16())
+    assert uses_transposed(torch.zeros(SMALL_ROWS, 4), w)
+    assert uses_transposed(torch.zeros(2, 1, 4), w)
+    assert not uses_transposed(torch.zeros(SMALL_ROWS + 1, 4), w)
+    assert not uses_transposed(torch.zeros(2, 4, dtype=torch.bfloat16), w.bfloat16())
 
 
 def test_layer_is_an_nn_linear_with_the_same_state_dict():

@@ -17,20 +17,23 @@ from torch import nn
 SMALL_ROWS = 8  # at and below this many rows the transposed product is faster (measured up to 16)
 
 
-def _use_transposed(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // max(x.shape[-1], 1)
+
+
+def _use_transposed(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
     if torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False  # exported graphs stay plain linear ops (and shape-generic)
-    rows = x.numel() // max(x.shape[-1], 1)
     return 0 < rows <= SMALL_ROWS
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`: (..., in) -> (..., out), equal up to float rounding."""
-    if not _use_transposed(x, weight):
+    rows = _rows(x)
+    if not _use_transposed(x, weight, rows):
         return F.linear(x, weight, bias)
-    rows = x.numel() // x.shape[-1]
     x2 = x.reshape(rows, x.shape[-1])
     if rows == 1:  # one column would take the slow matrix-vector kernel again
         x2 = torch.cat([x2, x2])
