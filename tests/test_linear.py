@@ -51,3 +51,13 @@ def test_export_keeps_a_shape_generic_graph():
     for rows in (1, 4, 20):
         x = torch.randn(rows, 6)
         torch.testing.assert_close(ep.module()(x), F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_compiled_single_row_equals_f_linear(bias):
+    torch.manual_seed(0)
+    w, b = torch.randn(40, 48), (torch.randn(40) if bias else None)
+    compiled = torch.compile(linear, dynamic=False, fullgraph=True)
+    for shape in [(1, 1, 48), (1, 48), (3, 1, 48)]:  # one row takes the reduction, three the mm
+        x = torch.randn(*shape)
+        torch.testing.assert_close(compiled(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
