@@ -20,6 +20,7 @@ from torchgraft.errors import ConfigError
 from torchgraft.models.parts import ModelParts, token_inputs
 from torchgraft.models.registry import register_family, register_preset
 from torchgraft.nn.attention import Attention, make_attention_mask
+from torchgraft.nn.embedding import Embedding
 from torchgraft.nn.init import normal_init_
 from torchgraft.nn.kv_cache import KVCache
 from torchgraft.nn.linear import Linear, linear
@@ -214,8 +215,8 @@ def decoder_lm(cls: type[DecoderLM], c, *, mlp: Callable[[Any], nn.Module], norm
     _check_transformer_config(c, head_dim)
     blocks = [PreNormBlock(decoder_attention(c, rotary, head_dim), mlp(c), norm(c), norm(c), dropout=c.dropout)
               for _ in range(c.n_layer)]
-    return cls(c, tok_emb=nn.Embedding(c.vocab_size, c.n_embd), blocks=blocks, norm=norm(c),
-               pos_emb=nn.Embedding(c.block_size, c.n_embd) if learned_positions else None, rotary=rotary,
+    return cls(c, tok_emb=Embedding(c.vocab_size, c.n_embd), blocks=blocks, norm=norm(c),
+               pos_emb=Embedding(c.block_size, c.n_embd) if learned_positions else None, rotary=rotary,
                lm_head=None if c.tie_embeddings else Linear(c.n_embd, c.vocab_size, bias=False),
                dropout=c.dropout, head_dim=head_dim)
 
