@@ -17,7 +17,7 @@ time / the median engine step time (engine time: from the end of the callback to
 next step, so it includes the engine's own per-step work); the headline is the median over rounds
 (> 1: ours is faster). Goal (issue 14): >= 1.05. Compile time falls in the warm-up steps.
 
-    python benchmarks/bench_gpt_step.py [--rounds 3] [--steps 40] [--compile {on,off,both}]
+    python benchmarks/bench_gpt_step.py [--rounds 5] [--steps 40] [--compile {on,off,both}]
 """
 from __future__ import annotations
 
@@ -162,7 +162,7 @@ def interleaved_step_times(steps: int, compile: bool, data: Any, out: Path, ref_
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--compile", choices=["on", "off", "both"], default="both")
     ap.add_argument("--threads", type=int, default=None)
@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{result['reference_tok_s']:.0f} tok/s")
     for c in variants:
         print(f"  torchgraft engine ({a.adamw} AdamW), compile={c}: {result[f'ours_compile_{c}_tok_s']:.0f} tok/s, "
-              f"ours/reference {result[f'ratio_compile_{c}']:.3f}x (goal >= 1.05)")
+              f"ours/reference {result[f'ratio_compile_{c}']:.3f}x (rounds {min(ratios[c]):.3f}-{max(ratios[c]):.3f}; "
+              f"goal >= 1.05)")
     return result
 
 
