@@ -1,7 +1,7 @@
 """Feed-forward blocks: GELU MLP (`fc_in`, `fc_out`) and gated MLP / SwiGLU (`gate_proj`, `up_proj`, `down_proj`)."""
 from __future__ import annotations
 
-import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +16,27 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation (GPT-2's "gelu_new"): `0.5 x (1 + tanh(u))`, u = √(2/π)(x + 0.044715 x³).
+
+    Inside `torch.compile` it is written as the identical `x · sigmoid(2u)`: inductor's CPU
+    sigmoid is cheaper than its tanh, and forward+backward take about half the time (0.38 vs
+    0.73 ms for 12 x 64 x 512); results agree to float rounding (~5e-7). Eager mode and exported
+    graphs keep `F.gelu(approximate="tanh")`, one fused kernel there."""
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return F.gelu(x, approximate="tanh")
+    return x * torch.sigmoid((2.0 * _SQRT_2_OVER_PI) * (x + 0.044715 * x * x * x))
+
+
 def activation_fn(name: str):
     """'gelu' (exact erf, BERT/ViT), 'gelu_tanh' (GPT-2 'gelu_new'), 'relu', 'silu', 'quick_gelu'."""
     if name == "gelu":
         return F.gelu
     if name in ("gelu_tanh", "gelu_new", "gelu_pytorch_tanh"):
-        return functools.partial(F.gelu, approximate="tanh")
+        return gelu_tanh
     if name == "relu":
         return F.relu
     if name in ("silu", "swish"):
