@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchgraft.nn.compiled import in_inductor_graph
+
 
 @torch.library.custom_op("torchgraft::embedding_backward", mutates_args=())
 def embedding_backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: int) -> torch.Tensor:
@@ -23,7 +25,7 @@ class _Lookup(torch.autograd.Function):
 
     @staticmethod
     def forward(weight: torch.Tensor, ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
-        return F.embedding(ids, weight, padding_idx if padding_idx >= 0 else None)
+        return F.embedding(ids, weight)  # padding_idx (ATen's -1 = none) only affects the gradient
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -42,8 +44,7 @@ class Embedding(nn.Embedding):
     gradient comes from ATen's kernel instead of inductor's slower scatter-add."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if (not torch.compiler.is_compiling() or torch.compiler.is_exporting() or self.max_norm is not None
-                or self.scale_grad_by_freq or self.sparse):
+        if not in_inductor_graph() or self.max_norm is not None or self.scale_grad_by_freq or self.sparse:
             return super().forward(ids)
         return _Lookup.apply(self.weight, ids, -1 if self.padding_idx is None else self.padding_idx)
 

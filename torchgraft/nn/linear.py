@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchgraft.nn.compiled import in_inductor_graph
+
 SMALL_ROWS = 8  # at and below this many rows the transposed product is faster (measured up to 16)
 
 
@@ -37,7 +39,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = _rows(x)
     if not _use_transposed(x, weight, rows):
         return F.linear(x, weight, bias)
-    if rows == 1 and torch.compiler.is_compiling():
+    if rows == 1 and in_inductor_graph():
         # inductor turns this into one vectorised reduction that streams the weight once
         y = (x.unsqueeze(-2) * weight).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
         return y if bias is None else y + bias

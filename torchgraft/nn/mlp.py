@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchgraft.nn.compiled import in_inductor_graph
 from torchgraft.nn.linear import Linear
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu")
@@ -26,7 +27,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     sigmoid is cheaper than its tanh, and forward+backward take about half the time (0.38 vs
     0.73 ms for 12 x 64 x 512); results agree to float rounding (~5e-7). Eager mode and exported
     graphs keep `F.gelu(approximate="tanh")`, one fused kernel there."""
-    if not torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if not in_inductor_graph():
         return F.gelu(x, approximate="tanh")
     return x * torch.sigmoid((2.0 * _SQRT_2_OVER_PI) * (x + 0.044715 * x * x * x))
 
