@@ -45,7 +45,7 @@ def read_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
 
 
 def run(n_layer: int = 12, n_embd: int = 768, n_head: int = 12, vocab_size: int = 50257,
-        batches: tuple[int, ...] = (1, 4), prompt_len: int = 32, new_tokens: int = 32, rounds: int = 3,
+        batches: tuple[int, ...] = (1, 4), prompt_len: int = 32, new_tokens: int = 32, rounds: int = 5,
         compile: bool = True, threads: int | None = None, device: str = "cpu") -> dict[str, Any]:
     import transformers
 
@@ -112,12 +112,18 @@ def run(n_layer: int = 12, n_embd: int = 768, n_head: int = 12, vocab_size: int 
         for name in variants:
             case[f"torchgraft_{name}_tok_s"] = n / statistics.median(times[name])
             case[f"torchgraft_{name}_weight_gbs"] = weight_bytes * new_tokens / statistics.median(times[name]) / 1e9
-            case[f"ratio_{name}"] = statistics.median(h / o for o, h in zip(times[name], times["transformers"]))
+            case[f"ratio_{name}_rounds"] = [h / o for o, h in zip(times[name], times["transformers"])]
+            case[f"ratio_{name}"] = statistics.median(case[f"ratio_{name}_rounds"])
         cases.append(case)
     return {"benchmark": "generation", "model": f"gpt2-shape L{n_layer} C{n_embd} V{vocab_size}",
             "device": device, "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds,
             "threads": torch.get_num_threads(), "weight_mb": weight_bytes / 2**20, "read_bandwidth_gbs": ceiling,
             "cases": cases}
+
+
+def _ratio(case: dict[str, Any], variant: str) -> str:
+    rounds = case[f"ratio_{variant}_rounds"]
+    return f"{case[f'ratio_{variant}']:.2f}x, rounds {min(rounds):.2f}-{max(rounds):.2f}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-compile", action="store_true", help="skip the compiled variant")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
@@ -144,9 +150,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{r['threads']} threads, median of {r['rounds']} alternating rounds):")
     for c in r["cases"]:
         line = (f"  batch {c['batch']}: transformers {c['transformers_tok_s']:.1f} tok/s; torchgraft eager "
-                f"{c['torchgraft_eager_tok_s']:.1f} tok/s ({c['ratio_eager']:.2f}x)")
+                f"{c['torchgraft_eager_tok_s']:.1f} tok/s ({_ratio(c, 'eager')})")
         if "ratio_compiled" in c:
-            line += (f", compiled {c['torchgraft_compiled_tok_s']:.1f} tok/s ({c['ratio_compiled']:.2f}x; "
+            line += (f", compiled {c['torchgraft_compiled_tok_s']:.1f} tok/s ({_ratio(c, 'compiled')}; "
                      f"compile {c['compile_s']:.0f}s)")
         print(line + f"; greedy outputs identical: {c['greedy_outputs_identical']}")
         streamed = ", ".join(f"{k.removeprefix('torchgraft_').removesuffix('_weight_gbs')} {v:.1f}"

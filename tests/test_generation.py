@@ -164,16 +164,22 @@ def test_bad_generation_inputs(char_setup):
         generate(model, [[1, 2]], max_new_tokens=5, top_p=1.5)
 
 
-def test_cli_generate_streams_from_a_run_dir(char_setup, tmp_path, capsys):
-    from torchgraft.cli import main
+def _run_dir(model, tok, root):
     from torchgraft.train.checkpoint import write_checkpoint
     from torchgraft.train.trainer import model_meta
 
-    model, tok = char_setup
-    run = tmp_path / "run"
+    run = root / "run"
     write_checkpoint(run / "checkpoints" / "step_00000005", model_state=model.state_dict(),
                      meta={"model": model_meta(model), "step": 5})
     tok.save(run)
+    return run
+
+
+def test_cli_generate_streams_from_a_run_dir(char_setup, tmp_path, capsys):
+    from torchgraft.cli import main
+
+    model, tok = char_setup
+    run = _run_dir(model, tok, tmp_path)
     main(["generate", str(run), "--prompt", "The ", "-n", "25", "-t", "0"])
     out = capsys.readouterr().out
     assert out == "The " + generate(model, "The ", tok, max_new_tokens=25).texts[0] + "\n"
@@ -184,6 +190,38 @@ def test_cli_generate_streams_from_a_run_dir(char_setup, tmp_path, capsys):
         main(["generate", str(tmp_path / "nothing"), "--prompt", "x"])
     assert e.value.code == 2 and "not found" in capsys.readouterr().err
     assert json.loads((run / "tokenizer_config.json").read_text())["eos_token"] == "<|endoftext|>"
+
+
+def test_cli_generate_compile_reaches_the_decoder_and_rejects_no_cache(char_setup, tmp_path, capsys,
+                                                                        monkeypatch):
+    from torchgraft.cli import main
+
+    model, tok = char_setup
+    run = _run_dir(model, tok, tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(run), "-p", "The ", "-n", "5", "--compile", "--no-cache"])
+    assert e.value.code == 2 and "drop --no-cache" in capsys.readouterr().err
+
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("Dynamo is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)  # only a compiling decoder calls it
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        main(["generate", str(run), "-p", "The ", "-n", "25", "-t", "0", "--compile"])
+    assert capsys.readouterr().out == "The " + generate(model, "The ", tok, max_new_tokens=25).texts[0] + "\n"
+
+
+@pytest.mark.slow
+def test_cli_generate_compiled_equals_eager(char_setup, tmp_path, capsys, recwarn):
+    from torchgraft.cli import main
+
+    model, tok = char_setup
+    run = _run_dir(model, tok, tmp_path)
+    main(["generate", str(run), "-p", "The ", "-p", "def", "-n", "20", "-t", "0"])
+    eager = capsys.readouterr().out
+    main(["generate", str(run), "-p", "The ", "-p", "def", "-n", "20", "-t", "0", "--compile"])
+    assert capsys.readouterr().out == eager and "--- 'def'" in eager
+    assert not [w for w in recwarn if "decoding eagerly" in str(w.message)]  # really compiled
 
 
 def test_trained_run_saves_its_tokenizer_for_generate_and_convert(tmp_path, capsys, monkeypatch):

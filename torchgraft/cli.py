@@ -250,6 +250,9 @@ def generate_cmd(
     seed: Optional[int] = typer.Option(None, "--seed"),
     device: str = typer.Option("cpu", "--device"),
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute the full sequence each step"),
+    compile_decode: bool = typer.Option(False, "--compile", help="compile the static-cache decode step "
+                                        "(torch.compile): a one-off compile of seconds to a minute, then "
+                                        "faster decoding; decodes eagerly when compiling is unavailable"),
     chat: bool = typer.Option(False, "--chat", help="wrap each prompt as a user turn in the model's chat "
                               "template (the one its SFT run saved) and print only the answer"),
     system: Optional[str] = typer.Option(None, "--system", help="system message (with --chat)"),
@@ -260,6 +263,7 @@ def generate_cmd(
     _at_least("--top-k", top_k, 0, "0 = off")
     _at_least("--repetition-penalty", repetition_penalty, 1e-6, "1 = off")
     _require(top_p is None or 0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}")
+    _require(not (compile_decode and no_cache), "--compile compiles the cached decode step; drop --no-cache")
     _require(path.exists(), f"model path not found: {path} (give a run directory, a checkpoint folder "
              "or a Hugging Face model directory)")
     from torchgraft.devices import check_device
@@ -272,7 +276,8 @@ def generate_cmd(
     if lm.tokenizer is None:
         raise ConfigError(f"no tokenizer.json found for {path}; put one next to the weights")
     opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                repetition_penalty=repetition_penalty, stop=stop, seed=seed, use_cache=not no_cache)
+                repetition_penalty=repetition_penalty, stop=stop, seed=seed, use_cache=not no_cache,
+                compile=compile_decode)
     if chat:
         from torchgraft.data.chat_template import ChatTemplate, chat_prompt
 
