@@ -5,7 +5,6 @@ for the same steps. Stated before running: the soft targets carry the teacher's 
 distribution, so early in training (200 steps) the distilled student is clearly ahead."""
 import pytest
 
-from torchgraft.models.registry import build
 from torchgraft.recipes.training import run_training
 
 

@@ -25,6 +25,8 @@ from torchgraft.data.run_tokenizer import checkpoint_tokenizer, find_tokenizer, 
 from torchgraft.data.tokenizers import Tokenizer
 from torchgraft.errors import CheckpointError, ConfigError
 
+LM_TASKS = ("lm", "distill")  # training tasks whose checkpoints hold a plain next-token LM
+
 
 @dataclass
 class LoadedLM:
@@ -57,7 +59,7 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LoadedLM:
 
     ck = load_latest(p)
     m = ck.meta.get("model") or {}
-    if "vocab_size" not in (m.get("config") or {}) or ck.meta.get("task", "lm") != "lm":
+    if "vocab_size" not in (m.get("config") or {}) or ck.meta.get("task", "lm") not in LM_TASKS:
         raise ConfigError(f"{p} holds a {m.get('name') or m.get('family') or 'non-language'} model "
                           f"(task {ck.meta.get('task', 'unknown')}), not a language model; generate and "
                           "eval need a GPT/Llama run")
