@@ -258,3 +258,33 @@ def test_distill_configs_run_through_finetune(teacher_dir, tmp_path):
         assert summary["transfer"]["copied"] > 0 and summary["steps"] == 2
         assert "val_kl" in summary["metrics"]
         assert (out / "metrics.jsonl").is_file() and (out / "config.yaml").is_file()
+
+
+def test_chunked_loss_never_makes_a_full_logits_tensor():
+    """Every tensor the chunked forward + backward create (recorded with a dispatch mode) is at most
+    (chunk, V) in size, while the unchunked loss makes (N, V) ones."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    n, c, v, chunk = 64, 8, 500, 16
+    h, w = torch.randn(n, c, requires_grad=True), torch.randn(v, c, requires_grad=True)
+    th, tw = torch.randn(n, c), torch.randn(v, c)
+    y = torch.randint(0, v, (n,))
+    for kind in DIVERGENCES:
+        with Largest() as rec:
+            chunked_distill_loss(h, w, th, tw, y, chunk, kind=kind, temperature=2.0).loss.backward()
+        assert rec.numel <= chunk * v, (kind, rec.numel)
+        with Largest() as rec:
+            distill_loss(h @ w.t(), th @ tw.t(), y, kind=kind).loss.backward()
+        assert rec.numel >= n * v
