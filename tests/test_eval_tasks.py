@@ -112,25 +112,32 @@ def test_encode_pair_moves_trailing_space_and_keeps_boundary_merges(hf_dir):
     assert empty_ctx == [tok.bos_id] and whole == tok.encode(" Python")
 
 
-def _train_answerer(root: Path):
-    """A tiny char GPT trained on the generation sample's lines until it recites them."""
-    from torchgraft.recipes.training import run_training
-
+def _answerer_cfg(root: Path, steps: int) -> dict:
+    """A char GPT config on the generation sample's lines (context + answer), repeated."""
     src = root / "qa.txt"
     src.write_text("".join(f"{json.loads(line)['context']} {json.loads(line)['answer']}\n"
                            for line in GEN.read_text().splitlines()) * 40)
     cfg = {"model": {"family": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64},
            "data": {"name": "text", "source": str(src), "tokenizer": "char", "seq_len": 64, "stride": 16,
                     "val_fraction": 0.1, "cache_dir": str(root / "cache"), "progress": False},
-           "optim": {"name": "adamw", "lr": 3e-3}, "trainer": {"max_steps": 200, "batch_size": 16, "seed": 0},
-           "eval": {"every": 200, "max_batches": 1}, "checkpoint": {"every": 200, "keep_last": 1},
+           "optim": {"name": "adamw", "lr": 3e-3}, "trainer": {"max_steps": steps, "batch_size": 16, "seed": 0},
+           "eval": {"every": steps, "max_batches": 1}, "checkpoint": {"every": steps, "keep_last": 1},
            "logging": {"progress": False, "tensorboard": False, "measure_flops": False}}
-    run_training(cfg, root / "run")
-    return root / "run"
+    return cfg
 
 
-def test_generation_exact_match_on_a_model_that_learned_the_answers(tmp_path):
-    run = _train_answerer(tmp_path)
+@pytest.fixture(scope="module")
+def answerer(tmp_path_factory):
+    """A tiny char GPT run trained on the generation sample's lines until it recites most of them."""
+    from torchgraft.recipes.training import run_training
+
+    root = tmp_path_factory.mktemp("answerer")
+    run_training(_answerer_cfg(root, 200), root / "run")
+    return root
+
+
+def test_generation_exact_match_on_a_model_that_learned_the_answers(answerer, tmp_path):
+    run = answerer / "run"
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "qa.jsonl").write_text(GEN.read_text())
@@ -197,3 +204,21 @@ def test_task_files_mixed_kinds_missing_and_too_few_shots(tmp_path, hf_dir):
     assert [p.name for p in find_task_files(SAMPLES)] == ["sample-gen.jsonl", "sample-mc.jsonl"]
     with pytest.raises(ConfigError, match="4 few-shot examples asked for but only 3"):
         eval_tasks(hf_dir, MC, num_fewshot=4)
+
+
+def test_lora_run_scores_as_its_merged_weights(answerer, tmp_path):
+    """A LoRA fine-tune's run directory (adapters re-applied and merged on load) scores exactly as
+    its `merged/` folder, and differently from the base model."""
+    from torchgraft.recipes.finetune import run_finetune
+
+    tree = {**_answerer_cfg(answerer, 3), "optim": {"name": "adamw", "lr": 5e-2},
+            "finetune": {"source": str(answerer / "run"), "method": "lora",
+                         "lora": {"targets": ["q_proj", "v_proj"], "rank": 4, "alpha": 8}}}
+    run_finetune(tree, tmp_path / "ft", merge=True)
+    lora = eval_tasks(tmp_path / "ft", MC)["tasks"]["sample-mc"]
+    merged = eval_tasks(tmp_path / "ft" / "merged", MC)["tasks"]["sample-mc"]
+    base = eval_tasks(answerer / "run", MC)["tasks"]["sample-mc"]
+    for a, b, c in zip(lora["loglikelihoods"], merged["loglikelihoods"], base["loglikelihoods"]):
+        assert a == pytest.approx(b, abs=1e-4)  # the same merge, fp32
+        assert a != pytest.approx(c, abs=1e-4)
+    assert (lora["acc"], lora["acc_norm"]) == (merged["acc"], merged["acc_norm"])

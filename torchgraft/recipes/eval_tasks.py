@@ -169,6 +169,10 @@ def loglikelihoods(model: nn.Module, pairs: list[tuple[list[int], list[int]]], m
     """(summed log-probability of the continuation, whether greedy decoding gives it) per
     (context ids, continuation ids) pair; the input is `(context + continuation)[-(max_len+1):][:-1]`."""
     device = next(model.parameters()).device
+    too_long = next((len(c) for _, c in pairs if len(c) > max_len), None)
+    if too_long is not None:
+        raise ConfigError(f"a continuation has {too_long} tokens, more than the model's {max_len} positions; "
+                          "shorten the choice or use a model with a longer block_size")
     out: list[tuple[float, bool]] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
@@ -177,10 +181,11 @@ def loglikelihoods(model: nn.Module, pairs: list[tuple[list[int], list[int]]], m
         ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)  # right-padded (causal: harmless)
         for i, r in enumerate(rows):
             ids[i, :len(r)] = torch.tensor(r, device=device)
-        logp = F.log_softmax(model(ids).float(), dim=-1)  # (B, T, V)
+        logits = model(ids)  # (B, T, V)
         for i, ((_, cont), r) in enumerate(zip(chunk, rows)):
             cont_t = torch.tensor(cont, device=device)
-            lp = logp[i, len(r) - len(cont):len(r)]  # (n_cont, V): the positions predicting cont
+            # (n_cont, V): only the positions predicting the continuation, in float32
+            lp = F.log_softmax(logits[i, len(r) - len(cont):len(r)].float(), dim=-1)
             out.append((float(lp.gather(1, cont_t[:, None]).sum()), bool((lp.argmax(-1) == cont_t).all())))
     return out
 
