@@ -225,9 +225,20 @@ def test_distill_run_resumes_to_the_uninterrupted_weights(teacher_dir, tmp_path)
             if trainer.state.step == 5:
                 raise Stop()
 
+    cfg = _cfg(teacher_dir, 1, 6, task)
+    cfg["logging"]["tensorboard"] = True
     with pytest.raises(Stop):
-        run_training(_cfg(teacher_dir, 1, 6, task), tmp_path / "run", callbacks=[StopAt()])
-    res = run_training(_cfg(teacher_dir, 1, 6, task), tmp_path / "run", resume=True)
+        run_training(cfg, tmp_path / "run", callbacks=[StopAt()])
+    from torchgraft.train.lock import RunLock
+
+    with RunLock(tmp_path / "run"), pytest.raises(ConfigError, match="in use"):  # the run-directory lock
+        run_training(cfg, tmp_path / "run", resume=True)
+    res = run_training(cfg, tmp_path / "run", resume=True)
+    assert list((tmp_path / "run").glob("**/events.out.tfevents.*"))
+    from torchgraft.train.plot import plot_runs
+
+    plot_runs([tmp_path / "run"], tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
     a, b = ref.model.state_dict(), res.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert {"val_loss", "val_kl", "val_distill_loss"} <= set(res.metrics)
@@ -258,6 +269,13 @@ def test_distill_configs_run_through_finetune(teacher_dir, tmp_path):
         assert summary["transfer"]["copied"] > 0 and summary["steps"] == 2
         assert "val_kl" in summary["metrics"]
         assert (out / "metrics.jsonl").is_file() and (out / "config.yaml").is_file()
+    # a LoRA student (torchtune's KD recipes are LoRA-only): only the adapters train
+    tree["finetune"].update(method="lora", lora={"targets": ["q_proj", "v_proj"], "rank": 4, "alpha": 8})
+    summary = run_finetune(tree, tmp_path / "lora")
+    assert summary["adapted_layers"] and (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
+    from torchgraft.recipes.lm import load_lm
+
+    assert load_lm(tmp_path / "lora").model.config.n_layer == 1  # eval / generate take a distill run
 
 
 def test_chunked_loss_never_makes_a_full_logits_tensor():
