@@ -222,3 +222,32 @@ def test_lora_run_scores_as_its_merged_weights(answerer, tmp_path):
         assert a == pytest.approx(b, abs=1e-4)  # the same merge, fp32
         assert a != pytest.approx(c, abs=1e-4)
     assert (lora["acc"], lora["acc_norm"]) == (merged["acc"], merged["acc_norm"])
+
+
+def test_generation_equals_lm_evaluation_harness_generate_until(hf_dir, tmp_path):
+    """Greedy outputs cut at the stop string equal lm-eval's `generate_until` on the same HF model,
+    and so does exact_match (answers set to the model's own output on every other example)."""
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    ours = eval_tasks(hf_dir, GEN, max_new_tokens=8)["tasks"]["sample-gen"]["outputs"]
+    lines = [json.loads(line) for line in GEN.read_text().splitlines()]
+    for i, ex in enumerate(lines):
+        ex["answer"] = ours[i] if i % 2 == 0 else ex["answer"]
+    task_file = tmp_path / "gen.jsonl"
+    task_file.write_text("".join(json.dumps(ex) + "\n" for ex in lines))
+    scored = eval_tasks(hf_dir, task_file, max_new_tokens=8)["tasks"]["gen"]
+    assert scored["outputs"] == ours and scored["exact_match"] == 0.5
+
+    cfg = {"task": "tg_gen", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(task_file)}},
+           "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{context}}",
+           "doc_to_target": "{{answer}}", "generation_kwargs": {"until": ["\n"], "max_gen_toks": 8, "do_sample": False},
+           "metric_list": [{"metric": "exact_match"}], "num_fewshot": 0}
+    lm = HFLM(pretrained=str(hf_dir), batch_size=1, device="cpu", dtype="float32")
+    res = evaluate(lm, {"tg_gen": ConfigurableTask(config=cfg)}, log_samples=True, bootstrap_iters=0)
+    ref = [s["resps"][0][0] for s in sorted(res["samples"]["tg_gen"], key=lambda s: s["doc_id"])]
+    assert ref == ours
+    assert res["results"]["tg_gen"]["exact_match,none"] == scored["exact_match"]
