@@ -19,8 +19,8 @@ MC, SHOTS, GEN = SAMPLES / "sample-mc.jsonl", SAMPLES / "sample-mc.fewshot.jsonl
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    """A tiny random HF Llama with a byte-level BPE tokenizer (merges across word boundaries, so the
-    joint context+continuation encoding matters), saved as an HF directory."""
+    """A tiny random HF Llama with a byte-level BPE tokenizer trained on the sample task, saved as an
+    HF directory (the tokenizer both lm-eval's AutoTokenizer and torchgraft load)."""
     transformers = pytest.importorskip("transformers")
     from torchgraft.data.tokenizers import train_bpe
 
