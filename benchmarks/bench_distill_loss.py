@@ -3,7 +3,7 @@
 A llama-style student (2 layers) and teacher (4 layers) with a 32k vocabulary on CPU, through the
 `distill` task's `loss_sum` (forward KL, T = 2, alpha = 0.5). The full-logits step holds the student's
 (B*T, V) float32 logits, their log-softmax and gradient plus the teacher's (B*T, V) logits; the
-chunked step (`task: {name: distill, chunk_size: N}`, `torchgraft.nn.kd_loss.chunked_distill_loss`)
+chunked step (`task: {name: distill, chunked_ce: N}`, `torchgraft.nn.kd_loss.chunked_distill_loss`)
 holds `chunk x V` of each at a time. Peak bytes are torch's allocator accounting of the step
 (`tools.memory.measure_peak_memory`; weights built outside the step are not counted). Also checks
 that the loss and every gradient agree.
@@ -32,7 +32,7 @@ def run(vocab: int = 32000, batch: int = 4, seq: int = 256, chunk: int = 256) ->
     batch_ = {"input_ids": torch.randint(0, vocab, (batch, seq)), "labels": torch.randint(0, vocab, (batch, seq))}
     opts = {"name": "distill", "teacher": teacher, "loss": "forward_kl", "temperature": 2.0, "alpha": 0.5}
     results = {}
-    for name, task in (("full", build_task(opts)), ("chunked", build_task({**opts, "chunk_size": chunk}))):
+    for name, task in (("full", build_task(opts)), ("chunked", build_task({**opts, "chunked_ce": chunk}))):
         student.zero_grad(set_to_none=True)
         out = {}
 

@@ -160,7 +160,7 @@ def test_task_chunked_equals_unchunked(teacher_dir):
         torch.manual_seed(1)
         student = build({"family": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32,
                          "vocab_size": vocab})
-        task = build_task({"name": "distill", "teacher": str(teacher_dir / "run"), "chunk_size": chunk})
+        task = build_task({"name": "distill", "teacher": str(teacher_dir / "run"), "chunked_ce": chunk})
         loss = task.loss_sum(student, batch)
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in student.parameters()]))
@@ -190,7 +190,7 @@ def test_hf_directory_teacher_equals_its_transformers_logits(teacher_dir, tmp_pa
     ({"temperature": 0}, "task.temperature"),
     ({"alpha": 1.5}, "task.alpha"),
     ({"teacher": "/nonexistent/teacher"}, "task.teacher"),
-    ({"chunk_size": 0}, "chunked_ce"),
+    ({"chunked_ce": 0}, "chunked_ce"),
 ])
 def test_bad_options_are_one_line_config_errors(teacher_dir, opts, words):
     spec = {"name": "distill", "teacher": str(teacher_dir / "run"), **opts}
@@ -214,7 +214,7 @@ def test_distill_run_resumes_to_the_uninterrupted_weights(teacher_dir, tmp_path)
     from torchgraft.recipes.training import run_training
     from torchgraft.train import Callback
 
-    task = {"name": "distill", "teacher": str(teacher_dir / "run"), "temperature": 2.0, "chunk_size": 8}
+    task = {"name": "distill", "teacher": str(teacher_dir / "run"), "temperature": 2.0, "chunked_ce": 8}
     ref = run_training(_cfg(teacher_dir, 1, 6, task), tmp_path / "ref")
 
     class Stop(Exception):

@@ -30,7 +30,7 @@ def test_distilled_half_size_student_beats_hard_label_student(tmp_path):
     hard = run_training(_cfg(2, 200), tmp_path / "hard")
     kd = run_training(_cfg(2, 200, {"name": "distill", "teacher": str(tmp_path / "teacher"),
                                     "loss": "forward_kl", "temperature": 1.0, "alpha": 0.5,
-                                    "chunk_size": 512}), tmp_path / "kd")
+                                    "chunked_ce": 512}), tmp_path / "kd")
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n(kd.model) < 0.6 * n(teacher.model)
     t, h, d = teacher.metrics["val_loss"], hard.metrics["val_loss"], kd.metrics["val_loss"]

@@ -1,7 +1,8 @@
 """Knowledge distillation of a causal LM: the student (the run's model) learns the frozen teacher's
 next-token distributions, mixed with the hard labels (`torchgraft.nn.kd_loss` states the loss).
 
-    task: {name: distill, teacher: runs/llama-char, loss: forward_kl, temperature: 2.0, alpha: 0.5}
+    task: {name: distill, teacher: runs/llama-char, loss: forward_kl, temperature: 2.0, alpha: 0.5,
+           chunked_ce: 1024}
 
 Batches are the `lm` task's (`input_ids`, `labels`, optional `attention_mask` / `position_ids`); one
 loss unit per target token. `teacher` is any artifact: a run directory, a checkpoint folder (a LoRA
@@ -9,9 +10,10 @@ run's adapters merged in) or a Hugging Face model directory; it is loaded once, 
 mode, runs under `torch.no_grad()` and is never part of the student's checkpoints. It must share the
 student's vocabulary (same tokenizer).
 
-`chunk_size: N` computes student and teacher logits N token rows at a time from the final hidden
-states (`chunked_distill_loss`), so neither (B, T, V) logits tensor exists (needs the zoo's decoder
-LMs, which have `output_embedding()`; not with FSDP sharding). Without it both full logits are built.
+`chunked_ce: N` (the `lm` task's option) computes student and teacher logits N token rows at a time
+from the final hidden states (`chunked_distill_loss`), so neither (B, T, V) logits tensor exists
+(needs the zoo's decoder LMs, which have `output_embedding()`; not with FSDP sharding). Without it
+both full logits are built.
 
 Validation metrics: `val_loss` (the student's hard-label cross-entropy, comparable with an `lm` run),
 `val_ppl`, `val_kl` (the divergence per token at the temperature, without T^2) and
@@ -51,8 +53,7 @@ def load_teacher(path: str | Path) -> nn.Module:
             raise ConfigError(f"task.teacher: {e}") from None
     if not hasattr(getattr(model, "config", None), "vocab_size"):
         raise ConfigError(f"task.teacher: {p} holds a {type(model).__name__}, not a decoder language model")
-    model.requires_grad_(False)
-    return model.eval()
+    return model.requires_grad_(False).eval()
 
 
 class DistillTask(CausalLMTask):
@@ -61,15 +62,17 @@ class DistillTask(CausalLMTask):
     name = "distill"
 
     def __init__(self, teacher: str | nn.Module, loss: str = "forward_kl", temperature: float = 1.0,
-                 alpha: float = 0.5, chunk_size: int | None = None):
-        super().__init__(chunked_ce=chunk_size)  # validates chunk_size the same way
+                 alpha: float = 0.5, chunked_ce: int | None = None):
+        super().__init__(chunked_ce=chunked_ce)
         if loss not in DIVERGENCES:
             raise ConfigError(f"task.loss must be one of {', '.join(DIVERGENCES)}, got {loss!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
             raise ConfigError(f"task.temperature must be a positive number (e.g. 2.0), got {temperature!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"task.alpha (the weight of the distillation term) must be in [0, 1], got {alpha!r}")
-        self.teacher = load_teacher(teacher) if isinstance(teacher, (str, Path)) else teacher.eval().requires_grad_(False)
+        if isinstance(teacher, (str, Path)):
+            teacher = load_teacher(teacher)
+        self.teacher: nn.Module = teacher.eval().requires_grad_(False)
         self.loss, self.temperature, self.alpha = loss, float(temperature), float(alpha)
 
     def _teacher_on(self, device: torch.device) -> nn.Module:
