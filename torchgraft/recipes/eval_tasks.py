@@ -247,12 +247,13 @@ def eval_tasks(path: str | Path, tasks: str | Path, *, num_fewshot: int = 0, bat
                max_new_tokens: int = 32, add_bos: bool = False, device: str = "cpu") -> dict[str, Any]:
     """`torchgraft eval PATH --tasks ...`: every task file scored with the LM at `path` (run dir,
     checkpoint folder, LoRA run or HF directory). Returns {"model", "num_fewshot", "tasks": {name: metrics}}."""
-    from torchgraft.recipes.lm import load_lm
+    from torchgraft.recipes.lm import check_tokenizer_fits, load_lm
 
     files = find_task_files(tasks)
     lm = load_lm(path, device=device)
     if lm.tokenizer is None:
         raise ConfigError(f"no tokenizer.json found for {path}; put one next to the weights")
+    check_tokenizer_fits(lm)
     max_len = getattr(getattr(lm.model, "config", None), "block_size", None) or 2048
     results: dict[str, Any] = {}
     for f in files:

@@ -71,6 +71,14 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LoadedLM:
     return LoadedLM(model.eval(), tok, data, ck_dir)
 
 
+def check_tokenizer_fits(lm: LoadedLM) -> None:
+    """A tokenizer with more ids than the model's embedding is the wrong one: say so in one line."""
+    vocab = getattr(getattr(lm.model, "config", None), "vocab_size", None)
+    if lm.tokenizer is not None and vocab is not None and lm.tokenizer.vocab_size > vocab:
+        raise ConfigError(f"tokenizer has {lm.tokenizer.vocab_size} ids but the model only {vocab}; "
+                          "wrong tokenizer for this model")
+
+
 # ---- perplexity -----------------------------------------------------------------------------------
 @torch.inference_mode()
 def perplexity(model: nn.Module, dataset: Any, batch_size: int = 16, max_batches: int | None = None,
@@ -136,10 +144,7 @@ def eval_lm(path: str | Path, data: str | None = None, *, field: str = "text", s
         shard_dir = build_shards(data, field, lm.tokenizer, cache_dir, progress=False)
         stream = TokenStream(shard_dir)
         dataset, what = PackedWindows(stream, 0, len(stream), seq_len), str(data)
-    vocab = getattr(getattr(lm.model, "config", None), "vocab_size", None)
-    if lm.tokenizer is not None and vocab is not None and lm.tokenizer.vocab_size > vocab:
-        raise ConfigError(f"tokenizer has {lm.tokenizer.vocab_size} ids but the model only {vocab}; "
-                          "wrong tokenizer for this model")
+    check_tokenizer_fits(lm)
     out = perplexity(lm.model, dataset, batch_size=batch_size, max_batches=max_batches)
     return {**out, "data": what, "seq_len": seq_len, "model": str(lm.path)}
 
