@@ -174,6 +174,8 @@ def test_cli_tasks_dir_prints_metrics_and_json(hf_dir, capsys):
     assert res["num_fewshot"] == 2 and set(res["tasks"]["sample-mc"]) >= {"acc", "acc_norm", "n"}
     code, out, err, _ = invoke_cli(["eval", hf_dir, "--tasks", MC, "--data", "builtin"], capsys)
     assert code == 2 and "exclusive" in err
+    code, out, err, _ = invoke_cli(["eval", hf_dir, "--num-fewshot", "2"], capsys)
+    assert code == 2 and "apply to --tasks" in err
 
 
 @pytest.mark.parametrize("line, words", [

@@ -334,6 +334,8 @@ def eval_cmd(
     from torchgraft.recipes.lm import eval_lm, format_eval, to_json
 
     check_device(device, allow_auto=False)
+    _require(tasks is not None or (num_fewshot == 0 and max_new_tokens == 32 and not add_bos),
+             "--num-fewshot, --max-new-tokens and --add-bos apply to --tasks; add --tasks FILE_OR_DIR")
     if tasks is not None:
         _at_least("--num-fewshot", num_fewshot, 0)
         _at_least("--max-new-tokens", max_new_tokens, 1)
