@@ -88,6 +88,29 @@ def test_chunked_equals_full_logits_loss_and_grads(kind, chunk):
         torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
 
 
+def test_chunked_under_bf16_autocast_matches_full_logits():
+    """Under autocast both paths project in bf16 and take the softmaxes in float32; they differ only
+    by where bf16 rounding falls (the gradient's cast), so bf16-level tolerances (8 mantissa bits)."""
+    torch.manual_seed(2)
+    h0, w0 = torch.randn(40, 32), torch.randn(300, 32) * 0.1
+    th, tw = torch.randn(40, 24), torch.randn(300, 24) * 0.1
+    y = torch.randint(0, 300, (40,))
+    out = []
+    for chunked in (False, True):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if chunked:
+                loss = chunked_distill_loss(h, w, th, tw, y, 16, kind="jsd", temperature=2.0).loss
+            else:
+                loss = distill_loss(F.linear(h, w), F.linear(th, tw), y, kind="jsd", temperature=2.0).loss
+        loss.backward()
+        out.append((loss.detach(), h.grad, w.grad))
+    (l1, gh1, gw1), (l2, gh2, gw2) = out
+    torch.testing.assert_close(l1, l2, rtol=1e-3, atol=0)
+    torch.testing.assert_close(gh1, gh2, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(gw1, gw2, rtol=2e-2, atol=2e-3)
+
+
 # ---- the task on real models -----------------------------------------------------------------------
 def _cfg(tmp_path: Path, n_layer: int, steps: int, task=None, every: int = 2) -> dict:
     src = tmp_path / "corpus.txt"
