@@ -17,24 +17,31 @@ SAMPLES = ROOT / "configs" / "eval"
 MC, SHOTS, GEN = SAMPLES / "sample-mc.jsonl", SAMPLES / "sample-mc.fewshot.jsonl", SAMPLES / "sample-gen.jsonl"
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    """A tiny random HF Llama with a byte-level BPE tokenizer trained on the sample task, saved as an
-    HF directory (the tokenizer both lm-eval's AutoTokenizer and torchgraft load)."""
+def _save_tiny_hf(d: Path, family: str) -> Path:
+    """A tiny random HF model of `family` with a byte-level BPE tokenizer trained on the sample task,
+    saved as an HF directory (the tokenizer both lm-eval's AutoTokenizer and torchgraft load)."""
     transformers = pytest.importorskip("transformers")
     from torchgraft.data.tokenizers import train_bpe
 
-    d = tmp_path_factory.mktemp("hf")
     tok = train_bpe([line for f in (MC, SHOTS) for line in f.read_text().splitlines()] * 3, 400)
     tok.save(d)
     torch.manual_seed(0)
     # initializer_range 0.3: log-likelihoods far apart (no near-ties that fp32 rounding could flip)
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=256, initializer_range=0.3, bos_token_id=tok.bos_id,
-                                   eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    ids = dict(vocab_size=tok.vocab_size, initializer_range=0.3, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+               pad_token_id=tok.pad_id)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **ids)
+        transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    else:
+        cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **ids)
+        transformers.GPT2LMHeadModel(cfg).save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return _save_tiny_hf(tmp_path_factory.mktemp("hf"), "llama")
 
 
 def _lm_eval(model_dir: Path, test: Path, train: Path | None, k: int):
@@ -58,37 +65,37 @@ def _lm_eval(model_dir: Path, test: Path, train: Path | None, k: int):
     return res["results"]["tg_mc"], samples, lm
 
 
-@pytest.mark.parametrize("k, shots", [(0, None), (2, SHOTS), (1, "same-file")])
-def test_scores_equal_lm_evaluation_harness(hf_dir, tmp_path, k, shots):
+def _check_parity(model_dir: Path, tmp_path: Path, k: int, shots) -> None:
+    """Our scores of the sample task equal lm-eval's on the same HF directory: requests, token split,
+    per-choice log-likelihoods (fp32 tolerance), per-example and overall acc / acc_norm, stderr."""
     test_file = MC
     if shots == "same-file":  # few-shot pool = the task itself minus the scored example
         test_file = tmp_path / "mc.jsonl"
         kept = [line for line in MC.read_text().splitlines() if '"context": ""' not in line]
         test_file.write_text("".join(line + "\n" for line in kept))
     train = shots if isinstance(shots, Path) else None
-    ref, samples, lm = _lm_eval(hf_dir, test_file, train, k)
+    ref, samples, lm = _lm_eval(model_dir, test_file, train, k)
 
     from torchgraft.recipes.lm import load_lm
 
-    loaded = load_lm(hf_dir)
+    loaded = load_lm(model_dir)
     task = load_task_file(test_file)
     if train is None:
         task.fewshot = None  # no NAME.fewshot.jsonl next to the copy; MC's own would be picked up otherwise
     ours = score_multiple_choice(loaded.model, loaded.tokenizer, task, num_fewshot=k, max_len=256, batch_size=5)
     assert len(samples) == len(ours["loglikelihoods"]) == len(task.examples)
     for s, ex, lls in zip(samples, task.examples, ours["loglikelihoods"]):
-        # the same prompts and the same token split as lm-eval's own _encode_pair
-        ctx = s["arguments"][0][0]
-        if ctx:
-            for (c, cont), choice in zip((a for a in s["arguments"]), ex.choices):
-                assert cont == " " + choice
-                assert tuple(encode_pair(loaded.tokenizer, c, cont)) == tuple(lm._encode_pair(c, cont))
+        for (ctx, cont), choice in zip(s["arguments"], ex.choices):  # the same prompts ...
+            assert cont == " " + choice
+            if ctx:  # ... and the same token split as lm-eval's own _encode_pair
+                assert tuple(encode_pair(loaded.tokenizer, ctx, cont)) == tuple(lm._encode_pair(ctx, cont))
         ref_ll = [r[0][0] for r in s["resps"]]
         n_tokens = [len(encode_pair(loaded.tokenizer, a[0], a[1])[1]) for a in s["arguments"]]
         # fp32: each token's log-prob carries ~1e-6 relative rounding of logits of size ~10 through two
-        # layers of width 64 (torch vs HF kernels, batched vs not): 2e-5 per token is ~20 ulps
+        # layers of width 64 (torch vs HF kernels, batched vs not); allow 2e-5 per token, or relative
+        # 2e-5 of the sum when that is larger: ~20 ulps
         for ll, r, n in zip(lls, ref_ll, n_tokens):
-            assert abs(ll - r) <= 2e-5 * n * max(1.0, abs(r) / n), (ll, r, n)
+            assert abs(ll - r) <= 2e-5 * max(n, abs(r)), (ll, r, n)
         gaps = sorted(ref_ll)
         assert gaps[-1] - gaps[-2] > 1e-3  # no near-tie: acc cannot flip on rounding
         norm = [ll / len(c) for ll, c in zip(lls, ex.choices)]
@@ -98,8 +105,18 @@ def test_scores_equal_lm_evaluation_harness(hf_dir, tmp_path, k, shots):
     assert ours["acc_stderr"] == pytest.approx(ref["acc_stderr,none"], rel=1e-9)
     assert ours["acc_norm_stderr"] == pytest.approx(ref["acc_norm_stderr,none"], rel=1e-9)
     worst = max(abs(a - r[0][0]) for s, ll in zip(samples, ours["loglikelihoods"]) for a, r in zip(ll, s["resps"]))
-    print(f"{k}-shot: acc {ours['acc']:.4f} acc_norm {ours['acc_norm']:.4f} (lm-eval {ref['acc,none']:.4f} "
-          f"{ref['acc_norm,none']:.4f}); max |dll| {worst:.2e}")
+    print(f"{model_dir.name} {k}-shot: acc {ours['acc']:.4f} acc_norm {ours['acc_norm']:.4f} "
+          f"(lm-eval {ref['acc,none']:.4f} {ref['acc_norm,none']:.4f}); max |dll| {worst:.2e}")
+
+
+@pytest.mark.parametrize("k, shots", [(0, None), (2, SHOTS), (1, "same-file")])
+def test_llama_scores_equal_lm_evaluation_harness(hf_dir, tmp_path, k, shots):
+    _check_parity(hf_dir, tmp_path, k, shots)
+
+
+def test_gpt2_scores_equal_lm_evaluation_harness(tmp_path):
+    """The other decoder family (learned positions, LayerNorm, GELU, Conv1D weights in the HF file)."""
+    _check_parity(_save_tiny_hf(tmp_path / "gpt2", "gpt2"), tmp_path, 2, SHOTS)
 
 
 def test_encode_pair_moves_trailing_space_and_keeps_boundary_merges(hf_dir):
