@@ -317,8 +317,14 @@ def eval_cmd(
     max_batches: Optional[int] = typer.Option(None, "--max-batches"),
     device: str = typer.Option("cpu", "--device"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    tasks: Optional[Path] = typer.Option(None, "--tasks", help="JSONL task file or directory: score "
+                                         "multiple-choice / generation tasks instead (docs/evaluation.md)"),
+    num_fewshot: int = typer.Option(0, "--num-fewshot", help="few-shot examples before each (with --tasks)"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="generation tasks: tokens to generate"),
+    add_bos: bool = typer.Option(False, "--add-bos", help="prepend bos to every prompt (lm-eval's add_bos_token)"),
 ) -> None:
-    """Perplexity (mean next-token NLL and its exp) of an LM on held-out text."""
+    """Perplexity (mean next-token NLL and its exp) of an LM on held-out text, or with --tasks its
+    lm-evaluation-harness-style accuracy on multiple-choice and generation tasks."""
     _at_least("--batch-size", batch_size, 1)
     _at_least("--seq-len", seq_len, 1)
     _at_least("--max-batches", max_batches, 1, "omit it to evaluate the whole split")
@@ -328,6 +334,18 @@ def eval_cmd(
     from torchgraft.recipes.lm import eval_lm, format_eval, to_json
 
     check_device(device, allow_auto=False)
+    _require(tasks is not None or (num_fewshot == 0 and max_new_tokens == 32 and not add_bos),
+             "--num-fewshot, --max-new-tokens and --add-bos apply to --tasks; add --tasks FILE_OR_DIR")
+    if tasks is not None:
+        _at_least("--num-fewshot", num_fewshot, 0)
+        _at_least("--max-new-tokens", max_new_tokens, 1)
+        _require(data is None, "--tasks and --data are exclusive (tasks score choices, --data perplexity)")
+        from torchgraft.recipes.eval_tasks import eval_tasks, format_task_results, summary_json
+
+        out = eval_tasks(path, tasks, num_fewshot=num_fewshot, batch_size=batch_size,
+                         max_new_tokens=max_new_tokens, add_bos=add_bos, device=device)
+        typer.echo(summary_json(out) if as_json else format_task_results(out))
+        return
     result = eval_lm(path, data, field=field, seq_len=seq_len, batch_size=batch_size,
                      max_batches=max_batches, device=device)
     typer.echo(to_json(result) if as_json else format_eval(result))

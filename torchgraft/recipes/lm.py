@@ -25,6 +25,8 @@ from torchgraft.data.run_tokenizer import checkpoint_tokenizer, find_tokenizer, 
 from torchgraft.data.tokenizers import Tokenizer
 from torchgraft.errors import CheckpointError, ConfigError
 
+LM_TASKS = ("lm", "distill")  # training tasks whose checkpoints hold a plain next-token LM
+
 
 @dataclass
 class LoadedLM:
@@ -57,7 +59,7 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LoadedLM:
 
     ck = load_latest(p)
     m = ck.meta.get("model") or {}
-    if "vocab_size" not in (m.get("config") or {}) or ck.meta.get("task", "lm") != "lm":
+    if "vocab_size" not in (m.get("config") or {}) or ck.meta.get("task", "lm") not in LM_TASKS:
         raise ConfigError(f"{p} holds a {m.get('name') or m.get('family') or 'non-language'} model "
                           f"(task {ck.meta.get('task', 'unknown')}), not a language model; generate and "
                           "eval need a GPT/Llama run")
@@ -67,6 +69,14 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LoadedLM:
     data = run_data_section(run_dir, ck.meta)
     tok = checkpoint_tokenizer(ck_dir, ck.meta)
     return LoadedLM(model.eval(), tok, data, ck_dir)
+
+
+def check_tokenizer_fits(lm: LoadedLM) -> None:
+    """A tokenizer with more ids than the model's embedding is the wrong one: say so in one line."""
+    vocab = getattr(getattr(lm.model, "config", None), "vocab_size", None)
+    if lm.tokenizer is not None and vocab is not None and lm.tokenizer.vocab_size > vocab:
+        raise ConfigError(f"tokenizer has {lm.tokenizer.vocab_size} ids but the model only {vocab}; "
+                          "wrong tokenizer for this model")
 
 
 # ---- perplexity -----------------------------------------------------------------------------------
@@ -134,10 +144,7 @@ def eval_lm(path: str | Path, data: str | None = None, *, field: str = "text", s
         shard_dir = build_shards(data, field, lm.tokenizer, cache_dir, progress=False)
         stream = TokenStream(shard_dir)
         dataset, what = PackedWindows(stream, 0, len(stream), seq_len), str(data)
-    vocab = getattr(getattr(lm.model, "config", None), "vocab_size", None)
-    if lm.tokenizer is not None and vocab is not None and lm.tokenizer.vocab_size > vocab:
-        raise ConfigError(f"tokenizer has {lm.tokenizer.vocab_size} ids but the model only {vocab}; "
-                          "wrong tokenizer for this model")
+    check_tokenizer_fits(lm)
     out = perplexity(lm.model, dataset, batch_size=batch_size, max_batches=max_batches)
     return {**out, "data": what, "seq_len": seq_len, "model": str(lm.path)}
 

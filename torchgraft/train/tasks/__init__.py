@@ -8,5 +8,6 @@ from torchgraft.train.tasks import causal_lm as _causal_lm  # noqa: F401,E402  (
 from torchgraft.train.tasks import classification as _classification  # noqa: F401,E402  (registers "classification")
 from torchgraft.train.tasks import image_classification as _image  # noqa: F401,E402  (registers "image_classification")
 from torchgraft.train.tasks import sequence_classification as _seq  # noqa: F401,E402  (registers "sequence_classification")
+from torchgraft.train.tasks import distill as _distill  # noqa: F401,E402  (registers "distill")
 
 __all__ = ["IGNORE_INDEX", "Task", "Unit", "build_task", "list_tasks", "register_task"]
