@@ -120,5 +120,30 @@ def inputs_must_fit(model: Any, batch: dict[str, Any]) -> Iterator[None]:
         cfg = getattr(model, "config", None)
         sizes = ", ".join(f"model.{k}={getattr(cfg, k)}" for k in ("image_size", "in_chans", "block_size",
                                                                     "vocab_size") if hasattr(cfg, k))
-        raise ConfigError(f"the model does not accept the data's inputs ({shapes}; {sizes}): "
-                          f"{str(e).splitlines()[0]}; make the model's sizes match the data") from None
+        said = "; ".join(part for part in (shapes, sizes) if part)
+        raise ConfigError(f"the model does not accept the data's inputs" + (f" ({said})" if said else "")
+                          + f": {str(e).splitlines()[0]}; make the model's sizes match the data") from None
+
+
+def check_combinations(tree: dict[str, Any]) -> None:
+    """Settings that are each valid but together train nothing useful: one line naming both keys.
+
+    `schedule.warmup_steps >= trainer.max_steps` would end the run before the learning rate reaches
+    `optim.lr` (a warm-up of 10^9 steps trains at ~1e-12 and looks like a run that worked)."""
+    steps, warm = _get(tree, "trainer.max_steps"), _get(tree, "schedule.warmup_steps")
+    if isinstance(steps, int) and isinstance(warm, int) and warm > 0 and warm >= steps:
+        raise ConfigError(f"schedule.warmup_steps={warm} is not below trainer.max_steps={steps}: the run would "
+                          f"end during the warm-up, at {steps / warm:.2g} of optim.lr at most; lower "
+                          f"schedule.warmup_steps (e.g. {steps // 10}, or 0 for none) or raise trainer.max_steps")
+
+
+def cadence_warnings(tree: dict[str, Any]) -> list[str]:
+    """Cadences longer than the run: not wrong (the run still evaluates and saves at its end), but not
+    what the config says, so the run says so."""
+    steps = _get(tree, "trainer.max_steps")
+    notes = []
+    for key, what in (("eval.every", "evaluates"), ("checkpoint.every", "saves a checkpoint")):
+        every = _get(tree, key)
+        if isinstance(steps, int) and isinstance(every, int) and every > steps:
+            notes.append(f"{key}={every} is larger than trainer.max_steps={steps}: the run {what} only at its end")
+    return notes
