@@ -392,9 +392,15 @@ def export_cmd(
     batch: int = typer.Option(2, "--batch", help="batch size of the example the model is traced with"),
     seq: int = typer.Option(8, "--seq", help="sequence length of the example (token models)"),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: torchgraft's, see docs/export.md)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing OUT file"),
 ) -> None:
     """Export a trained model to ONNX or a torch.export program, optionally checked and int8-quantised."""
-    from torchgraft.interop.export import ONNX_OPSET, example_inputs, export
+    _require(fmt in ("onnx", "pt2"), f"unknown export format {fmt!r}; use onnx or pt2")
+    from torchgraft.interop.export import ONNX_OPSET, example_inputs, export, quantized_path
+    from torchgraft.outputs import check_output_file
+
+    for target in (out, *([quantized_path(out)] if quantize else [])):  # before loading anything
+        check_output_file(target, overwrite=overwrite, suffixes=(f".{fmt}",), kind=f"--format {fmt}")
     from torchgraft.interop.export_source import load_export_source
 
     src = load_export_source(source)
@@ -406,7 +412,8 @@ def export_cmd(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the LoRA note is printed from result.notes
         res = export(src.model, example, format=fmt, path=out, dynamic=dynamic, kv_cache=kv_cache,
-                     opset=opset or ONNX_OPSET, metadata=src.metadata, check=check, quantize=quantize)
+                     opset=opset or ONNX_OPSET, metadata=src.metadata, check=check, quantize=quantize,
+                     overwrite=overwrite)
     for note in res.notes:
         typer.echo(f"note: {note}")
     typer.echo(f"wrote {res.summary()}")
