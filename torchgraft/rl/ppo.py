@@ -137,7 +137,7 @@ def load_ppo_config(source: str | Path | dict[str, Any] | PPORunConfig,
                                  ("clip", p.clip, p.clip > 0, "> 0 (e.g. 0.2)"),
                                  ("lr", p.lr, math.isfinite(p.lr) and p.lr > 0, "a finite number > 0 (e.g. 3e-4)")):
         if not ok:
-            raise ConfigError(f"ppo.{key}={value!r} is invalid: it must be {need}")
+            raise ConfigError(f"ppo.{key}={value:g} is invalid: it must be {need}")
     e = cfg.eval
     own = range(e.seed, e.seed + e.episodes)
     for s in e.heldout_seeds:
