@@ -134,7 +134,8 @@ def test_textclass_csv_field_longer_than_the_csv_limit_is_read_and_truncated(tmp
     long = "word " * 40_000  # 200,000 characters in one field (csv's default limit: 131,072)
     path.write_text("text,label\n" + f'"{long}",pos\nshort text,neg\nanother,pos\nmore,neg\n')
     with pytest.warns(UserWarning, match="were longer than max_len=32 tokens and were truncated"):
-        b = build_data({"name": "textclass", "path": str(path), "tokenizer": word_tokenizer(tmp_path / "tok"), "max_len": 32,
+        b = build_data({"name": "textclass", "path": str(path), "tokenizer": word_tokenizer(tmp_path / "tok"),
+                        "max_len": 32,
                         "val_fraction": 0.0})
     assert b.info["n_train"] == 4 and b.info["n_truncated"] == 1
     import csv
