@@ -171,3 +171,17 @@ def test_gif_overwrite_replaces_the_file(ppo_run, tmp_path, capsys):
     code, _, err, _ = invoke_cli(["rl", "eval", ppo_run, "--episodes", "1", "--gif", keep, "--overwrite"], capsys)
     assert code == 0, err
     assert keep.read_bytes()[:3] == b"GIF"
+
+
+def test_collect_refuses_to_replace_a_file_before_running_the_expert(tmp_path, capsys):
+    out = tmp_path / "demos.npz"
+    out.write_bytes(b"my recording")
+    code, _, err, _ = invoke_cli(["rl", "collect", "CartPole-v1", "--expert", "cartpole-pd", "--episodes", "1",
+                                  "--out", out], capsys)
+    assert "already exists; nothing was written" in one_error(code, err) and out.read_bytes() == b"my recording"
+    code, _, err, _ = invoke_cli(["rl", "collect", "CartPole-v1", "--expert", "cartpole-pd", "--episodes", "1",
+                                  "--out", out, "--overwrite"], capsys)
+    assert code == 0, err
+    from torchgraft.rl import load_demonstrations
+
+    assert load_demonstrations(out).episodes == 1

@@ -34,8 +34,12 @@ def collect_cmd(
     episodes: int = typer.Option(50, "--episodes"),
     seed: int = typer.Option(0, "--seed", help="episode i uses seed SEED + i"),
     env_kwargs: Optional[str] = typer.Option(None, "--env-kwargs", help="JSON options for gym.make"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out file"),
 ) -> None:
     """Run an expert for N seeded episodes and write its transitions (and mean return) to --out."""
+    from torchgraft.outputs import check_output_file
+
+    check_output_file(out, overwrite=overwrite, suffixes=(".safetensors", ".npz"), kind="rl collect")
     import torchgraft.rl as rl
 
     kwargs = _env_kwargs(env_kwargs)
