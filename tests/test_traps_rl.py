@@ -185,3 +185,9 @@ def test_collect_refuses_to_replace_a_file_before_running_the_expert(tmp_path, c
     from torchgraft.rl import load_demonstrations
 
     assert load_demonstrations(out).episodes == 1
+
+
+def test_ppo_cadence_longer_than_the_run_is_said(tmp_path, recwarn):
+    run_ppo(load_ppo_config(CARTPOLE, [*PPO_FAST, "checkpoint.every=50"]), tmp_path / "p")  # 2 updates
+    said = [str(w.message) for w in recwarn]
+    assert "checkpoint.every=50 is larger than the run's 2 updates: the run saves a checkpoint only at its end" in said

@@ -76,7 +76,12 @@ def ppo_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue from the newest good checkpoint in --out"),
 ) -> None:
     """Train (or fine-tune, with ppo.init_from) a policy with PPO; `--resume` continues exactly."""
+    import warnings
+
+    from torchgraft.errors import warning_line
     from torchgraft.rl.ppo import load_ppo_config, run_ppo
+
+    warnings.formatwarning = warning_line
 
     result = run_ppo(load_ppo_config(config, overrides or []), out, resume=resume)
     typer.echo(json.dumps(result.to_dict()))

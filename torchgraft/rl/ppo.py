@@ -528,11 +528,15 @@ class PPOTrainer:
             raise ConfigError(f"{self.run_dir} already holds checkpoints of a run; pass --resume to continue "
                               f"it, or choose another output directory")
         resumed = self.restore() if resume else False  # refuses changes a run cannot take midway
-        if resumed and getattr(self, "resume_changes", None):
-            import warnings
+        import warnings
 
+        from torchgraft.train.validate import cadence_warnings
+
+        if resumed and getattr(self, "resume_changes", None):
             warnings.warn(f"resuming with a changed config, applied: {', '.join(self.resume_changes)}",
                           stacklevel=2)
+        for note in cadence_warnings(c.to_dict(), self.num_updates, f"the run's {self.num_updates} updates"):
+            warnings.warn(note, stacklevel=2)
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(c.to_dict(), sort_keys=False))
         if self.init_report is not None and not resumed:
             atomic_write_text(self.run_dir / "init_transfer.json", json.dumps(self.init_report.to_dict(), indent=1))

@@ -137,13 +137,15 @@ def check_combinations(tree: dict[str, Any]) -> None:
                           f"schedule.warmup_steps (e.g. {steps // 10}, or 0 for none) or raise trainer.max_steps")
 
 
-def cadence_warnings(tree: dict[str, Any]) -> list[str]:
+def cadence_warnings(tree: dict[str, Any], total: int | None = None, said: str | None = None) -> list[str]:
     """Cadences longer than the run: not wrong (the run still evaluates and saves at its end), but not
-    what the config says, so the run says so."""
-    steps = _get(tree, "trainer.max_steps")
+    what the config says, so the run says so. `total` / `said`: the run's length in the cadences' unit
+    and how to name it (default `trainer.max_steps`; PPO counts updates)."""
+    steps = _get(tree, "trainer.max_steps") if total is None else total
+    said = said or f"trainer.max_steps={steps}"
     notes = []
     for key, what in (("eval.every", "evaluates"), ("checkpoint.every", "saves a checkpoint")):
         every = _get(tree, key)
         if isinstance(steps, int) and isinstance(every, int) and every > steps:
-            notes.append(f"{key}={every} is larger than trainer.max_steps={steps}: the run {what} only at its end")
+            notes.append(f"{key}={every} is larger than {said}: the run {what} only at its end")
     return notes
