@@ -132,9 +132,10 @@ def check_combinations(tree: dict[str, Any]) -> None:
     `optim.lr` (a warm-up of 10^9 steps trains at ~1e-12 and looks like a run that worked)."""
     steps, warm = _get(tree, "trainer.max_steps"), _get(tree, "schedule.warmup_steps")
     if isinstance(steps, int) and isinstance(warm, int) and warm > 0 and warm >= steps:
-        raise ConfigError(f"schedule.warmup_steps={warm} is not below trainer.max_steps={steps}: the run would "
-                          f"end during the warm-up, at {steps / warm:.2g} of optim.lr at most; lower "
-                          f"schedule.warmup_steps (e.g. {steps // 10}, or 0 for none) or raise trainer.max_steps")
+        raise ConfigError(f"schedule.warmup_steps={warm} is not below trainer.max_steps={steps}: the whole run "
+                          f"would be warm-up (the learning rate reaches {steps / warm:.2g} x optim.lr only at its "
+                          f"last step); lower schedule.warmup_steps (e.g. {steps // 10}, or 0 for none) or raise "
+                          "trainer.max_steps")
 
 
 def cadence_warnings(tree: dict[str, Any], total: int | None = None, said: str | None = None) -> list[str]:
