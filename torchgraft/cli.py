@@ -270,8 +270,8 @@ def generate_cmd(
              "or a Hugging Face model directory)")
     from torchgraft.devices import check_device
     from torchgraft.errors import ConfigError
-    from torchgraft.generation import generate, stream
-    from torchgraft.recipes.lm import cap_new_tokens, load_lm
+    from torchgraft.generation import cap_new_tokens, generate, stream
+    from torchgraft.recipes.lm import load_lm
 
     check_device(device, allow_auto=False)
     lm = load_lm(path, device=device)

@@ -156,6 +156,26 @@ def _max_positions(model: nn.Module) -> int | None:
     return getattr(cfg, "block_size", None)
 
 
+def cap_new_tokens(model: nn.Module, tokenizer: Any, prompts: list[str], n: int,
+                   add_bos: bool | None = None) -> tuple[int, str | None]:
+    """(new-token budget, note): `n` lowered to what fits in the model's context after the longest
+    prompt, with a note saying so. None of torchgraft's models has a sliding window, so tokens past
+    `block_size` would come from a shifted, truncated context (and `-n 10**9` would never end)."""
+    block = _max_positions(model)
+    if not isinstance(block, int):
+        return n, None
+    def length(p: str) -> int:  # an empty prompt gets bos unless add_bos says otherwise (as generate does)
+        bos = (not p) if add_bos is None else add_bos
+        return len(tokenizer.encode(p)) + int(bos and tokenizer.bos_id is not None)
+
+    longest = max(length(p) for p in prompts)
+    room = max(1, block - longest)
+    if n <= room:
+        return n, None
+    return room, (f"-n {n} capped to {room}: the model's context is {block} tokens and the longest "
+                  f"prompt takes {longest} (this model has no sliding window)")
+
+
 def _last_logits(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """Logits of the last position (B, V). Models exposing `forward_features` + `logits` (the zoo's
     decoder LMs) skip the vocabulary projection of the other prompt positions."""

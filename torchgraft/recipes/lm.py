@@ -150,19 +150,3 @@ def format_eval(result: dict[str, Any]) -> str:
 def to_json(result: dict[str, Any]) -> str:
     return json.dumps(result)
 
-
-def cap_new_tokens(model: nn.Module, tokenizer: Tokenizer, prompts: list[str], n: int,
-                   add_bos: bool | None = None) -> tuple[int, str | None]:
-    """(new-token budget, note): `n` lowered to what fits in the model's context after the longest
-    prompt, with a note saying so. None of torchgraft's models has a sliding window, so tokens past
-    `block_size` would come from a shifted, truncated context (and `-n 10**9` would never end)."""
-    block = getattr(getattr(model, "config", None), "block_size", None)
-    if not isinstance(block, int):
-        return n, None
-    longest = max(len(tokenizer.encode(p, add_bos=bool(add_bos if add_bos is not None else not p)
-                                       and tokenizer.bos_id is not None)) for p in prompts)
-    room = max(1, block - longest)
-    if n <= room:
-        return n, None
-    return room, (f"-n {n} capped to {room}: the model's context is {block} tokens and the longest "
-                  f"prompt takes {longest} (this model has no sliding window)")
