@@ -191,3 +191,11 @@ def test_ppo_cadence_longer_than_the_run_is_said(tmp_path, recwarn):
     run_ppo(load_ppo_config(CARTPOLE, [*PPO_FAST, "checkpoint.every=50"]), tmp_path / "p")  # 2 updates
     said = [str(w.message) for w in recwarn]
     assert "checkpoint.every=50 is larger than the run's 2 updates: the run saves a checkpoint only at its end" in said
+
+
+@pytest.mark.parametrize("override, said", [("env.num_envs=0", "env.num_envs must be >= 1, got 0"),
+                                            ("eval.episodes=0", "eval.episodes must be >= 1, got 0")])
+def test_zero_envs_or_episodes_is_one_line(tmp_path, capsys, override, said):
+    """Found by the campaign: env.num_envs=0 was a ZeroDivisionError traceback."""
+    code, _, err, _ = invoke_cli(["rl", "ppo", CARTPOLE, "--out", tmp_path / "p", override], capsys)
+    assert said in one_error(code, err)

@@ -129,6 +129,9 @@ def load_ppo_config(source: str | Path | dict[str, Any] | PPORunConfig,
     for key in ("total_steps", "rollout_steps", "epochs", "minibatches"):
         if getattr(p, key) < 1:
             raise ConfigError(f"ppo.{key} must be >= 1, got {getattr(p, key)}")
+    for key, value in (("env.num_envs", cfg.env.num_envs), ("eval.episodes", cfg.eval.episodes)):
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
     if (cfg.env.num_envs * p.rollout_steps) % p.minibatches:
         raise ConfigError(f"env.num_envs * ppo.rollout_steps = {cfg.env.num_envs * p.rollout_steps} must be "
                           f"divisible by ppo.minibatches={p.minibatches}")
