@@ -129,9 +129,10 @@ def test_lora_rank_above_the_layer_width_is_refused():
 def test_lora_target_that_matches_nothing_is_refused():
     from torchgraft.peft import apply_lora
 
-    model = torchgraft.build("gpt-tiny", n_layer=1, n_embd=32, n_head=2, vocab_size=50, block_size=16)
-    with pytest.raises(ConfigError, match="LoRA target 'q_prj' matches no Linear"):
+    model = torchgraft.build("gpt-tiny", n_layer=2, n_embd=32, n_head=2, vocab_size=50, block_size=16)
+    with pytest.raises(ConfigError, match="LoRA target 'q_prj' matches no Linear") as e:
         apply_lora(model, ["q_prj"], rank=2)
+    assert str(e.value).count("'q_proj'") == 1  # each suggestion once (it was 'fc2' or 'fc2' or 'fc1')
 
 
 # ---- item 7: the BERT task head is chosen by the builder

@@ -305,7 +305,7 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str], rank: int = 8, al
         if not hits:
             others = [n for n, m in named if target_matches(n, t)]
             hint = (f" ({len(others)} modules match but none is Linear/Conv2d/Embedding, e.g. {others[0]!r})"
-                    if others else did_you_mean(t, [n for n, _ in named] + [n.rpartition('.')[2] for n, _ in named]))
+                    if others else did_you_mean(t, dict.fromkeys([n for n, _ in named] + [n.rpartition('.')[2] for n, _ in named])))
             raise ConfigError(f"LoRA target {t!r} matches no Linear, Conv2d or Embedding layer{hint}")
         for n, m in hits:
             chosen[n] = m
