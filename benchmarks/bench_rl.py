@@ -18,7 +18,10 @@ Parts (each prints its table as soon as it finishes; `--parts` picks some):
 
 Evaluations are identical for both implementations (torchgraft.rl.evaluate: 20 seeded episodes,
 greedy actions, every `eval.every` updates), and both wall times include them.
-Usage: python benchmarks/bench_rl.py [--quick] [--seeds N] [--parts cartpole,lunar,windy] [--json PATH]
+- heldout: the shipped CartPole config as a user runs it (the whole 100k budget, no stop at a target),
+  seeds 0..S-1: the final policy's 20-episode mean return on each of its two held-out seeds (123,
+  777; never used while training). Goal: >= 490 on both, for every training seed.
+Usage: python benchmarks/bench_rl.py [--quick] [--seeds N] [--parts cartpole,heldout,lunar,windy] [--json PATH]
 (`--quick`: one seed and small budgets, a smoke test of a few minutes; the full run takes
 ~20-40 minutes on 2 busy CPU cores.)
 """
@@ -151,7 +154,7 @@ def ratio_line(ours: dict, theirs: dict, budget: int) -> dict:
 
 def part_cartpole(args, tmp: Path) -> dict:
     overrides = ["logging.progress=false", "logging.tensorboard=false", "eval.target_return=475",
-                 f"eval.episodes={EVAL_EPISODES}"]
+                 f"eval.episodes={EVAL_EPISODES}", "eval.heldout_seeds=[]"]  # steps to 475, as SB3 counts them
     if args.quick:
         overrides += ["ppo.total_steps=30720"]
     base = load_ppo_config(ROOT / "configs/ppo-cartpole.yaml", overrides)
@@ -164,6 +167,28 @@ def part_cartpole(args, tmp: Path) -> dict:
     rows = [summarise("torchgraft PPO", ours, budget), summarise("stable-baselines3 PPO", theirs, budget)]
     print_table("CartPole-v1, PPO from scratch", rows, 475, budget)
     return {"rows": rows, "ratio": ratio_line(rows[0], rows[1], budget)}
+
+
+def part_heldout(args, tmp: Path) -> dict:
+    """The shipped CartPole config as a user runs it (whole budget, no target stop): the final policy's
+    mean return over 20 episodes from each of its two held-out seeds, per training seed. Goal: >= 490."""
+    overrides = ["logging.progress=false", "logging.tensorboard=false"]
+    overrides += ["ppo.total_steps=30720"] if args.quick else []
+    rows = []
+    print("\nCartPole-v1, shipped config: final policy on held-out seeds (20 episodes each; goal >= 490)")
+    for seed in range(args.seeds):
+        t0 = time.perf_counter()
+        r = run_ppo(load_ppo_config(ROOT / "configs/ppo-cartpole.yaml", [*overrides, f"ppo.seed={seed}"]),
+                    tmp / f"cartpole-heldout-{seed}")
+        per = {k: v["mean_return"] for k, v in r.heldout["per_seed"].items()}
+        rows.append({"seed": seed, "heldout": per, "val_return": r.metrics.get("val_return"),
+                     "env_steps": r.env_steps, "wall_s": time.perf_counter() - t0})
+        print(f"  training seed {seed}: held-out " + ", ".join(f"seed {k}: {v:.1f}" for k, v in per.items())
+              + f"  (own evaluation {r.metrics.get('val_return', float('nan')):.1f}, {r.env_steps:,} env steps, "
+              f"{rows[-1]['wall_s']:.0f} s)", flush=True)
+    ok = sum(all(v >= 490 for v in row["heldout"].values()) for row in rows)
+    print(f"  {ok}/{len(rows)} training seeds hold >= 490 on both held-out seeds", flush=True)
+    return {"rows": rows, "holding": ok}
 
 
 def part_lunar(args, tmp: Path) -> dict:
@@ -301,7 +326,7 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=None, help="seeds per run (default 3, --quick 1)")
     ap.add_argument("--sb3-seeds", type=int, default=None,
                     help="SB3 seeds on the windy lander (default 2; 1 with --quick; the slowest part)")
-    ap.add_argument("--parts", default="cartpole,lunar,windy")
+    ap.add_argument("--parts", default="cartpole,heldout,lunar,windy")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     args.seeds = args.seeds or (1 if args.quick else 3)
@@ -314,6 +339,8 @@ def main() -> int:
         tmp = Path(d)
         if "cartpole" in parts:
             results["cartpole"] = part_cartpole(args, tmp)
+        if "heldout" in parts:
+            results["heldout"] = part_heldout(args, tmp)
         if "lunar" in parts:
             results["lunar"] = part_lunar(args, tmp)
         if "windy" in parts:

@@ -5,7 +5,7 @@ import pytest
 
 from torchgraft.cli import main
 
-FAST = ["trainer.max_steps=4", "logging.progress=false", "logging.tensorboard=false",
+FAST = ["trainer.max_steps=4", "schedule.warmup_steps=0", "logging.progress=false", "logging.tensorboard=false",
         "eval.every=2", "checkpoint.every=2", "model.conv_channels=[4,8]", "model.hidden=16"]
 
 
@@ -58,7 +58,7 @@ def test_resume_with_only_corrupted_checkpoints_is_an_error(tmp_path, capsys):
 def test_shipped_configs_run(tmp_path, config):
     from torchgraft.train import load_run_config, run_training
 
-    cfg = load_run_config(config, ["trainer.max_steps=2", "trainer.batch_size=8", "eval.max_batches=1",
+    cfg = load_run_config(config, ["trainer.max_steps=2", "schedule.warmup_steps=0", "trainer.batch_size=8", "eval.max_batches=1",
                                    "logging.progress=false", "logging.tensorboard=false",
                                    "logging.measure_flops=false"])
     res = run_training(cfg, tmp_path)

@@ -21,8 +21,10 @@ from conftest import invoke_cli
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["logging.progress=false", "logging.tensorboard=false", "logging.measure_flops=false"]
 LENET = ["configs/lenet-digits.yaml", "trainer.max_steps=2", "trainer.batch_size=16", "eval.every=0",
+         "schedule.warmup_steps=0", "checkpoint.every=0",  # a warm-up and cadences that fit 2 steps
          "eval.max_batches=1", "model.conv_channels=[4,8]", "model.hidden=16", *QUIET]
 GPT = ["configs/gpt-char.yaml", "trainer.max_steps=2", "trainer.batch_size=4", "eval.max_batches=1", "eval.every=0",
+       "schedule.warmup_steps=0", "checkpoint.every=0",
        "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "data.seq_len=32", "model.block_size=32", *QUIET]
 TIME_BOUND_S = 60  # generous on 2 busy cores; a hang (issue: 60-150 s) still fails
 

@@ -235,7 +235,7 @@ def test_trained_run_saves_its_tokenizer_for_generate_and_convert(tmp_path, caps
 
     config = Path(__file__).resolve().parents[1] / "configs" / "gpt-char.yaml"
     run, hf = tmp_path / "run", tmp_path / "hf"
-    main(["train", str(config), "--out", str(run), "trainer.max_steps=2", "eval.max_batches=1",
+    main(["train", str(config), "--out", str(run), "trainer.max_steps=2", "schedule.warmup_steps=0", "eval.max_batches=1",
           "logging.progress=false", "logging.tensorboard=false", "logging.measure_flops=false",
           f"data.cache_dir={tmp_path / 'cache'}", "data.progress=false", "data.seq_len=32"])
     capsys.readouterr()

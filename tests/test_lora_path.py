@@ -21,7 +21,7 @@ def cli(argv, capsys):
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("lora")
-    main(["train", "configs/gpt-char.yaml", *SMALL, "trainer.max_steps=3", "trainer.batch_size=4",
+    main(["train", "configs/gpt-char.yaml", *SMALL, "trainer.max_steps=3", "schedule.warmup_steps=0", "trainer.batch_size=4",
           "eval.max_batches=1", "eval.every=0", *QUIET, "--out", str(base / "src")])
     cfg = base / "ft.yaml"
     cfg.write_text(f"""

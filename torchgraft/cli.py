@@ -264,11 +264,13 @@ def generate_cmd(
     _at_least("--repetition-penalty", repetition_penalty, 1e-6, "1 = off")
     _require(top_p is None or 0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}")
     _require(not (compile_decode and no_cache), "--compile compiles the cached decode step; drop --no-cache")
+    _require(system is None or chat, "--system is the system message of a chat prompt; add --chat (or drop "
+             "--system)")
     _require(path.exists(), f"model path not found: {path} (give a run directory, a checkpoint folder "
              "or a Hugging Face model directory)")
     from torchgraft.devices import check_device
     from torchgraft.errors import ConfigError
-    from torchgraft.generation import generate, stream
+    from torchgraft.generation import cap_new_tokens, generate, stream
     from torchgraft.recipes.lm import load_lm
 
     check_device(device, allow_auto=False)
@@ -285,8 +287,12 @@ def generate_cmd(
         where = lm.path.parent.parent if lm.path.parent.name == "checkpoints" else lm.path
         template = ChatTemplate.for_tokenizer(where, special_tokens={
             "bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token})
+        if template.name == "built-in":
+            typer.echo(f"note: {path} has no chat template (its run saved none); --chat falls back to "
+                       "torchgraft's built-in template", err=True)
         texts = [chat_prompt(template, p, system) for p in prompt]
         opts["add_bos"] = False  # the template places bos itself
+        opts["max_new_tokens"] = _capped(cap_new_tokens(lm.model, tok, texts, max_new_tokens, add_bos=False))
         if len(prompt) == 1:
             for piece in stream(lm.model, texts[0], tok, **opts):
                 typer.echo(piece, nl=False)
@@ -295,6 +301,7 @@ def generate_cmd(
         for p, text in zip(prompt, generate(lm.model, texts, tok, **opts).texts or []):
             typer.echo(f"--- {p!r}\n{text}")
         return
+    opts["max_new_tokens"] = _capped(cap_new_tokens(lm.model, lm.tokenizer, prompt, max_new_tokens))
     if len(prompt) == 1:
         typer.echo(prompt[0], nl=False)
         for piece in stream(lm.model, prompt[0], lm.tokenizer, **opts):
@@ -304,6 +311,14 @@ def generate_cmd(
     result = generate(lm.model, prompt, lm.tokenizer, **opts)
     for p, text in zip(prompt, result.texts or []):
         typer.echo(f"--- {p!r}\n{p}{text}")
+
+
+def _capped(cap: tuple[int, str | None]) -> int:
+    """The -n to use; its note (why it was lowered) goes to stderr, so stdout stays the text."""
+    n, note = cap
+    if note:
+        typer.echo(f"note: {note}", err=True)
+    return n
 
 
 @app.command("eval")
@@ -395,9 +410,15 @@ def export_cmd(
     batch: int = typer.Option(2, "--batch", help="batch size of the example the model is traced with"),
     seq: int = typer.Option(8, "--seq", help="sequence length of the example (token models)"),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: torchgraft's, see docs/export.md)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing OUT file"),
 ) -> None:
     """Export a trained model to ONNX or a torch.export program, optionally checked and int8-quantised."""
-    from torchgraft.interop.export import ONNX_OPSET, example_inputs, export
+    _require(fmt in ("onnx", "pt2"), f"unknown export format {fmt!r}; use onnx or pt2")
+    from torchgraft.interop.export import ONNX_OPSET, example_inputs, export, quantized_path
+    from torchgraft.outputs import check_output_file
+
+    for target in (out, *([quantized_path(out)] if quantize else [])):  # before loading anything
+        check_output_file(target, overwrite=overwrite, suffixes=(f".{fmt}",), kind=f"--format {fmt}")
     from torchgraft.interop.export_source import load_export_source
 
     src = load_export_source(source)
@@ -409,7 +430,8 @@ def export_cmd(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the LoRA note is printed from result.notes
         res = export(src.model, example, format=fmt, path=out, dynamic=dynamic, kv_cache=kv_cache,
-                     opset=opset or ONNX_OPSET, metadata=src.metadata, check=check, quantize=quantize)
+                     opset=opset or ONNX_OPSET, metadata=src.metadata, check=check, quantize=quantize,
+                     overwrite=overwrite)
     for note in res.notes:
         typer.echo(f"note: {note}")
     typer.echo(f"wrote {res.summary()}")

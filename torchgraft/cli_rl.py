@@ -34,8 +34,12 @@ def collect_cmd(
     episodes: int = typer.Option(50, "--episodes"),
     seed: int = typer.Option(0, "--seed", help="episode i uses seed SEED + i"),
     env_kwargs: Optional[str] = typer.Option(None, "--env-kwargs", help="JSON options for gym.make"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out file"),
 ) -> None:
     """Run an expert for N seeded episodes and write its transitions (and mean return) to --out."""
+    from torchgraft.outputs import check_output_file
+
+    check_output_file(out, overwrite=overwrite, suffixes=(".safetensors", ".npz"), kind="rl collect")
     import torchgraft.rl as rl
 
     kwargs = _env_kwargs(env_kwargs)
@@ -72,7 +76,12 @@ def ppo_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue from the newest good checkpoint in --out"),
 ) -> None:
     """Train (or fine-tune, with ppo.init_from) a policy with PPO; `--resume` continues exactly."""
+    import warnings
+
+    from torchgraft.errors import warning_line
     from torchgraft.rl.ppo import load_ppo_config, run_ppo
+
+    warnings.formatwarning = warning_line
 
     result = run_ppo(load_ppo_config(config, overrides or []), out, resume=resume)
     typer.echo(json.dumps(result.to_dict()))
@@ -88,14 +97,18 @@ def eval_cmd(
     gif: Optional[Path] = typer.Option(None, "--gif", help="also film episode SEED to this .gif/.mp4"),
     stochastic: bool = typer.Option(False, "--stochastic", help="sample actions instead of the greedy ones"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --gif file"),
 ) -> None:
-    """Mean/std/min/max return of a policy over N seeded episodes (and optionally a GIF of one)."""
+    """Mean/std/min/max return of a policy over N seeded episodes (and optionally a GIF of one); says
+    whether those seeds are held out (none of them among the run's own evaluation seeds)."""
     from torchgraft.errors import ConfigError
     from torchgraft.rl.envs import check_policy_fits, env_space_info
-    from torchgraft.rl.evaluate import evaluate, record_episode
+    from torchgraft.rl.evaluate import check_video_path, evaluate, heldout_note, record_episode
     from torchgraft.rl.experts import PolicyExpert
     from torchgraft.rl.runs import load_policy_run
 
+    if gif is not None:
+        check_video_path(gif, overwrite)  # before any episode runs
     run = load_policy_run(run_dir)
     env_id = env or run.env_id
     if env_id is None:
@@ -105,11 +118,12 @@ def eval_cmd(
     expert = PolicyExpert(run.policy, run.normalizer, deterministic=not stochastic)
     res = evaluate(expert, env_id, episodes=episodes, seed=seed, env_kwargs=kwargs)
     out = res.to_dict()
+    out["heldout"], note = heldout_note(run.meta.get("run_config"), seed, episodes, env is None)
     if gif is not None:
-        out["video"] = record_episode(expert, env_id, gif, seed=seed, env_kwargs=kwargs)
+        out["video"] = record_episode(expert, env_id, gif, seed=seed, env_kwargs=kwargs, overwrite=overwrite)
     if as_json:
         typer.echo(json.dumps(out))
     else:
         typer.echo(f"{env_id}: mean return {res.mean_return:.1f} +- {res.std_return:.1f} "
-                   f"(min {res.min_return:.1f}, max {res.max_return:.1f}) over {episodes} episodes"
+                   f"(min {res.min_return:.1f}, max {res.max_return:.1f}) over {episodes} episodes, {note}"
                    + (f"; video {out['video']['path']}" if gif else ""))

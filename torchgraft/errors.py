@@ -34,3 +34,8 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     if not close:
         return ""
     return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
+
+
+def warning_line(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:
+    """`warnings.formatwarning` for the CLI: `warning: MESSAGE`, one line, no source location."""
+    return f"warning: {message}\n"

@@ -156,6 +156,26 @@ def _max_positions(model: nn.Module) -> int | None:
     return getattr(cfg, "block_size", None)
 
 
+def cap_new_tokens(model: nn.Module, tokenizer: Any, prompts: list[str], n: int,
+                   add_bos: bool | None = None) -> tuple[int, str | None]:
+    """(new-token budget, note): `n` lowered to what fits in the model's context after the longest
+    prompt, with a note saying so. None of torchgraft's models has a sliding window, so tokens past
+    `block_size` would come from a shifted, truncated context (and `-n 10**9` would never end)."""
+    block = _max_positions(model)
+    if not isinstance(block, int):
+        return n, None
+    def length(p: str) -> int:  # an empty prompt gets bos unless add_bos says otherwise (as generate does)
+        bos = (not p) if add_bos is None else add_bos
+        return len(tokenizer.encode(p)) + int(bos and tokenizer.bos_id is not None)
+
+    longest = max(length(p) for p in prompts)
+    room = max(1, block - longest)
+    if n <= room:
+        return n, None
+    return room, (f"-n {n} capped to {room}: the model's context is {block} tokens and the longest "
+                  f"prompt takes {longest} (this model has no sliding window)")
+
+
 def _last_logits(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """Logits of the last position (B, V). Models exposing `forward_features` + `logits` (the zoo's
     decoder LMs) skip the vocabulary projection of the other prompt positions."""
@@ -372,6 +392,27 @@ def _stop_index(text: str, stop: Sequence[str]) -> int:
     return min(hits) if hits else -1
 
 
+def stop_id_sequences(stop: Sequence[str], tokenizer: Any) -> list[list[int]]:
+    """The token ids of each stop string that text matching cannot see: one holding a special token
+    (`<|im_end|>`, `</s>`) vanishes from text decoded without special tokens, so it is matched on
+    the generated ids instead (its ids as the tokenizer encodes it, special tokens included)."""
+    seqs = []
+    for s in stop:
+        ids = tokenizer.encode(s)
+        if ids and tokenizer.decode(ids) != s:
+            seqs.append(ids)
+    return seqs
+
+
+def _ids_stop_at(ids: Sequence[int], seqs: Sequence[Sequence[int]]) -> int:
+    """Start of a stop id sequence that `ids` ends with, or -1."""
+    for seq in seqs:
+        n = len(seq)
+        if len(ids) >= n and list(ids[-n:]) == list(seq):
+            return len(ids) - n
+    return -1
+
+
 def generate(model: nn.Module, prompts: Any, tokenizer: Any = None, *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, stop: Sequence[str] | str | None = None,
@@ -397,6 +438,7 @@ def generate(model: nn.Module, prompts: Any, tokenizer: Any = None, *, max_new_t
     stop = [s for s in (stop or []) if s]
     if stop and tokenizer is None:
         raise ConfigError("stop strings need a tokenizer to decode the output")
+    stop_ids = stop_id_sequences(stop, tokenizer) if stop else []
     if eos_token_id is _DEFAULT:
         eos_token_id = tokenizer.eos_id if tokenizer is not None else None
     pad_id = tokenizer.pad_id if tokenizer is not None else (eos_token_id if eos_token_id is not None else 0)
@@ -408,6 +450,7 @@ def generate(model: nn.Module, prompts: Any, tokenizer: Any = None, *, max_new_t
     reasons = ["length"] * b
     texts: list[str] | None = [""] * b if tokenizer is not None else None
     done = [False] * b
+    id_cut: list[int | None] = [None] * b  # where a stop id sequence starts in a row's tokens
     steps = 0
     for tok in iter_tokens(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
@@ -423,14 +466,16 @@ def generate(model: nn.Module, prompts: Any, tokenizer: Any = None, *, max_new_t
             if on_token is not None:
                 on_token(row, t)
             if stop:
-                text = tokenizer.decode(out[row])
-                if _stop_index(text, stop) >= 0:
+                at = _ids_stop_at(out[row], stop_ids)
+                if at >= 0:
+                    done[row], reasons[row], id_cut[row] = True, "stop", at
+                elif _stop_index(tokenizer.decode(out[row]), stop) >= 0:
                     done[row], reasons[row] = True, "stop"
         if all(done):
             break
     if texts is not None:
         for row in range(b):
-            text = tokenizer.decode(out[row])
+            text = tokenizer.decode(out[row] if id_cut[row] is None else out[row][:id_cut[row]])
             cut = _stop_index(text, stop) if stop else -1
             texts[row] = text[:cut] if cut >= 0 else text
     return GenerationResult(tokens=out, texts=texts, finish_reasons=reasons,
@@ -458,11 +503,20 @@ def stream(model: nn.Module, prompt: str, tokenizer: Any, *, stop: Sequence[str]
     ids, mask = _prepare_inputs(prompt, tokenizer, None, add_bos, tokenizer.pad_id)
     if generator is None and seed is not None:
         generator = torch.Generator(device=_model_device_dtype(model)[0]).manual_seed(seed)
+    stop_ids = stop_id_sequences(stop, tokenizer) if stop else []
     for tok in iter_tokens(model, ids, mask, generator=generator, **kwargs):
         t = int(tok[0])
         if eos is not None and t == eos:
             break
         tokens.append(t)
+        at = _ids_stop_at(tokens, stop_ids)
+        if at >= 0:  # a special-token stop string: the text before its tokens is the answer
+            text = tokenizer.decode(tokens[:at])
+            cut = _stop_index(text, stop)
+            text = text[:cut] if cut >= 0 else text
+            if len(text) > emitted:
+                yield text[emitted:]
+            return
         text = tokenizer.decode(tokens)
         cut = _stop_index(text, stop) if stop else -1
         if cut >= 0:

@@ -40,6 +40,19 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (a process of another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
 def write_synced(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` and fsync it (for files inside a temporary folder published later)."""
     with open(path, "wb") as f:

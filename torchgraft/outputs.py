@@ -20,6 +20,17 @@ from torchgraft.errors import ConfigError
 from torchgraft.io import publish_dir
 
 
+def _check_parents(p: Path, what: str, kind: str) -> None:
+    """The nearest existing folder above `p` is a folder (not a file) and writable."""
+    for parent in p.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{what} {p} lies under {parent}, which is a file; give a {kind} path")
+            if not os.access(parent, os.W_OK | os.X_OK) and not p.exists():
+                raise ConfigError(f"{what} {p}: cannot create it, {parent} is not writable")
+            break
+
+
 def check_output_dir(path: str | Path, *, overwrite: bool = False, option: str = "--overwrite",
                      what: str = "output directory") -> Path:
     """Refuse a destination that is a file, lies under a file, or is a non-empty directory (unless
@@ -27,18 +38,69 @@ def check_output_dir(path: str | Path, *, overwrite: bool = False, option: str =
     p = Path(path)
     if p.is_file() or (p.exists() and not p.is_dir()):
         raise ConfigError(f"{what} {p} is an existing file; give a directory path")
-    for parent in p.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"{what} {p} lies under {parent}, which is a file; give a directory path")
-            if not os.access(parent, os.W_OK | os.X_OK) and not p.exists():
-                raise ConfigError(f"{what} {p}: cannot create it, {parent} is not writable")
-            break
+    _check_parents(p, what, "directory")
     if p.is_dir() and any(p.iterdir()) and not overwrite:
         n = sum(1 for _ in p.iterdir())
         raise ConfigError(f"{what} {p} is not empty ({n} entries); nothing was written. Choose a new or "
                           f"empty directory, or pass {option} to replace it")
     return p
+
+
+def check_output_file(path: str | Path, *, overwrite: bool = False, suffixes: tuple[str, ...] = (),
+                      kind: str = "", option: str = "--overwrite", what: str = "--out") -> Path:
+    """The one check of a file a command will write, done before any work: not a directory, not under
+    a file, in a writable folder, ending in one of `suffixes` (what `kind` writes), and
+    not an existing file unless `overwrite`. Returns the path; creates nothing."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} {p} is a directory; give a file path"
+                          + (f" such as {p / ('out' + suffixes[0])}" if suffixes else ""))
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise ConfigError(f"{what} {p}: {kind or 'this command'} writes a {' or '.join(suffixes)} file, not "
+                          f"{p.suffix or '(no extension)'!r}; give a path ending in {suffixes[0]}")
+    _check_parents(p, what, "file")
+    if p.exists() and not overwrite:
+        raise ConfigError(f"{what} {p} already exists; nothing was written. Choose another path, or pass "
+                          f"{option} to replace it")
+    return p
+
+
+def check_input_file(path: str | Path, what: str, hint: str = "") -> Path:
+    """The one check of a file a command reads: it exists and is a readable file (not a folder)."""
+    p = Path(path)
+    tail = f" ({hint})" if hint else ""
+    if not p.exists():
+        raise ConfigError(f"{what} {p} not found{tail}")
+    if p.is_dir():
+        raise ConfigError(f"{what} {p} is a directory; give a file{tail}")
+    if not os.access(p, os.R_OK):
+        raise ConfigError(f"{what} {p} is not readable (check its permissions)")
+    return p
+
+
+def staging_name(final: Path) -> str:
+    """The prefix of a staging folder beside `final`, owned by this process (`.NAME.PID.`)."""
+    return f".{final.name}.{os.getpid()}."
+
+
+def clean_stale_staging(final: str | Path) -> list[Path]:
+    """Remove staging folders of `final` left by killed processes (`.NAME.PID.xxxx` whose PID is gone);
+    a live writer's folder is left alone. Returns what was removed."""
+    import re
+
+    from torchgraft.io import pid_alive
+
+    final = Path(final)
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(\d+)\.[\w-]+$")
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for entry in final.parent.iterdir():
+        m = pattern.match(entry.name)
+        if m and entry.is_dir() and not entry.is_symlink() and not pid_alive(int(m.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 @contextmanager

@@ -186,10 +186,22 @@ def _is_image(p: Path) -> bool:
 def scan_folder(root: Path) -> list[tuple[Path, str]]:
     """(file, class name) for every image under `root/<class>/` (recursively), sorted."""
     classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    out = []
+    out, empty = [], []
     for d in classes:
-        out += [(f, d.name) for f in sorted(d.rglob("*")) if _is_image(f)]
+        found = [(f, d.name) for f in sorted(d.rglob("*")) if _is_image(f)]
+        out += found
+        if not found:
+            empty.append(d.name)
+    if empty and out:
+        warn_left_out(empty, root, "hold no images")
     return out
+
+
+def warn_left_out(classes: list[str], root: Any, why: str) -> None:
+    """A class folder that yields no usable image is not a class: say so, naming it."""
+    names = ", ".join(repr(c) for c in classes[:_SHOW_BAD]) + (", ..." if len(classes) > _SHOW_BAD else "")
+    warnings.warn(f"{root}: class folder(s) {names} {why} and are left out of the classes (and labels.json)",
+                  stacklevel=4)
 
 
 def scan_csv(path: Path) -> list[tuple[Path, str]]:
@@ -274,7 +286,11 @@ def build_images(options: dict[str, Any], seed: int = 0) -> DataBundle:
         raise ConfigError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {cfg.crop_scale}")
     if cfg.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
-    train_files, _ = drop_unreadable(scan_source(cfg.root, "root"), pre, "root")
+    scanned = scan_source(cfg.root, "root")
+    train_files, _ = drop_unreadable(scanned, pre, "root")
+    lost = sorted({c for _, c in scanned} - {c for _, c in train_files})
+    if lost and train_files:
+        warn_left_out(lost, cfg.root, "hold only unreadable images")
     if cfg.val_root:
         val_files, _ = drop_unreadable(scan_source(cfg.val_root, "val_root"), pre, "val_root")
     else:

@@ -47,11 +47,19 @@ LABELS_FILE = "labels.json"  # class names of a classification run, in class-ind
 
 def read_labels(run_dir: str | Path) -> list[str]:
     """The class names a classification run saved (`RUN_DIR/labels.json`)."""
-    p = Path(run_dir) / LABELS_FILE
-    if not p.is_file():
-        raise ConfigError(f"{p} not found: only classification runs on images/textclass data save class "
-                          "names (train one, or give the run directory of one)")
-    return json.loads(p.read_text())
+    from torchgraft.outputs import check_input_file
+
+    p = check_input_file(Path(run_dir) / LABELS_FILE, "class names file",
+                         "only classification runs on images/textclass data save class names; train one, "
+                         "or give the run directory of one")
+    try:
+        labels = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p} is not valid JSON ({str(e).splitlines()[0]}); it should be the list of class "
+                          "names the run saved") from None
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise ConfigError(f"{p} must be a JSON list of class names (strings), got {type(labels).__name__}")
+    return labels
 
 
 _BUILDERS: dict[str, Callable[[dict[str, Any], int], DataBundle]] = {}

@@ -249,17 +249,25 @@ def build_sft(options: dict[str, Any], seed: int = 0) -> DataBundle:
 
     train, val = dataset(train_convs), dataset(val_convs)
     n = len(train_convs) + len(val_convs)
+    said = []
     if stats["truncated"]:
-        msg = (f"sft: {stats['truncated']} of {n} conversations were longer than seq_len + 1 = "
-               f"{cfg.seq_len + 1} tokens and were truncated")
-        if stats["dropped"]:
-            msg += f"; {stats['dropped']} kept no assistant token and were dropped"
-        warnings.warn(msg, stacklevel=3)
+        said.append(f"{stats['truncated']} of {n} conversations were longer than seq_len + 1 = "
+                    f"{cfg.seq_len + 1} tokens and were truncated")
+    if stats["dropped"]:
+        whole = "" if stats["truncated"] else f" of {n} conversations"
+        said.append(f"{stats['dropped']}{whole} kept no assistant token and were dropped")
+    empty = sum(1 for c in train_convs + val_convs for m in c
+                if m["role"] == "assistant" and not str(m.get("content") or "").strip())
+    if empty:
+        said.append(f"{empty} assistant turn(s) are empty and are trained on as they are (the model learns "
+                    "to answer with only the end of the turn); fill or remove them if they are mistakes")
+    if said:
+        warnings.warn("sft: " + "; ".join(said), stacklevel=3)
     if train is None:
         raise ConfigError(f"{cfg.path}: no conversation has an assistant token within seq_len={cfg.seq_len}")
     info = {"vocab_size": tok.vocab_size, "tokenizer": tok, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
             "seq_len": cfg.seq_len, "chat_template": template.name, "n_conversations": n,
-            "n_truncated": stats["truncated"], "n_dropped": stats["dropped"],
+            "n_truncated": stats["truncated"], "n_dropped": stats["dropped"], "n_empty_turns": empty,
             "n_train_windows": len(train), "n_val_windows": len(val) if val is not None else 0}
     collate = SFTCollate(tok.pad_id, cfg.packing, cfg.seq_len if cfg.packing else None)
     return DataBundle(train=train, val=val, task="lm", collate_fn=collate, info=info,

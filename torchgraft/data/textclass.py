@@ -97,7 +97,15 @@ def read_rows(path: Path, fmt: str, header: bool) -> tuple[list[Any], list[str] 
         columns = sorted({k for r in rows for k in r}) if header else None
         return rows, columns
     reader = csv.reader(io.StringIO(text), delimiter="," if fmt == "csv" else "\t")
-    rows = [r for r in reader if any(c.strip() for c in r)]
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text) + 1))  # a long text is read whole, then truncated to max_len
+    try:
+        rows = [r for r in reader if any(c.strip() for c in r)]
+    except csv.Error as e:
+        raise ConfigError(f"{path}:{reader.line_num} is not valid {fmt.upper()} ({e}); fix that row or set "
+                          "data.format") from None
+    finally:
+        csv.field_size_limit(limit)
     if not header:
         return rows, None
     columns, body = [c.strip() for c in rows[0]], rows[1:]
@@ -304,13 +312,18 @@ def build_textclass(options: dict[str, Any], seed: int = 0) -> DataBundle:
         truncated += n_trunc
         return TextClassDataset(encs, labels, pairs)
 
+    empty = sum(1 for r in train_rows + val_rows if not r[0].strip() and not (r[1] or "").strip())
+    if empty:
+        warnings.warn(f"textclass: {empty} of {len(train_rows) + len(val_rows)} examples have an empty text; "
+                      "they are kept (the model sees only special tokens for them): remove or fill those rows "
+                      "if they are mistakes", stacklevel=3)
     train, val = dataset(train_rows, train_labels), dataset(val_rows, val_labels)
     if truncated:
         warnings.warn(f"textclass: {truncated} of {len(train_rows) + len(val_rows)} examples were longer "
                       f"than max_len={cfg.max_len} tokens and were truncated", stacklevel=3)
     info = {"num_classes": len(names), "num_labels": len(names), "labels": names,
             "vocab_size": tok.vocab_size, "tokenizer": tok, "pad_id": tok.pad_id, "max_len": cfg.max_len,
-            "n_train": len(train), "n_val": len(val) if val is not None else 0, "n_truncated": truncated,
+            "n_train": len(train), "n_val": len(val) if val is not None else 0, "n_truncated": truncated, "n_empty": empty,
             "pairs": pairs}
     return DataBundle(train=train, val=val, task={"name": "sequence_classification", "label_names": names},
                       collate_fn=PadCollate(tok.pad_id), info=info,

@@ -544,8 +544,11 @@ def _nbytes(model: nn.Module) -> int:
 def _staged(path: Path):
     """Yield a temp folder beside `path`; on success its files move into place (data files first,
     then the main file, each with os.replace), so a failed export never leaves half a file."""
+    from torchgraft.outputs import clean_stale_staging, staging_name
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    clean_stale_staging(path)  # what a killed export of the same file left behind
+    tmp = Path(tempfile.mkdtemp(prefix=staging_name(path), dir=path.parent))
     try:
         yield tmp / path.name
         files = sorted(tmp.iterdir(), key=lambda f: f.name == path.name)
@@ -597,7 +600,7 @@ def export(model: nn.Module, example: Any = None, format: Format = "onnx", path:
            dynamic: bool | str | Sequence[str] | Mapping[str, Mapping[int, str]] = True,
            kv_cache: bool = False, opset: int = ONNX_OPSET, metadata: Mapping[str, Any] | None = None,
            output_names: Sequence[str] | None = None, check: bool = False,
-           quantize: str | None = None) -> ExportResult:
+           quantize: str | None = None, overwrite: bool = False) -> ExportResult:
     """Export `model` to `path` as ONNX (`format="onnx"`) or a torch.export program (`"pt2"`).
 
     `example`: a tensor or tuple of the positional inputs of forward (default: `example_inputs(model)`
@@ -606,6 +609,8 @@ def export(model: nn.Module, example: Any = None, format: Format = "onnx", path:
     a decoder LM's decode step (`DecodeStep`) instead of logits-only. `metadata`: extra entries
     (labels, tokenizer, ...). `check`: run the file (onnxruntime / the reloaded program) and set
     `max_abs_diff` against eager. `quantize="int8"` (ONNX): also write `PATH.int8.onnx`.
+    `path` must end in `.onnx` / `.pt2` as `format` says; an existing file there (or at the int8 path)
+    is refused unless `overwrite=True`, before anything is traced.
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; use onnx or pt2")
@@ -620,6 +625,10 @@ def export(model: nn.Module, example: Any = None, format: Format = "onnx", path:
     path = Path(path) if path is not None else Path(f"{safe}.{format}")
     if path.is_dir():
         raise ConfigError(f"--out {path} is a directory; give a file path such as {path / (name + '.' + format)}")
+    from torchgraft.outputs import check_output_file
+
+    for target in (path, *([quantized_path(path)] if quantize else [])):
+        check_output_file(target, overwrite=overwrite, suffixes=(f".{format}",), kind=f"format={format!r}")
     notes: list[str] = []
     work, merged = merged_copy(model)
     if merged:

@@ -67,6 +67,27 @@ class BertPooler(nn.Module):
         return torch.tanh(self.dense(hidden[:, 0]))
 
 
+def hidden_states(model: "Bert", hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Task "none": the last hidden state (B, T, C) as it is."""
+    return hidden
+
+
+def sequence_logits(model: "Bert", hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Task "sequence_classification": (B, T, C) -> pooled (B, C) -> (B, num_labels)."""
+    return model.classifier(model.classifier_drop(model.pool(hidden, attention_mask)))
+
+
+def token_logits(model: "Bert", hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Task "token_classification": (B, T, C) -> (B, T, num_labels)."""
+    return model.classifier(model.classifier_drop(hidden))
+
+
+# the read-out of each task, chosen once when the model is built (Bert.forward never looks at the task);
+# the classifier itself stays `classifier` (HF's state-dict name), so the read-outs hold no weights
+TASK_READOUTS = {"none": hidden_states, "sequence_classification": sequence_logits,
+                 "token_classification": token_logits}
+
+
 class Bert(nn.Module):
     """`forward(input_ids (B, T), attention_mask=None, token_type_ids=None)`:
     task "none" -> last hidden state (B, T, C); "sequence_classification" -> (B, num_labels)
@@ -92,6 +113,7 @@ class Bert(nn.Module):
             self.classifier = nn.Linear(C, c.num_labels)
         else:
             self.classifier = None
+        self.readout = TASK_READOUTS[c.task]
         if not self.embeddings.tok_emb.weight.is_meta:
             self.init_weights()
 
@@ -140,13 +162,8 @@ class Bert(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.forward_features(input_ids, attention_mask, token_type_ids)
-        task = self.config.task
-        if task == "none":
-            return hidden
-        if task == "sequence_classification":
-            return self.classifier(self.classifier_drop(self.pool(hidden, attention_mask)))
-        return self.classifier(self.classifier_drop(hidden))
+        hidden = self.forward_features(input_ids, attention_mask, token_type_ids)  # (B, T, C)
+        return self.readout(self, hidden, attention_mask)  # the task's read-out, chosen at build time
 
 
 register_family("bert", BertConfig, Bert)

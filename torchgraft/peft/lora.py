@@ -265,6 +265,27 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def layer_width(m: nn.Module) -> int:
+    """The largest rank an update of layer `m`'s weight can have: min(fan-in, fan-out)."""
+    w = m.weight
+    if isinstance(m, nn.Conv2d):
+        return min(w.shape[0], w[0].numel())
+    return min(w.shape[0], w.shape[1])
+
+
+def _check_rank(layers: dict[str, nn.Module], rank: int) -> None:
+    """A rank above a layer's width adds parameters without adding anything the layer can learn
+    (rank 512 on a 64-wide layer trains more weights than the layer has)."""
+    if rank <= 0:
+        raise ConfigError(f"LoRA rank must be positive, got {rank}")
+    narrow = [(n, layer_width(m)) for n, m in layers.items() if rank > layer_width(m)]
+    if narrow:
+        name, width = min(narrow, key=lambda x: x[1])
+        raise ConfigError(f"LoRA rank {rank} is above the width of {len(narrow)} target layer(s), e.g. {name!r} "
+                          f"(width {width}: an update of it has rank <= {width}); use a rank <= {width}, or "
+                          "full fine-tuning")
+
+
 def apply_lora(model: nn.Module, targets: str | Iterable[str], rank: int = 8, alpha: float = 16,
                dropout: float = 0.0, dora: bool = False, use_rslora: bool = False) -> dict[str, LoRALayer]:
     """Wrap every nn.Linear / nn.Conv2d / nn.Embedding (and transformers Conv1D) whose module name
@@ -284,10 +305,11 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str], rank: int = 8, al
         if not hits:
             others = [n for n, m in named if target_matches(n, t)]
             hint = (f" ({len(others)} modules match but none is Linear/Conv2d/Embedding, e.g. {others[0]!r})"
-                    if others else did_you_mean(t, [n for n, _ in named] + [n.rpartition('.')[2] for n, _ in named]))
+                    if others else did_you_mean(t, dict.fromkeys([n for n, _ in named] + [n.rpartition('.')[2] for n, _ in named])))
             raise ConfigError(f"LoRA target {t!r} matches no Linear, Conv2d or Embedding layer{hint}")
         for n, m in hits:
             chosen[n] = m
+    _check_rank(chosen, rank)
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped: dict[str, LoRALayer] = {}

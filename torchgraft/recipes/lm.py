@@ -156,3 +156,4 @@ def format_eval(result: dict[str, Any]) -> str:
 
 def to_json(result: dict[str, Any]) -> str:
     return json.dumps(result)
+

@@ -83,18 +83,36 @@ def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu") -> 
     if not isinstance(data, dict):
         raise ConfigError(f"{run} has no run config with a data: section (config.yaml)")
     encode, task_name = build_encoder(data, run)
+    classes = _num_classes(model)
+    if classes is not None and classes != len(labels):
+        raise ConfigError(f"{run / 'labels.json'} names {len(labels)} classes but the model predicts {classes}; "
+                          "restore the labels.json the run wrote (one name per class, in training order)")
     task = build_task({"name": task_name, "label_names": labels})
     return Classifier(model.to(device).eval(), labels, encode, task, Path(ck.path))
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    """The classes a classifier predicts (its config's num_classes / num_labels), None if unknown."""
+    cfg = getattr(model, "config", None)
+    for key in ("num_classes", "num_labels"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def read_inputs(inputs: Sequence[str], file: str | Path | None) -> list[str]:
     """The inputs given on the command line plus one per non-empty line of `file`."""
     items = list(inputs)
     if file is not None:
-        p = Path(file).expanduser()
-        if not p.is_file():
-            raise ConfigError(f"input file not found: {p}")
-        items += [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        from torchgraft.outputs import check_input_file
+
+        p = check_input_file(Path(file).expanduser(), "--file", "one input per line")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"--file {p} is not UTF-8 text; give a text file with one input per line") from None
+        items += [line.rstrip("\n") for line in text.splitlines() if line.strip()]
     if not items:
         raise ConfigError("nothing to predict: give inputs (image paths or texts) or --file with one per line")
     return items

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,9 +129,12 @@ def save_demonstrations(demos: Demonstrations, path: str | Path) -> Path:
 
 def load_demonstrations(path: str | Path) -> Demonstrations:
     """Read a file written by `save_demonstrations` (no pickle: npz is opened with allow_pickle=False)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"demonstrations file not found: {path} (write one with torchgraft rl collect)")
+    from torchgraft.outputs import check_input_file
+
+    path = check_input_file(path, "demonstrations file", "write one with torchgraft rl collect")
+    if path.suffix == ".npz" and not zipfile.is_zipfile(path):  # np.load would try to unpickle it
+        raise ConfigError(f"cannot read demonstrations {path}: it is not an .npz archive (an .npz file is a zip "
+                          "of arrays); give a demonstrations file written by torchgraft rl collect")
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open

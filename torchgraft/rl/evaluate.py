@@ -72,12 +72,37 @@ def _run_episodes(expert: Expert, env_id: str, env_kwargs: dict[str, Any] | None
         envs.close()
 
 
+def heldout_note(run_config: dict[str, Any] | None, seed: int, episodes: int, same_env: bool = True
+                 ) -> tuple[bool | None, str]:
+    """(held out?, words) for evaluating seeds seed..seed+episodes-1 on a run: held out when none of
+    them is one of the run's own evaluation seeds (PPO: `eval.seed`.., `eval.episodes` of them);
+    None when the run does not record them (or another environment is evaluated)."""
+    ev = (run_config or {}).get("eval") if isinstance(run_config, dict) else None
+    if not same_env or not isinstance(ev, dict) or "seed" not in ev or "episodes" not in ev:
+        return None, f"seeds {seed}..{seed + episodes - 1}"
+    lo, hi = int(ev["seed"]), int(ev["seed"]) + int(ev["episodes"]) - 1
+    overlap = max(seed, lo) <= min(seed + episodes - 1, hi)
+    if overlap:
+        return False, (f"seeds {seed}..{seed + episodes - 1}: NOT held out (they overlap the run's own "
+                       f"evaluation seeds {lo}..{hi})")
+    return True, f"held-out seeds {seed}..{seed + episodes - 1} (the run evaluated on {lo}..{hi})"
+
+
+def check_video_path(path: str | Path, overwrite: bool = False) -> Path:
+    """A .gif / .mp4 path that may be written: the one output-file check (torchgraft.outputs)."""
+    from torchgraft.outputs import check_output_file
+
+    return check_output_file(path, overwrite=overwrite, suffixes=(".gif", ".mp4"), kind="rl eval --gif",
+                             what="--gif")
+
+
 def record_episode(expert: Expert, env_id: str, path: str | Path, *, seed: int = 0,
                    env_kwargs: dict[str, Any] | None = None, fps: int = 30, max_frames: int = 1000,
-                   every: int = 1) -> dict[str, Any]:
+                   every: int = 1, overwrite: bool = False) -> dict[str, Any]:
     """Play one episode with `rgb_array` rendering and write it as .gif (Pillow) or .mp4 (ffmpeg).
 
     `every` keeps one frame in `every` (smaller files); returns {path, frames, return, length}.
+    An existing file at `path` is refused unless `overwrite` (checked before the episode runs).
     """
     import os
 
@@ -85,9 +110,7 @@ def record_episode(expert: Expert, env_id: str, path: str | Path, *, seed: int =
 
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # render off-screen, no display needed
     os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
-    path = Path(path)
-    if path.suffix.lower() not in (".gif", ".mp4"):
-        raise ConfigError(f"video path must end in .gif or .mp4, got {path.name}")
+    path = check_video_path(path, overwrite)
     if path.suffix.lower() == ".mp4":
         try:
             import imageio_ffmpeg  # noqa: F401

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +85,10 @@ class PPOEvalConfig:
     every: int = 10                     # updates; 0 = only at the end
     episodes: int = 10
     seed: int = 10_000                  # evaluation episodes use seeds seed, seed+1, ...
-    target_return: float | None = None  # stop once the evaluation mean return reaches this
+    target_return: float | None = None  # stop once the evaluation mean return reaches this (confirmed
+    #                                     on the held-out seeds when there are some)
+    heldout_seeds: list[int] = field(default_factory=list)  # after training: `episodes` episodes from
+    #                                     each seed (seed, seed+1, ...), none of them an evaluation seed
 
 
 @dataclass
@@ -125,11 +129,25 @@ def load_ppo_config(source: str | Path | dict[str, Any] | PPORunConfig,
     for key in ("total_steps", "rollout_steps", "epochs", "minibatches"):
         if getattr(p, key) < 1:
             raise ConfigError(f"ppo.{key} must be >= 1, got {getattr(p, key)}")
+    for key, value in (("env.num_envs", cfg.env.num_envs), ("eval.episodes", cfg.eval.episodes)):
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
     if (cfg.env.num_envs * p.rollout_steps) % p.minibatches:
         raise ConfigError(f"env.num_envs * ppo.rollout_steps = {cfg.env.num_envs * p.rollout_steps} must be "
                           f"divisible by ppo.minibatches={p.minibatches}")
-    if not 0 < p.gamma <= 1 or not 0 <= p.gae_lambda <= 1 or p.clip <= 0 or p.lr <= 0:
-        raise ConfigError("ppo: need 0 < gamma <= 1, 0 <= gae_lambda <= 1, clip > 0, lr > 0")
+    for key, value, ok, need in (("gamma", p.gamma, 0 < p.gamma <= 1, "in (0, 1] (e.g. 0.99)"),
+                                 ("gae_lambda", p.gae_lambda, 0 <= p.gae_lambda <= 1, "in [0, 1] (e.g. 0.95)"),
+                                 ("clip", p.clip, p.clip > 0, "> 0 (e.g. 0.2)"),
+                                 ("lr", p.lr, math.isfinite(p.lr) and p.lr > 0, "a finite number > 0 (e.g. 3e-4)")):
+        if not ok:
+            raise ConfigError(f"ppo.{key}={value:g} is invalid: it must be {need}")
+    e = cfg.eval
+    own = range(e.seed, e.seed + e.episodes)
+    for s in e.heldout_seeds:
+        if any(x in own for x in range(s, s + e.episodes)):
+            raise ConfigError(f"eval.heldout_seeds: seed {s} ({e.episodes} episodes: {s}..{s + e.episodes - 1}) "
+                              f"overlaps the evaluation seeds {e.seed}..{e.seed + e.episodes - 1}; choose seeds "
+                              "the run never evaluates on")
     if cfg.checkpoint.every < 0 or cfg.eval.every < 0 or cfg.logging.every < 1:
         raise ConfigError("checkpoint.every and eval.every must be >= 0, logging.every >= 1")
     return cfg
@@ -210,11 +228,30 @@ class PPOResult:
     best: dict[str, Any]
     elapsed_s: float
     policy: nn.Module = field(repr=False)
+    heldout: dict[str, Any] = field(default_factory=dict)  # the final policy on eval.heldout_seeds
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "updates": self.updates, "env_steps": self.env_steps,
                 "metrics": self.metrics, "steps_to_target": self.steps_to_target, "best": self.best,
-                "elapsed_s": self.elapsed_s}
+                "heldout": self.heldout, "elapsed_s": self.elapsed_s}
+
+
+def check_policy_section(section: dict[str, Any]) -> None:
+    """`model:` of a PPO run must be a policy (its sizes come from the environment)."""
+    from torchgraft.models.registry import get_preset
+
+    name, family = section.get("name"), section.get("family")
+    fam = family if family is not None else (get_preset(name).family if name is not None else None)
+    if fam not in (None, "policy"):
+        raise ConfigError(f"model {'name' if family is None else 'family'}={name or family!r} is a {fam} model; "
+                          "rl ppo trains a policy: use model.name=policy-mlp (`torchgraft models` lists "
+                          "the policy presets)")
+
+
+# what a PPO resume cannot change: the policy, the environment (and how many copies run: num_envs
+# sets the rollout's shape and the reset seeds), the seed and what each rollout holds
+PPO_FIXED_PREFIXES = ("model.", "env.")
+PPO_FIXED_KEYS = ("ppo.seed", "ppo.rollout_steps", "ppo.normalize_obs", "ppo.init_from")
 
 
 def _env_seeds(seed: int, update: int, n: int) -> list[int]:
@@ -264,6 +301,7 @@ class PPOTrainer:
         from torchgraft.rl.runs import load_policy_run
         from torchgraft.rl.transfer import transfer_policy
 
+        check_policy_section(self.cfg.model)
         spec = {**self.cfg.model, "obs_dim": self.info.obs_dim, "action_dim": self.info.action_dim,
                 "discrete": self.info.discrete}
         init = self.cfg.ppo.init_from
@@ -323,6 +361,11 @@ class PPOTrainer:
         if (ck.meta.get("rl") or {}).get("env") != self.cfg.env.id:
             raise CheckpointError(f"cannot resume: {ck.path} was trained on {ck.meta.get('rl', {}).get('env')!r}, "
                                   f"this config has env.id={self.cfg.env.id!r}")
+        from torchgraft.train.resume import check_resumable
+
+        self.resume_changes = check_resumable(ck.meta.get("run_config"), self.cfg.to_dict(), self.run_dir,
+                                              fixed_prefixes=PPO_FIXED_PREFIXES, fixed_keys=PPO_FIXED_KEYS,
+                                              init_key="ppo.init_from")
         try:
             self.policy.load_state_dict(ck.model_state)
         except RuntimeError as e:
@@ -348,6 +391,34 @@ class PPOTrainer:
                        seed=e.seed, env_kwargs=self.cfg.env.kwargs)
         return {"val_return": res.mean_return, "val_return_std": res.std_return,
                 "val_return_min": res.min_return, "val_length": res.mean_length}
+
+    def heldout_evaluation(self) -> dict[str, Any]:
+        """The current policy on `eval.heldout_seeds` ({} when none): per seed mean/std/min over
+        `eval.episodes` episodes, and the lowest mean (what "holds off its training seeds" means)."""
+        e = self.cfg.eval
+        if not e.heldout_seeds:
+            return {}
+        per_seed = {}
+        for s in e.heldout_seeds:
+            r = evaluate(PolicyExpert(self.policy, self.normalizer), self.cfg.env.id, episodes=e.episodes, seed=s,
+                         env_kwargs=self.cfg.env.kwargs)
+            per_seed[str(s)] = {"mean_return": r.mean_return, "std_return": r.std_return, "min_return": r.min_return}
+        return {"episodes": e.episodes, "per_seed": per_seed,
+                "min_mean_return": min(v["mean_return"] for v in per_seed.values())}
+
+    def _target_holds(self) -> bool:
+        """The target was reached on the evaluation seeds: stop only if it holds on the held-out seeds
+        too (when the config names some); otherwise train on and wait for the next evaluation."""
+        if not self.cfg.eval.heldout_seeds:
+            return True
+        held = self.heldout_evaluation()["min_mean_return"]
+        if held >= self.cfg.eval.target_return:
+            return True
+        if self.cfg.logging.progress:
+            print(f"step {self.env_steps}: target {self.cfg.eval.target_return:g} reached on the evaluation seeds "
+                  f"but not on the held-out seeds ({held:.1f}); training on", flush=True)
+        self.steps_to_target = None
+        return False
 
     def _after_eval(self, metrics: dict[str, float]) -> bool:
         self.last_eval = metrics
@@ -447,12 +518,28 @@ class PPOTrainer:
 
     # ---- the loop
     def fit(self, resume: bool = False) -> PPOResult:
+        """Train (or, with `resume`, continue) the run; one writer per run directory (`RUN/.lock`)."""
+        from torchgraft.train.lock import RunLock, check_run_dir
+
+        check_run_dir(self.run_dir)
+        with RunLock(self.run_dir):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> PPOResult:
         c, p = self.cfg, self.cfg.ppo
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         if not resume and list_checkpoints(self.ckpt.root):
             raise ConfigError(f"{self.run_dir} already holds checkpoints of a run; pass --resume to continue "
                               f"it, or choose another output directory")
-        resumed = self.restore() if resume else False
+        resumed = self.restore() if resume else False  # refuses changes a run cannot take midway
+        import warnings
+
+        from torchgraft.train.validate import cadence_warnings
+
+        if resumed and getattr(self, "resume_changes", None):
+            warnings.warn(f"resuming with a changed config, applied: {', '.join(self.resume_changes)}",
+                          stacklevel=2)
+        for note in cadence_warnings(c.to_dict(), self.num_updates, f"the run's {self.num_updates} updates"):
+            warnings.warn(note, stacklevel=2)
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(c.to_dict(), sort_keys=False))
         if self.init_report is not None and not resumed:
             atomic_write_text(self.run_dir / "init_transfer.json", json.dumps(self.init_report.to_dict(), indent=1))
@@ -503,7 +590,7 @@ class PPOTrainer:
                               f"{record.get('episode_return', float('nan')):.1f}", flush=True)
                 if record:
                     logger.log(record)
-                reached = self.steps_to_target is not None and do_eval
+                reached = self.steps_to_target is not None and do_eval and self._target_holds()
                 if final or reached or (every and self.update % every == 0):
                     self.save_checkpoint(best=improved)
                 if reached:
@@ -513,7 +600,7 @@ class PPOTrainer:
             logger.close()
         result = PPOResult(self.run_dir, self.update, self.env_steps, dict(self.last_eval), self.steps_to_target,
                            {"metric": "val_return", "value": self.best_value, "step": self.best_step},
-                           time.perf_counter() - start, self.policy)
+                           time.perf_counter() - start, self.policy, heldout=self.heldout_evaluation())
         atomic_write_text(self.run_dir / "result.json", json.dumps(result.to_dict(), indent=1))
         return result
 

@@ -147,7 +147,10 @@ def check_run_config(cfg: RunConfig) -> None:
     t = cfg.trainer
     if t.max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {t.max_steps}")
-    if t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
+    if t.grad_accum_steps < 1:
+        raise ConfigError(f"trainer.grad_accum_steps={t.grad_accum_steps} is invalid: it must be an integer >= 1 "
+                          "(1 = no accumulation)")
+    if t.batch_size % t.grad_accum_steps:
         raise ConfigError(f"trainer.batch_size={t.batch_size} must be a multiple of "
                           f"trainer.grad_accum_steps={t.grad_accum_steps}")
     for where, value in (("eval.every", cfg.eval.every), ("checkpoint.every", cfg.checkpoint.every),
@@ -165,6 +168,7 @@ def check_run_config(cfg: RunConfig) -> None:
                           "0 < decay_fraction <= 1")
     if not isinstance(cfg.model, dict) or not isinstance(cfg.data, dict) or not isinstance(cfg.distributed, dict):
         raise ConfigError("model, data and distributed must be sections (mappings)")
-    from torchgraft.train.validate import check_values
+    from torchgraft.train.validate import check_combinations, check_values
 
     check_values(cfg.to_dict())  # finite positive lr, 0 <= betas < 1, sizes >= 1, device available, ...
+    check_combinations(cfg.to_dict())  # e.g. a warm-up longer than the run

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from torchgraft.errors import ConfigError
+from torchgraft.io import pid_alive as _pid_alive
 
 LOCK_NAME = ".lock"
 
@@ -27,14 +28,6 @@ def _read(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunLock:

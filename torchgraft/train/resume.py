@@ -42,21 +42,26 @@ def _norm(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(changes that block a resume, changes that are applied), each as 'key (old -> new)'."""
+def config_changes(old: dict[str, Any], new: dict[str, Any], fixed_prefixes: tuple[str, ...] = FIXED_PREFIXES,
+                   fixed_keys: tuple[str, ...] = FIXED_KEYS) -> tuple[list[str], list[str]]:
+    """(changes that block a resume, changes that are applied), each as 'key (old -> new)'; blocked are
+    the keys under `fixed_prefixes` and the `fixed_keys` (the trainer's by default; PPO passes its own)."""
     a, b = flatten(old), flatten(new)
     blocked, applied = [], []
     for key in sorted(set(a) | set(b)):
         va, vb = _norm(a.get(key)), _norm(b.get(key))
         if va == vb:
             continue
-        fixed = key.startswith(FIXED_PREFIXES) or key in FIXED_KEYS
+        fixed = key.startswith(fixed_prefixes) or key in fixed_keys
         (blocked if fixed else applied).append(_fmt(key, va, vb))
     return blocked, applied
 
 
-def check_resumable(old: dict[str, Any] | None, new: dict[str, Any], where: Any) -> list[str]:
-    """Raise CheckpointError for changes a run cannot take midway; return the applied ones."""
+def check_resumable(old: dict[str, Any] | None, new: dict[str, Any], where: Any, *,
+                    fixed_prefixes: tuple[str, ...] = FIXED_PREFIXES, fixed_keys: tuple[str, ...] = FIXED_KEYS,
+                    init_key: str = "trainer.init_from") -> list[str]:
+    """Raise CheckpointError for changes a run cannot take midway; return the applied ones.
+    `init_key` is the option that starts a new run from this one's weights (named in the message)."""
     if not old:
         return []
     a, b = flatten(old), flatten(new)
@@ -65,12 +70,12 @@ def check_resumable(old: dict[str, Any] | None, new: dict[str, Any], where: Any)
                               f"with {a['optim.name']!r} and that optimizer's state cannot carry over; resume "
                               "with the original optimizer, or start a new --out with "
                               "trainer.init_from=<this run> to keep only the weights")
-    blocked, applied = config_changes(old, new)
+    blocked, applied = config_changes(old, new, fixed_prefixes, fixed_keys)
     if blocked:
         more = f" and {len(blocked) - 4} more" if len(blocked) > 4 else ""
         raise CheckpointError(f"cannot resume {where}: the config changes what is trained: "
                               f"{', '.join(blocked[:4])}{more}; resume with the run's own values, or start "
-                              "a new --out (trainer.init_from=<this run> keeps the weights)")
+                              f"a new --out ({init_key}=<this run> keeps the weights)")
     return applied
 
 

@@ -53,22 +53,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def data_sizes(info: dict[str, Any]) -> dict[str, tuple[int, str]]:
+    """The model sizes a dataset determines, each with how the data says it: `num_classes`,
+    `num_labels`, `vocab_size`, and from images of shape (C, H, W) `in_chans` (and `image_size`
+    when the images are square)."""
+    sizes = {k: (info[k], str(info[k])) for k in ("num_classes", "num_labels", "vocab_size") if k in info}
+    shape = info.get("input_shape")
+    if isinstance(shape, (tuple, list)) and len(shape) == 3:
+        c, h, w = (int(v) for v in shape)
+        sizes["in_chans"] = (c, f"{c}-channel images")
+        if h == w:
+            sizes["image_size"] = (h, f"{h}x{w} images")
+    return sizes
+
+
 def build_model_for(section: dict[str, Any], info: dict[str, Any], device: str | None = None) -> nn.Module:
-    """Build the model of a run config; the data fills `num_classes` / `vocab_size` unless set.
+    """Build the model of a run config; the data fills the sizes it determines (`num_classes`,
+    `vocab_size`, `in_chans`, `image_size`, see `data_sizes`) unless the config sets them, and a size
+    the config sets that does not fit the data is one line naming both.
     `device="meta"` allocates nothing (a sharded run materialises after sharding)."""
     from torchgraft.models.registry import build, resolve_config
 
     spec = dict(section)
     _, mcfg = resolve_config(spec)
     fields = {f.name for f in dataclasses.fields(mcfg)}
-    for key in ("num_classes", "num_labels", "vocab_size"):
-        if key in info and key in fields:
-            have = getattr(mcfg, key)
-            if key not in spec:
-                spec[key] = info[key]
-            elif (key in ("num_classes", "num_labels") and have != info[key]) or (key == "vocab_size" and have < info[key]):
-                raise ConfigError(f"model.{key}={have} does not fit the data ({info[key]}); "
-                                  f"remove model.{key} to take it from the data")
+    for key, (value, said) in data_sizes(info).items():
+        if key not in fields:
+            continue
+        have = getattr(mcfg, key)
+        if key not in spec:
+            spec[key] = value
+        elif (key == "vocab_size" and have < value) or (key != "vocab_size" and have != value):
+            raise ConfigError(f"model.{key}={have} does not fit the data ({said}); "
+                              f"remove model.{key} to take it from the data")
     return build(spec, device=device)
 
 
@@ -399,6 +416,10 @@ class Trainer:
         resumed = self.restore() if resume else False
         s, lg = self.state, self.cfg.logging
         if self.is_main:
+            from torchgraft.train.validate import cadence_warnings
+
+            for note in cadence_warnings(self.cfg.to_dict()):
+                warnings.warn(note, stacklevel=3)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
             save_run_tokenizer(self.run_dir, self.data.info)
             write_run_files(self.run_dir, self.data.files)

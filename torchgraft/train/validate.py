@@ -120,5 +120,33 @@ def inputs_must_fit(model: Any, batch: dict[str, Any]) -> Iterator[None]:
         cfg = getattr(model, "config", None)
         sizes = ", ".join(f"model.{k}={getattr(cfg, k)}" for k in ("image_size", "in_chans", "block_size",
                                                                     "vocab_size") if hasattr(cfg, k))
-        raise ConfigError(f"the model does not accept the data's inputs ({shapes}; {sizes}): "
-                          f"{str(e).splitlines()[0]}; make the model's sizes match the data") from None
+        said = "; ".join(part for part in (shapes, sizes) if part)
+        raise ConfigError(f"the model does not accept the data's inputs" + (f" ({said})" if said else "")
+                          + f": {str(e).splitlines()[0]}; make the model's sizes match the data") from None
+
+
+def check_combinations(tree: dict[str, Any]) -> None:
+    """Settings that are each valid but together train nothing useful: one line naming both keys.
+
+    `schedule.warmup_steps >= trainer.max_steps` would end the run before the learning rate reaches
+    `optim.lr` (a warm-up of 10^9 steps trains at ~1e-12 and looks like a run that worked)."""
+    steps, warm = _get(tree, "trainer.max_steps"), _get(tree, "schedule.warmup_steps")
+    if isinstance(steps, int) and isinstance(warm, int) and warm > 0 and warm >= steps:
+        raise ConfigError(f"schedule.warmup_steps={warm} is not below trainer.max_steps={steps}: the whole run "
+                          f"would be warm-up (the learning rate reaches {steps / warm:.2g} x optim.lr only at its "
+                          f"last step); lower schedule.warmup_steps (e.g. {steps // 10}, or 0 for none) or raise "
+                          "trainer.max_steps")
+
+
+def cadence_warnings(tree: dict[str, Any], total: int | None = None, said: str | None = None) -> list[str]:
+    """Cadences longer than the run: not wrong (the run still evaluates and saves at its end), but not
+    what the config says, so the run says so. `total` / `said`: the run's length in the cadences' unit
+    and how to name it (default `trainer.max_steps`; PPO counts updates)."""
+    steps = _get(tree, "trainer.max_steps") if total is None else total
+    said = said or f"trainer.max_steps={steps}"
+    notes = []
+    for key, what in (("eval.every", "evaluates"), ("checkpoint.every", "saves a checkpoint")):
+        every = _get(tree, key)
+        if isinstance(steps, int) and isinstance(every, int) and every > steps:
+            notes.append(f"{key}={every} is larger than {said}: the run {what} only at its end")
+    return notes
