@@ -156,7 +156,7 @@ def _max_positions(model: nn.Module) -> int | None:
     return getattr(cfg, "block_size", None)
 
 
-def _last_logits(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+def last_logits(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """Logits of the last position (B, V). Models exposing `forward_features` + `logits` (the zoo's
     decoder LMs) skip the vocabulary projection of the other prompt positions."""
     if hasattr(model, "forward_features") and hasattr(model, "logits"):
@@ -213,7 +213,7 @@ class StaticDecoder:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T), 0 at each row's first real token
         self.cache.index = torch.arange(t, device=ids.device)
         try:
-            logits = _last_logits(model, ids, attention_mask=static_attention_mask(self.slot_mask, 0, t),
+            logits = last_logits(model, ids, attention_mask=static_attention_mask(self.slot_mask, 0, t),
                                   position_ids=positions, kv_cache=self.cache)
         finally:
             self.cache.index = self._decode_index
@@ -333,7 +333,7 @@ def iter_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         padded = bool((win_mask == 0).any())
         # position of each token in its own row: 0 at the first real token
         positions = (win_mask.cumsum(-1) - 1).clamp(min=0) if padded else None  # (B, T)
-        return _last_logits(model, seq, attention_mask=win_mask if padded else None,
+        return last_logits(model, seq, attention_mask=win_mask if padded else None,
                             position_ids=positions, kv_cache=dynamic)
 
     logits = encode(seq, win_mask)  # prefill
