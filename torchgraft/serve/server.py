@@ -7,9 +7,12 @@ connections and wait for the requests in flight (streams included) to finish, up
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from torchgraft.errors import ConfigError
@@ -74,7 +77,10 @@ def serve(path: str, settings: ServeSettings, drain_timeout: float = 30.0, echo:
 
     server = _uvicorn_server(app, settings, drain_timeout, ready)
     try:
-        server.run()
+        with _stop_on_signal_reraise():
+            server.run()
+    except _Stopped:
+        pass
     except OSError as e:  # address in use, permission denied
         raise ConfigError(f"cannot listen on {settings.host}:{settings.port} ({e.strerror or e}); pick "
                           "another --port") from None
@@ -82,6 +88,29 @@ def serve(path: str, settings: ServeSettings, drain_timeout: float = 30.0, echo:
         raise ConfigError(f"cannot listen on {settings.host}:{settings.port}; is the port in use? pick "
                           "another --port")
     echo("stopped")
+
+
+class _Stopped(Exception):
+    """SIGTERM / SIGINT arrived and uvicorn has drained: a normal end."""
+
+
+@contextlib.contextmanager
+def _stop_on_signal_reraise() -> Iterator[None]:
+    """uvicorn re-raises the signal that stopped it once it has drained; with our handler in place
+    that becomes `_Stopped` (exit 0) instead of death by SIGTERM. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Stopped()
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 class BackgroundServer:
