@@ -148,3 +148,25 @@ def test_hf_bert_encoder_embeddings_match_sentence_transformers_pooling(tmp_path
         r = httpx.post(url + "/v1/classify", json={"model": "bert", "input": "x"})
         assert r.status_code == 400 and "without a classification head" in r.json()["error"]["message"]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_real_minilm_embeddings_equal_transformers_mean_pooling(one_thread):
+    """all-MiniLM-L6-v2 (the `real` extra) served: embeddings equal transformers' BertModel hidden
+    states mean-pooled over real tokens and normalised (its modules.json has Normalize)."""
+    from test_minilm_real import SENTENCES, _mean_pool, _model_dir
+    from tokenizers import Tokenizer
+
+    d = _model_dir()
+    texts = [s for s in SENTENCES if s]
+    tk = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tk.enable_padding(pad_id=0, pad_token="[PAD]")
+    tk.enable_truncation(256)
+    enc = tk.encode_batch(texts)
+    ids, mask = torch.tensor([e.ids for e in enc]), torch.tensor([e.attention_mask for e in enc])
+    hf = T.BertModel.from_pretrained(str(d)).eval()
+    with torch.no_grad():
+        want = _mean_pool(hf(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+    with served(d, name="minilm") as (url, _, _):
+        emb = client(url).embeddings.create(model="minilm", input=texts)
+    torch.testing.assert_close(torch.tensor([e.embedding for e in emb.data]), want, rtol=1e-4, atol=1e-5)

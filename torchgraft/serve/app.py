@@ -62,11 +62,11 @@ class Service:
         return {"id": self.artifact.name, "object": "model", "created": self.created, "owned_by": "torchgraft"}
 
     def need(self, kind: str, route: str) -> None:
+        """400 when `route` needs another kind of artifact than the one served."""
         if self.kind != kind:
             other = "/v1/completions or /v1/chat/completions" if self.kind == "decoder" else "/v1/embeddings"
-            raise APIError(400, f"model {self.artifact.name!r} is a{'n' if self.kind[0] == 'e' else ''} "
-                           f"{self.kind}; {route} needs a{'n' if kind[0] == 'e' else ''} {kind} (use {other})",
-                           param="model", code="unsupported_route")
+            raise APIError(400, f"{route} is not available for model {self.artifact.name!r} (a {self.kind}); "
+                           f"use {other}", param="model", code="unsupported_route")
 
 
 def create_app(artifact: DecoderArtifact | EncoderArtifact, settings: ServeSettings | None = None) -> Any:
