@@ -281,12 +281,11 @@ def generate_cmd(
                 repetition_penalty=repetition_penalty, stop=stop, seed=seed, use_cache=not no_cache,
                 compile=compile_decode)
     if chat:
-        from torchgraft.data.chat_template import ChatTemplate, chat_prompt
+        from torchgraft.data.chat_template import chat_prompt
+        from torchgraft.recipes.lm import lm_chat_template
 
         tok = lm.tokenizer
-        where = lm.path.parent.parent if lm.path.parent.name == "checkpoints" else lm.path
-        template = ChatTemplate.for_tokenizer(where, special_tokens={
-            "bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token})
+        template = lm_chat_template(lm)
         if template.name == "built-in":
             typer.echo(f"note: {path} has no chat template (its run saved none); --chat falls back to "
                        "torchgraft's built-in template", err=True)
@@ -470,6 +469,37 @@ def predict_cmd(
     items = read_inputs(inputs or [], file)
     for p in load_classifier(run_dir, device=device).predict(items, top_k=top_k):
         typer.echo(json.dumps(p) if as_json else format_prediction(p))
+
+
+# -- serve: an OpenAI-compatible HTTP server (torchgraft/serve/; the `serve` extra)
+@app.command("serve")
+def serve_cmd(
+    artifact: Path = typer.Argument(..., help="LM run dir / checkpoint / HF dir, or a text classification run"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: this machine only)"),
+    port: int = typer.Option(8000, "--port", help="TCP port (0 = any free port; the URL is printed)"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TORCHGRAFT_API_KEY",
+                                          help="require 'Authorization: Bearer KEY' on /v1 routes"),
+    max_batch: int = typer.Option(8, "--max-batch", help="sequences decoded together (KV-cache slots)"),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="most completion tokens per choice (and the default)"),
+    compile_decode: bool = typer.Option(False, "--compile", help="torch.compile the batched decode step"),
+    context: Optional[int] = typer.Option(None, "--context", help="cap on prompt + completion tokens "
+                                          "(default: the model's block_size)"),
+    max_queue: int = typer.Option(64, "--max-queue", help="choices waiting for a slot before 429"),
+    timeout: float = typer.Option(600.0, "--timeout", help="seconds one request may take (504 after)"),
+    max_body: int = typer.Option(1 << 20, "--max-body", help="request body cap in bytes (413 above)"),
+    name: Optional[str] = typer.Option(None, "--name", help="model id clients use (default: the directory name)"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Serve a model over HTTP with OpenAI's API: completions, chat, streaming, embeddings, classify."""
+    from torchgraft.devices import check_device
+    from torchgraft.serve.server import serve
+    from torchgraft.serve.settings import ServeSettings
+
+    check_device(device, allow_auto=False)
+    settings = ServeSettings(host=host, port=port, api_key=api_key, max_batch=max_batch, max_tokens=max_tokens,
+                             max_queue=max_queue, max_body=max_body, timeout=timeout, compile=compile_decode,
+                             context=context, name=name, device=device)
+    serve(str(artifact), settings, echo=typer.echo)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -176,7 +176,7 @@ def cap_new_tokens(model: nn.Module, tokenizer: Any, prompts: list[str], n: int,
                   f"prompt takes {longest} (this model has no sliding window)")
 
 
-def _last_logits(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+def last_logits(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """Logits of the last position (B, V). Models exposing `forward_features` + `logits` (the zoo's
     decoder LMs) skip the vocabulary projection of the other prompt positions."""
     if hasattr(model, "forward_features") and hasattr(model, "logits"):
@@ -233,7 +233,7 @@ class StaticDecoder:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T), 0 at each row's first real token
         self.cache.index = torch.arange(t, device=ids.device)
         try:
-            logits = _last_logits(model, ids, attention_mask=static_attention_mask(self.slot_mask, 0, t),
+            logits = last_logits(model, ids, attention_mask=static_attention_mask(self.slot_mask, 0, t),
                                   position_ids=positions, kv_cache=self.cache)
         finally:
             self.cache.index = self._decode_index
@@ -247,7 +247,7 @@ class StaticDecoder:
             try:
                 return self._step(model, self, tok)
             except Exception as e:  # no compiler toolchain, an unsupported op...: decode eagerly
-                if not _compile_failure(e):
+                if not compile_failure(e):
                     raise
                 warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); decoding eagerly", stacklevel=3)
@@ -255,7 +255,7 @@ class StaticDecoder:
         return self._step(model, self, tok)
 
 
-def _compile_failure(e: Exception) -> bool:
+def compile_failure(e: Exception) -> bool:
     """True for errors raised by the compiler stack itself (not by the model's own code)."""
     mod = type(e).__module__ or ""
     return mod.startswith(("torch._dynamo", "torch._inductor", "torch.fx"))
@@ -353,7 +353,7 @@ def iter_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         padded = bool((win_mask == 0).any())
         # position of each token in its own row: 0 at the first real token
         positions = (win_mask.cumsum(-1) - 1).clamp(min=0) if padded else None  # (B, T)
-        return _last_logits(model, seq, attention_mask=win_mask if padded else None,
+        return last_logits(model, seq, attention_mask=win_mask if padded else None,
                             position_ids=positions, kv_cache=dynamic)
 
     logits = encode(seq, win_mask)  # prefill
@@ -482,19 +482,64 @@ def generate(model: nn.Module, prompts: Any, tokenizer: Any = None, *, max_new_t
                             prompt_lengths=mask.sum(-1).tolist(), steps=steps)
 
 
+class TextStream:
+    """Incremental text of one generated row, with stop strings.
+
+    `push(token) -> str` returns the text that became final with this token: pieces are held back
+    while the decoded text ends in an incomplete UTF-8 sequence (byte-level BPE) or in the beginning
+    of a stop string; once a stop string appears, `stopped` is True and the text ends before it.
+    `finish()` returns what was held back. The pieces concatenate to `generate(...).texts[row]`.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] | str | None = None):
+        if isinstance(stop, str):
+            stop = [stop]
+        self.tokenizer = tokenizer
+        self.stop = [s for s in (stop or []) if s]
+        self.stop_ids = stop_id_sequences(self.stop, tokenizer) if self.stop else []
+        self.tokens: list[int] = []
+        self.emitted = 0  # characters handed out so far
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add one generated token; the newly final text (may be empty)."""
+        self.tokens.append(token)
+        at = _ids_stop_at(self.tokens, self.stop_ids)  # a special-token stop string: cut at its ids
+        text = self.tokenizer.decode(self.tokens if at < 0 else self.tokens[:at])
+        cut = _stop_index(text, self.stop) if self.stop else -1
+        if at >= 0 and cut < 0:
+            cut = len(text)
+        if cut >= 0:
+            self.stopped = True
+            piece = text[self.emitted:cut]
+            self.emitted = max(self.emitted, cut)
+            return piece
+        safe = len(text.rstrip("\ufffd"))  # an incomplete multi-byte character: wait for its bytes
+        hold = 0  # longest suffix that could still grow into a stop string
+        for s in self.stop:
+            hold = max([hold] + [k for k in range(1, min(len(s) - 1, safe) + 1)
+                                 if text[:safe].endswith(s[:k])])
+        safe -= hold
+        if safe <= self.emitted:
+            return ""
+        piece, self.emitted = text[self.emitted:safe], safe
+        return piece
+
+    def finish(self) -> str:
+        """The text still held back when generation ends without a stop string."""
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.tokens)
+        piece, self.emitted = text[self.emitted:], max(self.emitted, len(text))
+        return piece
+
+
 def stream(model: nn.Module, prompt: str, tokenizer: Any, *, stop: Sequence[str] | str | None = None,
            **kwargs: Any) -> Iterator[str]:
-    """Generate from one text prompt, yielding text pieces as soon as they are final.
-
-    Pieces are held back while the decoded text ends in an incomplete UTF-8 sequence (byte-level
-    BPE) or in the beginning of a stop string; the concatenated pieces equal
-    `generate(...).texts[0]`. Takes the keyword arguments of `generate`.
+    """Generate from one text prompt, yielding text pieces as soon as they are final (`TextStream`);
+    the concatenated pieces equal `generate(...).texts[0]`. Takes the keyword arguments of `generate`.
     """
-    if isinstance(stop, str):
-        stop = [stop]
-    stop = [s for s in (stop or []) if s]
-    emitted = 0
-    tokens: list[int] = []
+    text = TextStream(tokenizer, stop)
     eos = kwargs.pop("eos_token_id", _DEFAULT)
     eos = tokenizer.eos_id if eos is _DEFAULT else eos
     add_bos = kwargs.pop("add_bos", None)
@@ -503,35 +548,15 @@ def stream(model: nn.Module, prompt: str, tokenizer: Any, *, stop: Sequence[str]
     ids, mask = _prepare_inputs(prompt, tokenizer, None, add_bos, tokenizer.pad_id)
     if generator is None and seed is not None:
         generator = torch.Generator(device=_model_device_dtype(model)[0]).manual_seed(seed)
-    stop_ids = stop_id_sequences(stop, tokenizer) if stop else []
     for tok in iter_tokens(model, ids, mask, generator=generator, **kwargs):
         t = int(tok[0])
         if eos is not None and t == eos:
             break
-        tokens.append(t)
-        at = _ids_stop_at(tokens, stop_ids)
-        if at >= 0:  # a special-token stop string: the text before its tokens is the answer
-            text = tokenizer.decode(tokens[:at])
-            cut = _stop_index(text, stop)
-            text = text[:cut] if cut >= 0 else text
-            if len(text) > emitted:
-                yield text[emitted:]
+        piece = text.push(t)
+        if piece:
+            yield piece
+        if text.stopped:
             return
-        text = tokenizer.decode(tokens)
-        cut = _stop_index(text, stop) if stop else -1
-        if cut >= 0:
-            if cut > emitted:
-                yield text[emitted:cut]
-            return
-        safe = len(text.rstrip("\ufffd"))  # an incomplete multi-byte character: wait for its bytes
-        hold = 0  # longest suffix that could still grow into a stop string
-        for s in stop:
-            hold = max([hold] + [k for k in range(1, min(len(s) - 1, safe) + 1)
-                                 if text[:safe].endswith(s[:k])])
-        safe -= hold
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    text = tokenizer.decode(tokens)
-    if len(text) > emitted:
-        yield text[emitted:]
+    piece = text.finish()
+    if piece:
+        yield piece

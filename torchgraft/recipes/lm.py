@@ -157,3 +157,14 @@ def format_eval(result: dict[str, Any]) -> str:
 def to_json(result: dict[str, Any]) -> str:
     return json.dumps(result)
 
+
+def lm_chat_template(lm: LoadedLM) -> Any:
+    """The chat template of a loaded LM: the one its run (SFT) saved or its HF directory holds,
+    else the built-in one; special tokens from its tokenizer (`generate --chat`, `serve`)."""
+    from torchgraft.data.chat_template import ChatTemplate
+
+    tok = lm.tokenizer
+    where = lm.path.parent.parent if lm.path.parent.name == "checkpoints" else lm.path
+    specials = {} if tok is None else {"bos_token": tok.bos_token, "eos_token": tok.eos_token,
+                                       "pad_token": tok.pad_token}
+    return ChatTemplate.for_tokenizer(where, special_tokens=specials)
