@@ -119,6 +119,12 @@ def test_lora_policy_starts_equal_to_its_reference(sft):
             assert float(task.loss_sum(model, batch) / task.count(batch)) == pytest.approx(want, rel=1e-6)
             out = task.pair_outputs(model, batch)
         assert out.chosen_rewards.abs().max() == 0 and out.rejected_rewards.abs().max() == 0
+    # sft_weight (RPO) adds the weight times the chosen completions' mean token NLL
+    task = build_task({"name": "dpo", "sft_weight": 0.5})
+    with torch.no_grad():
+        chosen, _ = pair_logps(model, batch)
+        got = float(task.loss_sum(model, batch) / task.count(batch))
+    assert got == pytest.approx(math.log(2) + 0.5 * float(-chosen.mean.mean()), rel=1e-6)
 
 
 def test_lora_dpo_finetune_logs_trl_metrics_and_moves_rewards(sft, tmp_path):
@@ -225,14 +231,58 @@ def preference_accuracy(model, files) -> float:
 
 
 @torch.no_grad()
-def rule_rate(model, files, samples: int = 4) -> float:
-    """Fraction of sampled answers (temperature 1, `samples` per held-out prompt) that follow the rule."""
+def rule_rate(model, files) -> float:
+    """Fraction of held-out prompts whose greedy answer gives the rule's verdict (its last word)."""
     from torchgraft.generation import generate
 
     tok = load_tokenizer(files["tok"])
     template = ChatTemplate.for_tokenizer(files["tok"], None, {"bos_token": tok.bos_token, "eos_token": tok.eos_token})
     prompts = [p["prompt"] for p in val_pairs(files)]
-    texts = [chat_prompt(template, w) for w in prompts for _ in range(samples)]
-    out = generate(model.eval(), texts, tok, max_new_tokens=4, temperature=1.0, seed=0)
-    answers = [t.strip() for t in out.texts]
-    return sum(a == answer(w, rule(w)) for a, w in zip(answers, [w for w in prompts for _ in range(samples)])) / len(texts)
+    out = generate(model.eval(), [chat_prompt(template, w) for w in prompts], tok, max_new_tokens=6)
+    return sum(a.split()[-1:] == [rule(w)] for a, w in zip(out.texts, prompts)) / len(prompts)
+
+
+@pytest.mark.parametrize("name", ["dpo-llama-char-lora", "simpo-llama-char-lora", "orpo-llama-char-lora",
+                                  "reward-llama-char"])
+def test_shipped_configs_resolve(name):
+    """The configs parse: finetune section, run config, task options and model all valid."""
+    from pathlib import Path
+
+    from torchgraft.models import build
+    from torchgraft.recipes.finetune import split_config
+    from torchgraft.train import load_run_config
+
+    ft, tree = split_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    cfg = load_run_config(tree)
+    task = build_task(cfg.task)
+    assert cfg.data["name"] == "preference" and task.name in ("dpo", "simpo", "orpo", "reward_model")
+    assert sum(p.numel() for p in build({**cfg.model, "vocab_size": 100}, device="meta").parameters()) > 0
+
+
+@pytest.mark.slow
+def test_dpo_teaches_a_hidden_rule(tmp_path):
+    """Expectation, stated before running: the SFT'd model (random yes/no answers) has no preference,
+    so its held-out preference accuracy (own log-prob of chosen > rejected) and the share of its
+    greedy answers that follow the rule are both ~50%. LoRA DPO (sigmoid, beta 0.5, with the RPO NLL
+    term on the chosen answers) on 1000 rule-following pairs raises both clearly: accuracy > 0.75 and
+    rule-following answers at least 15 points more than before.
+    One run (2 CPU cores shared with other jobs, ~3 min): accuracy 0.415 -> 0.995, rule-following greedy
+    answers 0.44 -> 0.995 (plain DPO without the NLL term: accuracy 0.94, but its generations drifted
+    off the answer format, rule-following 0.30)."""
+    files = make_files(tmp_path)
+    sft_dir = sft_run(tmp_path, files, steps=600)
+    before = load_model(sft_dir)
+    acc0, rate0 = preference_accuracy(before, files), rule_rate(before, files)
+    assert 0.3 < acc0 < 0.7 and 0.3 < rate0 < 0.7  # no preference yet
+    cfg = dpo_config(sft_dir, files, {"name": "dpo", "beta": 0.5, "sft_weight": 1.0}, steps=200)
+    cfg["trainer"]["batch_size"] = 32
+    cfg["optim"]["lr"] = 1e-3
+    cfg["eval"] = {"every": 50, "max_batches": 8}
+    cfg["checkpoint"] = {"every": 200, "keep_last": 1}
+    run_finetune(cfg, tmp_path / "dpo", merge=True)
+    after = load_model(tmp_path / "dpo" / "merged")
+    acc1, rate1 = preference_accuracy(after, files), rule_rate(after, files)
+    print(f"held-out preference accuracy {acc0:.3f} -> {acc1:.3f}; rule-following greedy answers "
+          f"{rate0:.3f} -> {rate1:.3f}")
+    assert acc1 > 0.75 and acc1 > acc0 + 0.2
+    assert rate1 > rate0 + 0.15

@@ -10,6 +10,9 @@ With the policy's and the reference's summed completion log-probs, the log-ratio
 - `ipo` (Azar et al.): `(d_avg - 1 / (2 * beta))^2`, with each log-ratio divided by its completion's
   token count (TRL's normalisation, confirmed by the IPO authors);
 - `robust` (rDPO, Chowdhury et al.): the unbiased loss under label noise `ls` (< 0.5).
+Option `sft_weight` (RPO, Pang et al. 2024; TRL's `loss_type=[..., "sft"]`) adds that weight times the
+chosen completion's mean token negative log-likelihood, which keeps the preferred answers likely
+(plain DPO may lower both sides, and with them the tokens the two answers share).
 Rewards (the logged `val_rewards/*`) are `beta * logratio`. These are TRL 1.16's formulas
 (`DPOTrainer._compute_loss`), checked against it in tests/test_dpo_trl_parity.py.
 
@@ -77,7 +80,7 @@ class DPOTask(PairwiseTask):
     name = "dpo"
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 reference: str | None = None, precompute_reference: bool = False):
+                 reference: str | None = None, precompute_reference: bool = False, sft_weight: float = 0.0):
         super().__init__()
         if loss_type not in LOSSES:
             raise ConfigError(f"task.loss_type {loss_type!r} is not a DPO loss" + did_you_mean(loss_type, LOSSES)
@@ -88,6 +91,9 @@ class DPOTask(PairwiseTask):
             raise ConfigError(f"task.label_smoothing must be in [0, 0.5), got {label_smoothing}")
         self.beta, self.loss_type, self.label_smoothing = float(beta), loss_type, float(label_smoothing)
         self.loss_fn = LOSSES[loss_type]
+        if sft_weight < 0:
+            raise ConfigError(f"task.sft_weight must be >= 0, got {sft_weight}")
+        self.sft_weight = float(sft_weight)
         self.reference_path = reference
         self.precompute_reference = precompute_reference
         self._reference: nn.Module | None = None
@@ -135,6 +141,8 @@ class DPOTask(PairwiseTask):
         c = chosen.sum - ref_chosen.to(chosen.sum.dtype)
         r = rejected.sum - ref_rejected.to(rejected.sum.dtype)
         losses = self.loss_fn(c, r, chosen.count, rejected.count, self.beta, self.label_smoothing)
+        if self.sft_weight:
+            losses = losses - self.sft_weight * chosen.mean
         return PairOutputs(losses, self.beta * c.detach(), self.beta * r.detach())
 
     def pair_outputs(self, model: nn.Module, batch: dict[str, Any]) -> PairOutputs:
