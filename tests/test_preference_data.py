@@ -78,7 +78,8 @@ def test_batches_padded_with_masks(tmp_path, tok_dir):
 def test_truncation_keeps_prompt_and_cuts_completion(tmp_path, tok_dir):
     rec = {"prompt": "p" * 5, "chosen": "c" * 50, "rejected": "r" * 3}
     full = build(tmp_path, tok_dir, [rec], max_len=200).train[0]
-    cut = build(tmp_path, tok_dir, [rec], max_len=40).train[0]
+    with pytest.warns(UserWarning, match="1 pairs had a completion cut to fit max_len=40"):
+        cut = build(tmp_path, tok_dir, [rec], max_len=40).train[0]
     assert len(cut["chosen_ids"]) == 40                                    # max_len input tokens
     assert cut["chosen_ids"].tolist() == full["chosen_ids"][:40].tolist()  # prompt whole, completion cut
     assert cut["rejected_ids"].tolist() == full["rejected_ids"].tolist()   # short side untouched
@@ -121,6 +122,7 @@ BAD = [
     ({"prompt": "q", "chosen": "same", "rejected": "same"}, "chosen and rejected are the same", "chosen == rejected"),
     ({"prompt": "q", "chosen": "  ", "rejected": "b"}, "the chosen completion is empty", "empty completion"),
     ({"prompt": "q" * 80, "chosen": "a", "rejected": "b"}, "longer than max_len=64", "prompt longer than max_len"),
+    ({"prompt": "q", "chosen": [{"role": "bot", "content": "a"}], "rejected": "b"}, "unknown role 'bot'", "bad field"),
 ]
 
 
@@ -138,9 +140,9 @@ def test_bad_pairs_skipped_counted_and_reported(tmp_path, tok_dir):
         bundle = build(tmp_path, tok_dir, [PAIRS[0]] + [b[0] for b in BAD] + [PAIRS[1]], max_len=64, on_bad="skip")
     assert len(bundle.train) == 2
     assert bundle.info["n_skipped"] == {"missing field": 2, "chosen == rejected": 1, "empty completion": 1,
-                                        "prompt longer than max_len": 1}
+                                        "prompt longer than max_len": 1, "bad field": 1}
     msg = " ".join(str(w.message) for w in caught)
-    assert "skipped 5 bad pairs" in msg and "chosen == rejected: 1" in msg
+    assert "skipped 6 bad pairs" in msg and "chosen == rejected: 1" in msg
 
 
 def test_cli_bad_pair_exits_2_without_traceback(tmp_path, tok_dir):

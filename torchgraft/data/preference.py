@@ -85,7 +85,10 @@ def _completion(value: Any, side: str) -> dict[str, str]:
     if isinstance(value, str):
         msg = {"role": "assistant", "content": value}
     elif isinstance(value, list) and len(value) == 1:
-        msg = validate_messages(value, side)[0]
+        try:
+            msg = validate_messages(value, side)[0]
+        except ConfigError as e:
+            raise BadPair("bad field", str(e)) from None
     else:
         raise BadPair("bad field", f"{side} must be a string or a list with one assistant message")
     if msg["role"] != "assistant":
@@ -138,8 +141,10 @@ def pair_conversations(record: Any) -> tuple[list[dict[str, str]], list[dict[str
     return convs
 
 
-def encode_side(messages: list[dict[str, str]], template: ChatTemplate, tok: Tokenizer, max_len: int) -> Example:
-    """One side's tokens with only the completion trained, cut to `max_len + 1` tokens (prompt kept)."""
+def encode_side(messages: list[dict[str, str]], template: ChatTemplate, tok: Tokenizer, max_len: int
+                ) -> tuple[Example, bool]:
+    """One side's tokens with only the completion trained, cut to `max_len + 1` tokens (prompt kept),
+    and whether it was cut."""
     ex = encode_conversation(messages, template, tok, last_turn_only=True)
     prompt_len = ex.trained.index(True) if True in ex.trained else len(ex.ids)
     if prompt_len > max_len:
@@ -147,7 +152,7 @@ def encode_side(messages: list[dict[str, str]], template: ChatTemplate, tok: Tok
                       f"the prompt is {prompt_len} tokens, longer than max_len={max_len}")
     if prompt_len == len(ex.ids):
         raise BadPair("empty completion", "the completion has no tokens")
-    return Example(ex.ids[: max_len + 1], ex.trained[: max_len + 1])
+    return Example(ex.ids[: max_len + 1], ex.trained[: max_len + 1]), len(ex.ids) > max_len + 1
 
 
 class PreferencePairs(Dataset):
@@ -217,14 +222,15 @@ def build_preference(options: dict[str, Any], seed: int = 0) -> DataBundle:
         out = []
         for n, record in enumerate(read_records(path), 1):
             try:
-                chosen, rejected = (encode_side(c, template, tok, cfg.max_len) for c in pair_conversations(record))
+                (chosen, cut_c), (rejected, cut_r) = (encode_side(c, template, tok, cfg.max_len)
+                                                      for c in pair_conversations(record))
             except BadPair as e:
                 if cfg.on_bad == "error":
                     raise ConfigError(f"{path}: record {n}: {e}; fix or remove it, or set data.on_bad=skip "
                                       "to skip bad pairs") from None
                 skipped[e.reason] += 1
                 continue
-            truncated[0] += any(len(ex.ids) == cfg.max_len + 1 for ex in (chosen, rejected))
+            truncated[0] += cut_c or cut_r
             out.append(Pair(chosen, rejected))
         return out
 
@@ -242,6 +248,9 @@ def build_preference(options: dict[str, Any], seed: int = 0) -> DataBundle:
     if skipped:
         warnings.warn(f"preference: skipped {sum(skipped.values())} bad pairs ("
                       + ", ".join(f"{r}: {c}" for r, c in sorted(skipped.items())) + ")", stacklevel=3)
+    if truncated[0]:
+        warnings.warn(f"preference: {truncated[0]} pairs had a completion cut to fit max_len={cfg.max_len} "
+                      "(prompts are kept whole)", stacklevel=3)
     if not train_pairs:
         raise ConfigError(f"{cfg.path}: no usable preference pair (all were skipped as bad)")
     info = {"vocab_size": tok.vocab_size, "tokenizer": tok, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
