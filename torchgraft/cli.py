@@ -372,6 +372,7 @@ def finetune_cmd(
     overrides: Optional[list[str]] = typer.Argument(None, help="dotted key=value overrides, e.g. finetune.method=lora"),
     out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<config name>)"),
     merge: bool = typer.Option(False, "--merge", help="also write merged weights (adapters folded in) to OUT/merged"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted fine-tune from its newest good checkpoint"),
 ) -> None:
     """Fine-tune a pretrained checkpoint: transfer weights, apply full/freeze/lora/dora, train."""
     import json
@@ -382,7 +383,8 @@ def finetune_cmd(
 
     from torchgraft.recipes.finetune import run_finetune
 
-    summary = run_finetune(config, out or Path("runs") / config.stem, overrides or [], merge=merge or None)
+    summary = run_finetune(config, out or Path("runs") / config.stem, overrides or [], merge=merge or None,
+                           resume=resume)
     from torchgraft.distributed.env import cleanup, is_main_process
 
     main = is_main_process()

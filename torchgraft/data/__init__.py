@@ -7,3 +7,4 @@ from torchgraft.data import textclass as _textclass  # noqa: F401,E402  (registe
 from torchgraft.data import sft as _sft  # noqa: F401,E402  (registers "sft")
 
 __all__ = ["DataBundle", "build_data", "list_datasets", "register_dataset"]
+from torchgraft.data import preference as _preference  # noqa: F401,E402  (registers "preference")

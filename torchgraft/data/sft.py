@@ -106,14 +106,18 @@ def read_conversations(path: Path) -> list[list[dict[str, str]]]:
     return out
 
 
-def encode_conversation(messages: list[dict[str, str]], template: ChatTemplate, tok: Tokenizer) -> Example:
-    """Tokens of the rendered conversation and which of them are the assistant's."""
+def encode_conversation(messages: list[dict[str, str]], template: ChatTemplate, tok: Tokenizer,
+                        last_turn_only: bool = False) -> Example:
+    """Tokens of the rendered conversation and which of them are the assistant's (with
+    `last_turn_only`, only the final assistant turn's: a preference pair's completion; the text is
+    cut into the same segments either way, so the tokens are the same)."""
     text, spans = template.assistant_spans(messages)
     ids: list[int] = []
     trained: list[bool] = []
     pos = 0
-    for start, end in spans + [(len(text), len(text))]:
-        for piece, mine in ((text[pos:start], False), (text[start:end], True)):
+    for k, (start, end) in enumerate(spans + [(len(text), len(text))]):
+        learn = not last_turn_only or k == len(spans) - 1
+        for piece, mine in ((text[pos:start], False), (text[start:end], learn)):
             if piece:
                 seg = tok.encode(piece)
                 ids += seg

@@ -1,5 +1,6 @@
 """The model zoo. Importing this package registers every family and preset."""
 from torchgraft.models import bert, gpt, lenet, llama, policy, resnet, vit  # noqa: F401
+from torchgraft.models import reward  # noqa: F401,E402  (registers the "reward" family)
 from torchgraft.models.registry import (
     build,
     get_config,

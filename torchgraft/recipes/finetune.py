@@ -101,10 +101,12 @@ def apply_method(model: nn.Module, ft: FinetuneConfig) -> dict[str, Any]:
 
 
 def run_finetune(config: str | Path | dict[str, Any], out_dir: str | Path, overrides: list[str] | None = None,
-                 merge: bool | None = None, data: Any = None, model: nn.Module | None = None) -> dict[str, Any]:
+                 merge: bool | None = None, data: Any = None, model: nn.Module | None = None,
+                 resume: bool = False) -> dict[str, Any]:
     """Run the whole recipe; returns the summary also written to `out_dir/finetune.json`.
     `data` (a DataBundle) replaces the config's `data:` section and `model` (any nn.Module, e.g. one
-    that is not in the registry) the `model:` section, for use from Python."""
+    that is not in the registry) the `model:` section, for use from Python. `resume=True` continues
+    an interrupted fine-tune in `out_dir` from its newest good checkpoint (exactly, as `train --resume`)."""
     from torchgraft.data.registry import build_data
     from torchgraft.tools.freeze import GradualUnfreeze
     from torchgraft.tools.param_groups import param_groups
@@ -153,7 +155,8 @@ def run_finetune(config: str | Path | dict[str, Any], out_dir: str | Path, overr
     # written before training so that checkpoints of a LoRA run can be rebuilt (torchgraft.train.adapters)
     (out / "finetune.json").write_text(json.dumps({"method": ft.method, "finetune_config": to_dict(ft),
                                                    "status": "training"}, indent=1, default=str))
-    result = run_training(cfg, out, model=model, data=data, callbacks=callbacks, param_groups_fn=groups_fn)
+    result = run_training(cfg, out, model=model, data=data, callbacks=callbacks, param_groups_fn=groups_fn,
+                          resume=resume)
     model = result.model  # the trained model (unsharded when it was trained with FSDP)
 
     summary: dict[str, Any] = {"source": report.source, "transfer": report.summary(), **info,

@@ -25,7 +25,7 @@ from torchgraft.data.run_tokenizer import checkpoint_tokenizer, find_tokenizer, 
 from torchgraft.data.tokenizers import Tokenizer
 from torchgraft.errors import CheckpointError, ConfigError
 
-LM_TASKS = ("lm", "distill")  # training tasks whose checkpoints hold a plain next-token LM
+LM_TASKS = ("lm", "distill", "dpo", "simpo", "orpo")  # training tasks whose checkpoints hold a plain next-token LM
 
 
 @dataclass

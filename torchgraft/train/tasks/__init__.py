@@ -11,3 +11,7 @@ from torchgraft.train.tasks import sequence_classification as _seq  # noqa: F401
 from torchgraft.train.tasks import distill as _distill  # noqa: F401,E402  (registers "distill")
 
 __all__ = ["IGNORE_INDEX", "Task", "Unit", "build_task", "list_tasks", "register_task"]
+from torchgraft.train.tasks import dpo as _dpo  # noqa: F401,E402  (registers "dpo")
+from torchgraft.train.tasks import simpo as _simpo  # noqa: F401,E402  (registers "simpo")
+from torchgraft.train.tasks import orpo as _orpo  # noqa: F401,E402  (registers "orpo")
+from torchgraft.train.tasks import reward_model as _reward_model  # noqa: F401,E402  (registers "reward_model")
