@@ -28,14 +28,15 @@ def tolerance(reduction: int, depth: int = 1, dtype: torch.dtype = torch.float32
     """Relative worst-case difference between two evaluation orders of a `depth`-layer computation
     whose longest reduction (dot product, sum, conv window) has `reduction` terms.
 
-    Products accumulate in fp32 (CPU kernels do, for bf16/fp16 too); a lower-precision `dtype`
-    adds one rounding of the output per layer: `depth * (reduction * eps32 + eps(dtype))`.
+    Products accumulate in fp32 (CPU kernels do, for bf16/fp16 too; fp64 in fp64); a
+    lower-precision `dtype` adds one rounding of the output per layer:
+    `depth * (reduction * eps(accumulation) + eps(dtype))`.
     """
     if reduction < 1 or depth < 1:
         raise ValueError(f"reduction and depth must be >= 1, got {reduction} and {depth}")
-    eps32 = torch.finfo(torch.float32).eps
-    out = torch.finfo(dtype).eps if dtype != torch.float32 else 0.0
-    return depth * (reduction * eps32 + out)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.finfo(dtype).eps if dtype.itemsize < 4 else 0.0
+    return depth * (reduction * torch.finfo(acc).eps + out)
 
 
 def transformer_tol(config: Any, seq_len: int, dtype: torch.dtype = torch.float32) -> float:
