@@ -42,9 +42,10 @@ def tolerance(reduction: int, depth: int = 1, dtype: torch.dtype = torch.float32
 def transformer_tol(config: Any, seq_len: int, dtype: torch.dtype = torch.float32) -> float:
     """`tolerance` of a transformer's output: the longest reduction is the hidden width, the MLP
     width or the attention's `seq_len` keys; depth is one per layer plus the output head."""
-    width = getattr(config, "n_embd", None) or config.hidden_size
+    width = getattr(config, "n_embd", None) or config.hidden_size  # torchgraft or transformers names
     mlp = getattr(config, "intermediate_size", None) or 4 * width
-    return tolerance(max(width, mlp, seq_len), config.n_layer + 1, dtype)
+    n_layer = getattr(config, "n_layer", None) or config.num_hidden_layers
+    return tolerance(max(width, mlp, seq_len), n_layer + 1, dtype)
 
 
 def assert_close_computed(actual: torch.Tensor, expected: torch.Tensor, tol: float, *,
