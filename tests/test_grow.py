@@ -9,7 +9,7 @@ from torch import nn
 
 import torchgraft
 from torchgraft.errors import ConfigError
-from torchgraft.testing import assert_close_computed, tolerance, transformer_tol
+from torchgraft.testing import assert_close_computed, module_tol, transformer_tol
 
 
 def _lm_loss(m, ids):
@@ -27,13 +27,6 @@ def _train(model, loss_fn, steps=12, lr=3e-3):
         opt.step()
         losses.append(loss.item())
     return losses
-
-
-def _net_tol(model: nn.Module) -> float:
-    """tolerance of a Linear/Conv2d stack: its longest sum and its number of layers."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    terms = [m.in_features if isinstance(m, nn.Linear) else m.weight[0].numel() for m in layers]
-    return tolerance(reduction=max(terms), depth=len(layers))
 
 
 @pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
@@ -113,7 +106,7 @@ def test_grow_user_models_net2net(cls, shape):
     _train(m, ce, steps=3)  # moves BN statistics too
     big, report = torchgraft.grow(m, depth=1, width=2.0, example_inputs=x)
     with torch.no_grad():
-        assert report.max_abs_diff <= _net_tol(big) * m.eval()(x).abs().max().item()
+        assert report.max_abs_diff <= module_tol(big) * m.eval()(x).abs().max().item()
     widths = [c for c in report.changes if c["kind"] == "width"]
     assert widths and all(c["after"] == 2 * c["before"] for c in widths)
     assert any(c["kind"] == "depth" for c in report.changes)

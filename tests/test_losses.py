@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from torchgraft.nn.losses import chunked_cross_entropy
 from torchgraft.testing import assert_close_computed, tolerance, transformer_tol
+from conftest import InitialWeights, assert_same_run
 
 
 def _plain(h, w, y, reduction):
@@ -139,16 +140,15 @@ def test_training_with_chunked_ce_follows_the_plain_run(tmp_path):
         return {"model": {"name": "gpt-tiny", "block_size": 32},
                 "data": {"name": "text", "source": "builtin", "tokenizer": "char", "seq_len": 32,
                          "max_tokens": 20000},
-                "task": task, "optim": {"name": "adamw", "lr": 3e-3},
+                "task": task, "optim": {"name": "sgd", "lr": 0.3},  # SGD: see assert_same_run
                 "trainer": {"max_steps": 6, "batch_size": 4, "seed": 0},
                 "eval": {"max_batches": 2, "batch_size": 8},
                 "logging": {"progress": False, "tensorboard": False, "every": 1, "measure_flops": False}}
 
-    plain = run_training(cfg("lm"), tmp_path / "plain")
+    start = InitialWeights()
+    plain = run_training(cfg("lm"), tmp_path / "plain", callbacks=[start])
     chunked = run_training(cfg({"name": "lm", "chunked_ce": 24}), tmp_path / "chunked")
-    for k in ("val_loss", "val_accuracy"):
-        assert chunked.metrics[k] == pytest.approx(plain.metrics[k], rel=1e-5, abs=1e-6), k
-    for (n, a), b in zip(plain.model.state_dict().items(), chunked.model.state_dict().values()):
-        if n.endswith("k_proj.bias"):
-            continue  # softmax ignores it: its gradient is rounding noise, which Adam scales up to lr
-        assert torch.allclose(a, b, atol=1e-5), n
+    tol = 2 * transformer_tol(plain.model.config, 32)  # forward and backward of the same steps
+    assert_close_computed(torch.tensor(chunked.metrics["val_loss"]), torch.tensor(plain.metrics["val_loss"]), tol)
+    assert abs(chunked.metrics["val_accuracy"] - plain.metrics["val_accuracy"]) <= 1 / (2 * 8 * 32)  # one token
+    assert_same_run(chunked.model.state_dict(), plain.model.state_dict(), start.state, tol)

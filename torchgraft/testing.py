@@ -1,9 +1,10 @@
 """Float tolerances derived from the computation, for tests that compare two floating-point results.
 
-    from torchgraft.testing import assert_close_computed, tolerance, transformer_tol
+    from torchgraft.testing import assert_close_computed, module_tol, tolerance, transformer_tol
 
     assert_close_computed(cached, full, transformer_tol(model.config, seq_len=T))
-    assert_close_computed(big(x), small(x), tolerance(reduction=1600, depth=4))
+    assert_close_computed(big(x), small(x), module_tol(big))
+    assert_close_computed(mine, ref, tolerance(reduction=1600, depth=4))
 
 The rule (docs/testing.md):
 - "identical" (same inputs, same ops, same shapes, so the same kernels): compare exactly,
@@ -46,6 +47,17 @@ def transformer_tol(config: Any, seq_len: int, dtype: torch.dtype = torch.float3
     mlp = getattr(config, "intermediate_size", None) or 4 * width
     n_layer = getattr(config, "n_layer", None) or config.num_hidden_layers
     return tolerance(max(width, mlp, seq_len), n_layer + 1, dtype)
+
+
+def module_tol(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> float:
+    """`tolerance` of a stack of Linear / Conv layers (an MLP, a CNN, LeNet, a ResNet): the longest
+    sum is the widest layer input (in_features, or in_channels x kernel window); depth is the number
+    of such layers (an upper bound for branching models)."""
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Linear or Conv layers; use tolerance()")
+    terms = [m.in_features if isinstance(m, torch.nn.Linear) else m.weight[0].numel() for m in layers]
+    return tolerance(max(terms), len(layers), dtype)
 
 
 def assert_close_computed(actual: torch.Tensor, expected: torch.Tensor, tol: float, *,
