@@ -44,7 +44,9 @@ class InitialWeights(Callback):
     """A training callback that keeps a copy of the weights a run starts from (for assert_same_run)."""
 
     def on_train_start(self, trainer) -> None:
-        self.state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        state = trainer.model.state_dict()  # FSDP: DTensor shards, gathered into full tensors
+        self.state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+                      for k, v in state.items()}
 
 
 def assert_same_run(got: dict, want: dict, start: dict, tol: float) -> None:
