@@ -9,7 +9,7 @@ from torch import nn
 
 import torchgraft
 from torchgraft.errors import ConfigError
-from torchgraft.testing import assert_close_computed, module_tol, transformer_tol
+from torchgraft.testing import assert_close_computed, model_tol, transformer_tol
 
 
 def _lm_loss(m, ids):
@@ -106,7 +106,7 @@ def test_grow_user_models_net2net(cls, shape):
     _train(m, ce, steps=3)  # moves BN statistics too
     big, report = torchgraft.grow(m, depth=1, width=2.0, example_inputs=x)
     with torch.no_grad():
-        assert report.max_abs_diff <= module_tol(big) * m.eval()(x).abs().max().item()
+        assert report.max_abs_diff <= model_tol(big) * m.eval()(x).abs().max().item()
     widths = [c for c in report.changes if c["kind"] == "width"]
     assert widths and all(c["after"] == 2 * c["before"] for c in widths)
     assert any(c["kind"] == "depth" for c in report.changes)

@@ -11,7 +11,7 @@ import torchgraft
 from torchgraft.data.loader import DictTensorDataset
 from torchgraft.data.registry import DataBundle
 from torchgraft.errors import ConfigError
-from torchgraft.testing import assert_close_computed, module_tol, tolerance, transformer_tol
+from torchgraft.testing import assert_close_computed, model_tol, tolerance, transformer_tol
 from conftest import InitialWeights, assert_same_run
 from torchgraft.train import Callback, NonFiniteError, run_training
 from torchgraft.train.config import MOVED_KEYS, OptimConfig, ScheduleConfig, load_run_config
@@ -280,7 +280,7 @@ def test_compile_matches_eager(tmp_path):
     start = InitialWeights()
     res = run_training({**cfg(max_steps=3), "optim": sgd}, tmp_path / "e", callbacks=[start])
     compiled = run_training({**cfg(max_steps=3, compile=True), "optim": sgd}, tmp_path / "c").model.state_dict()
-    assert_same_run(compiled, res.model.state_dict(), start.state, 2 * module_tol(res.model))
+    assert_same_run(compiled, res.model.state_dict(), start.state, 2 * model_tol(res.model))
 
 
 def test_resume_without_checkpoints_warns_and_starts_fresh(tmp_path):

@@ -1,9 +1,9 @@
 """Float tolerances derived from the computation, for tests that compare two floating-point results.
 
-    from torchgraft.testing import assert_close_computed, module_tol, tolerance, transformer_tol
+    from torchgraft.testing import assert_close_computed, model_tol, tolerance, transformer_tol
 
     assert_close_computed(cached, full, transformer_tol(model.config, seq_len=T))
-    assert_close_computed(big(x), small(x), module_tol(big))
+    assert_close_computed(big(x), small(x), model_tol(big))
     assert_close_computed(mine, ref, tolerance(reduction=1600, depth=4))
 
 The rule (docs/testing.md):
@@ -49,10 +49,15 @@ def transformer_tol(config: Any, seq_len: int, dtype: torch.dtype = torch.float3
     return tolerance(max(width, mlp, seq_len), n_layer + 1, dtype)
 
 
-def module_tol(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> float:
-    """`tolerance` of a stack of Linear / Conv layers (an MLP, a CNN, LeNet, a ResNet): the longest
-    sum is the widest layer input (in_features, or in_channels x kernel window); depth is the number
-    of such layers (an upper bound for branching models)."""
+def model_tol(model: torch.nn.Module, seq_len: int | None = None, dtype: torch.dtype = torch.float32) -> float:
+    """`tolerance` of a model's output. A transformer (its `config` has layers and a width):
+    `transformer_tol(config, seq_len or block_size)`. Anything else, a stack of Linear / Conv layers
+    (an MLP, LeNet, a ResNet): the longest sum is the widest layer input (in_features, or
+    in_channels x kernel window), depth the number of such layers (an upper bound when branching)."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and any(getattr(cfg, k, None) for k in ("n_layer", "num_hidden_layers")) and \
+            any(getattr(cfg, k, None) for k in ("n_embd", "hidden_size")):
+        return transformer_tol(cfg, seq_len or getattr(cfg, "block_size", None) or 1, dtype)
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv layers; use tolerance()")
