@@ -32,6 +32,6 @@ def test_compiled_gradients_equal_eager_nn_embedding(padding_idx):
     compiled = torch.compile(lambda ids: (ours(ids) * scale).sum(), fullgraph=True)
     compiled(ids).backward()
     (plain(ids) * scale).sum().backward()
-    torch.testing.assert_close(ours.weight.grad, plain.weight.grad)
+    assert torch.equal(ours.weight.grad, plain.weight.grad)  # ATen's kernel in both, on the same gradient
     if padding_idx is not None:
         assert ours.weight.grad[padding_idx].abs().sum() == 0

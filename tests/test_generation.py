@@ -84,7 +84,7 @@ def test_filters_match_transformers_logits_processors():
         ref = TopKLogitsWarper(k)(seen, logits.clone())
         assert torch.equal(torch.isinf(top_k_filter(logits, k)), torch.isinf(ref)), k
     ref = RepetitionPenaltyLogitsProcessor(1.5)(seen, logits.clone())
-    torch.testing.assert_close(apply_repetition_penalty(logits, seen, 1.5), ref)
+    assert torch.equal(apply_repetition_penalty(logits, seen, 1.5), ref)  # one multiply or divide per logit
     assert tr is not None
 
 
