@@ -4,6 +4,8 @@ import torch
 
 from torchgraft.nn.embedding import Embedding, embedding_backward
 
+pytestmark = pytest.mark.numeric  # float comparisons: re-run under a forced CPU capability (docs/testing.md)
+
 
 def test_layer_is_an_nn_embedding_with_the_same_state_dict():
     ours, plain = Embedding(11, 4, padding_idx=2), torch.nn.Embedding(11, 4, padding_idx=2)

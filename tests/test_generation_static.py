@@ -8,6 +8,8 @@ from torchgraft.generation import StaticDecoder, generate, left_pad, static_deco
 from torchgraft.nn.kv_cache import StaticKVCache, static_attention_mask
 from torchgraft.testing import assert_close_computed, transformer_tol
 
+pytestmark = pytest.mark.numeric  # float comparisons: re-run under a forced CPU capability (docs/testing.md)
+
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 101, 102, 7]]
 
 

@@ -11,6 +11,8 @@ import torchgraft
 from torchgraft.interop.hf import load_hf_with_report
 from torchgraft.testing import assert_close_computed, transformer_tol
 
+pytestmark = pytest.mark.numeric  # float comparisons: re-run under a forced CPU capability (docs/testing.md)
+
 T = pytest.importorskip("transformers")
 T.logging.set_verbosity_error()
 

@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from torchgraft.nn.linear import SMALL_ROWS, Linear, _rows, _use_transposed, linear
 from torchgraft.testing import assert_close_computed, tolerance
 
+pytestmark = pytest.mark.numeric  # float comparisons: re-run under a forced CPU capability (docs/testing.md)
+
 
 @pytest.mark.parametrize("shape", [(1, 1, 48), (3, 1, 48), (2, 4, 48), (17, 48), (5, 0, 48)])
 @pytest.mark.parametrize("bias", [True, False])

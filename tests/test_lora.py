@@ -12,6 +12,8 @@ from torchgraft import peft as tp
 from torchgraft.errors import CheckpointError, ConfigError
 from torchgraft.testing import assert_close_computed, tolerance, transformer_tol
 
+pytestmark = pytest.mark.numeric  # float comparisons: re-run under a forced CPU capability (docs/testing.md)
+
 
 class UserModel(nn.Module):
     """Unregistered model with every supported layer kind."""

@@ -7,6 +7,8 @@ from torchgraft.nn.losses import chunked_cross_entropy
 from torchgraft.testing import assert_close_computed, tolerance, transformer_tol
 from conftest import InitialWeights, assert_same_run
 
+pytestmark = pytest.mark.numeric  # float comparisons: re-run under a forced CPU capability (docs/testing.md)
+
 
 def _plain(h, w, y, reduction):
     return F.cross_entropy(F.linear(h, w).float().reshape(-1, w.shape[0]), y.reshape(-1),

@@ -29,7 +29,7 @@ PUBLISHED = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numeric]  # float comparisons: re-run under a forced CPU capability (docs/testing.md)
 
 
 

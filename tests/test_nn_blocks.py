@@ -26,7 +26,7 @@ from torchgraft.testing import assert_close_computed, tolerance
 from torchgraft.nn.attention import reference_attention
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numeric]  # float comparisons: re-run under a forced CPU capability (docs/testing.md)
 
 
 

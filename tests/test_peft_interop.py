@@ -10,6 +10,8 @@ import torch
 from torchgraft import peft as tp
 from torchgraft.testing import assert_close_computed, transformer_tol
 
+pytestmark = pytest.mark.numeric  # float comparisons: re-run under a forced CPU capability (docs/testing.md)
+
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 

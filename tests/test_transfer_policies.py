@@ -11,6 +11,8 @@ import torchgraft
 from torchgraft.errors import TransferError
 from torchgraft.testing import assert_close_computed, tolerance, transformer_tol
 
+pytestmark = pytest.mark.numeric  # float comparisons: re-run under a forced CPU capability (docs/testing.md)
+
 
 def _vit(size):
     return torchgraft.build("vit-tiny", image_size=size, patch_size=8, n_layer=2, num_classes=10).eval()
