@@ -187,6 +187,31 @@ def test_grow_on_a_residual_or_untraceable_module_says_why():
     assert [c["where"] for c in report.changes if c["kind"] == "width"] == ["a -> b"]
     assert "addition" in next(c["how"] for c in report.changes if c["where"] == "b")
 
+    class TokenMLP(nn.Module):  # a Linear's units are the last dim: flatten(1) mixes them with positions
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.b = nn.Linear(6 * 5, 3)
+
+        def forward(self, x):  # (B, 5, 4)
+            return self.b(torch.relu(self.a(x)).flatten(1))
+
+    with pytest.raises(torchgraft.TorchgraftError, match="a: it feeds `.flatten"):
+        torchgraft.grow(TokenMLP(), width=2)
+
+    class ConvThenLinear(nn.Module):  # the Linear reads the image's last dim (W), not its channels
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, x):  # (B, 3, 8, 8)
+            return self.fc(torch.relu(self.bn(self.c(x))))
+
+    with pytest.raises(torchgraft.TorchgraftError, match="c: it feeds fc"):
+        torchgraft.grow(ConvThenLinear(), width=2)
+
     class DataDependent(nn.Module):
         def __init__(self):
             super().__init__()

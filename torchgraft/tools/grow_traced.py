@@ -90,30 +90,34 @@ def _flattens(node: fx.Node) -> bool:
 
 
 def _follow(gm: fx.GraphModule, start: fx.Node) -> tuple[WidthPath | None, str]:
-    """Follow `start`'s output to its one consumer layer, or say what stops it."""
+    """Follow `start`'s output to its one consumer layer, or say what stops it. Pooling, BatchNorm,
+    flatten and a Conv2d reader need the units on dim 1 of an image, (B, C, H, W): a Conv2d output
+    not yet flattened. A Linear reads the last dim: a Linear's output, or a flattened image."""
     modules = dict(gm.named_modules())
     node, bns, flat = start, [], False
+    image = isinstance(modules[start.target], nn.Conv2d)
     while True:
         if len(node.users) != 1:
             return None, f"its output is read {len(node.users)} times" if node.users else "its output is unused"
         user = next(iter(node.users))
+        spatial = image and not flat  # (B, C, H, W): channel-wise pooling and flatten keep the units
         if user.op == "call_module":
             m = modules[user.target]
-            if _is_layer(m) and not (isinstance(m, nn.Conv2d) and (flat or isinstance(modules[start.target], nn.Linear))):
-                return WidthPath(start.target, user.target, bns, flat), ""
-            if isinstance(m, _BATCHNORM) and not flat:
+            if (isinstance(m, nn.Linear) and (flat or not image)) or (isinstance(m, nn.Conv2d) and _is_layer(m) and spatial):
+                return WidthPath(start.target, user.target, bns, flat), ""  # it reads exactly these units
+            if isinstance(m, _BATCHNORM) and spatial:  # BatchNorm2d: per channel
                 bns.append(user.target)
-            elif isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1 and not flat:
+            elif isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1 and spatial:
                 flat = True
-            elif not (isinstance(m, ELEMENTWISE) or (isinstance(m, CHANNELWISE_POOL) and not flat)):
+            elif not (isinstance(m, ELEMENTWISE) or (isinstance(m, CHANNELWISE_POOL) and spatial)):
                 return None, f"it feeds {user.target} ({type(m).__name__})"
         elif not (user.args and user.args[0] is node) or any(
                 isinstance(a, fx.Node) for a in list(user.args[1:]) + list(user.kwargs.values())):
             return None, _describe(user)  # another tensor enters: an addition, a product, ...
-        elif _flattens(user) and not flat:
+        elif _flattens(user) and spatial:
             flat = True
         elif user.op == "call_function":
-            if not (user.target in _PASS_FUNCTIONS or (user.target in _POOL_FUNCTIONS and not flat)):
+            if not (user.target in _PASS_FUNCTIONS or (user.target in _POOL_FUNCTIONS and spatial)):
                 return None, _describe(user)
         elif not (user.op == "call_method" and user.target in _PASS_METHODS):
             return None, _describe(user)
