@@ -173,6 +173,28 @@ def test_grow_widens_the_zoo_lenet_through_torch_max_pool2d_and_flatten():
     assert_close_computed(big(x), m(x), tolerance(reduction=3200, depth=4))
 
 
+def test_grow_traced_through_batchnorm_keeps_the_function_in_eval_and_train():
+    class ConvBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+            self.c2 = nn.Conv2d(8, 4, 3)
+
+        def forward(self, x):
+            return self.c2(F.relu(self.bn(self.c1(x)))).mean((2, 3))
+
+    m = ConvBN()
+    x = torch.randn(6, 3, 10, 10, generator=torch.Generator().manual_seed(4))
+    m.train()
+    m(x)  # BatchNorm statistics that are not the init's
+    big, report = torchgraft.grow(m.eval(), width=2)
+    assert [c["how"] for c in report.changes if c["kind"] == "width"] == ["Net2WiderNet, traced (via bn)"]
+    assert big.bn.num_features == 16 and big.c2.in_channels == 16
+    assert_close_computed(big(x), m(x), tolerance(reduction=16 * 9, depth=2))
+    # batch statistics: a copied channel has its original's mean and variance
+    assert_close_computed(big.train()(x), m.train()(x), tolerance(reduction=16 * 9 * 64, depth=3))
+
+
 def test_grow_on_a_residual_or_untraceable_module_says_why():
     class Residual(nn.Module):
         def __init__(self):

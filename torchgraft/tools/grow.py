@@ -33,7 +33,7 @@ from torch import nn
 from torchgraft.errors import ConfigError
 from torchgraft.models.parts import ModelParts, parts_of
 from torchgraft.tools.console import recording_console
-from torchgraft.tools.grow_traced import CHANNELWISE_POOL, ELEMENTWISE, width_plan
+from torchgraft.tools.grow_traced import CHANNELWISE_POOL, ELEMENTWISE, WidthPath, width_plan
 
 # residual-branch output layers zeroed in a new transformer block (ours, HF Llama/GPT-2, timm, ...)
 OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "c_proj", "fc_out", "down_proj", "fc2", "proj_out", "wo", "w2")
@@ -261,8 +261,9 @@ def _new_like(m: nn.Module, **shape: int) -> nn.Module:
     if isinstance(m, nn.Conv2d):
         return nn.Conv2d(shape.get("in_channels", m.in_channels), shape.get("out_channels", m.out_channels),
                          m.kernel_size, m.stride, m.padding, m.dilation, 1, m.bias is not None, m.padding_mode, **kw)
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        return type(m)(shape["num_features"], m.eps, m.momentum, m.affine, m.track_running_stats, **kw)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):  # in the mode of the one it replaces (eval: running stats)
+        bn = type(m)(shape["num_features"], m.eps, m.momentum, m.affine, m.track_running_stats, **kw)
+        return bn.train(m.training)
     raise ConfigError(f"cannot widen a {type(m).__name__}")
 
 
@@ -391,6 +392,29 @@ def _widen_sequential(model: nn.Module, name: str, seq: nn.Sequential, factor: f
 
 
 @torch.no_grad()
+def _widen_path(model: nn.Module, p: WidthPath, factor: float, gen: torch.Generator) -> dict[str, Any]:
+    """Net2WiderNet on one traced path: the producer's units (and BatchNorms on the way) copied,
+    the consumer's inputs split between the copies. Returns the report row."""
+    prod, cons = model.get_submodule(p.producer), model.get_submodule(p.consumer)
+    n_old = prod.out_features if isinstance(prod, nn.Linear) else prod.out_channels
+    spatial = 1
+    if p.flatten:
+        if cons.in_features % n_old:
+            raise ConfigError(f"cannot widen {p.producer}: {p.consumer}'s {cons.in_features} inputs are not "
+                              f"a multiple of its {n_old} channels")
+        spatial = cons.in_features // n_old
+    idx = _new_index(n_old, factor, gen)
+    frac = _split_fractions(idx, n_old, gen)
+    _set(model, p.producer, _widen_producer(prod, idx))
+    for bn in p.batchnorms:
+        _set(model, bn, _widen_producer(model.get_submodule(bn), idx))
+    _set(model, p.consumer, _widen_consumer(cons, idx, frac, spatial))
+    via = f" (via {', '.join(p.batchnorms)})" if p.batchnorms else ""
+    return {"kind": "width", "where": f"{p.producer} -> {p.consumer}", "before": n_old, "after": len(idx),
+            "how": f"Net2WiderNet, traced{via}"}
+
+
+@torch.no_grad()
 def _widen_traced(model: nn.Module, factor: float, gen: torch.Generator, report: GrowReport) -> None:
     """Widen, in place, every hidden dimension `width_plan` finds in the traced forward
     (Net2WiderNet); record what grew and what was left, and why, in `report`."""
@@ -399,24 +423,8 @@ def _widen_traced(model: nn.Module, factor: float, gen: torch.Generator, report:
         reasons = "; ".join(f"{k}: {v}" for k, v in plan.kept.items()) or "it has no Linear/Conv2d layers"
         raise ConfigError(f"cannot widen {type(model).__name__}: no Linear/Conv2d output is read only by "
                           f"another Linear/Conv2d ({reasons})")
-    for p in plan.paths:
-        prod, cons = model.get_submodule(p.producer), model.get_submodule(p.consumer)
-        n_old = prod.out_features if isinstance(prod, nn.Linear) else prod.out_channels
-        spatial = 1
-        if p.flatten:
-            if cons.in_features % n_old:
-                raise ConfigError(f"cannot widen {p.producer}: {p.consumer}'s {cons.in_features} inputs are not "
-                                  f"a multiple of its {n_old} channels")
-            spatial = cons.in_features // n_old
-        idx = _new_index(n_old, factor, gen)
-        frac = _split_fractions(idx, n_old, gen)
-        _set(model, p.producer, _widen_producer(prod, idx))
-        for bn in p.batchnorms:
-            _set(model, bn, _widen_producer(model.get_submodule(bn), idx))
-        _set(model, p.consumer, _widen_consumer(cons, idx, frac, spatial))
-        via = f" (via {', '.join(p.batchnorms)})" if p.batchnorms else ""
-        report.changes.append({"kind": "width", "where": f"{p.producer} -> {p.consumer}", "before": n_old,
-                               "after": len(idx), "how": f"Net2WiderNet, traced{via}"})
+    for path in plan.paths:
+        report.changes.append(_widen_path(model, path, factor, gen))
     if getattr(model, "config", None) is not None:
         report.changes.append({"kind": "note", "where": "config", "before": "-", "after": "-",
                                "how": "not updated (traced widths are not config fields): keep the grown "

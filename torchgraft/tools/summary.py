@@ -381,7 +381,8 @@ def inspect_model(spec: Any, overrides: dict[str, Any] | None = None, *, batch: 
                                     t2.blocks[-1:] * n_layer, t2.block_inputs[-1:] * n_layer)
             s = summary_from_shallow(model, summary(small[1], depth=depth, batch=1, seq_len=seq_len),
                                      blocks, depth)
-    s = s or summary(model, depth=depth, batch=1, seq_len=seq_len)
+    if s is None:
+        s = summary(model, depth=depth, batch=1, seq_len=seq_len)
     f = flops_report(model, seq_len=seq_len, count=count)
     m = estimate_memory(model, batch=batch, seq_len=seq_len, precision=precision, optimizer=optimizer,
                         sharding=sharding, activation_checkpointing=activation_checkpointing, trace=trace,
