@@ -137,7 +137,8 @@ def test_grow_widens_exactly_the_free_hidden_dims_and_preserves_the_function():
     x = _x()
     big, report = torchgraft.grow(m, width=2, example_inputs=x)
     by = {c["where"]: c for c in report.changes}
-    assert by["conv1 -> conv2"]["kind"] == "width" and (by["conv1 -> conv2"]["before"], by["conv1 -> conv2"]["after"]) == (32, 64)
+    conv = by["conv1 -> conv2"]
+    assert conv["kind"] == "width" and (conv["before"], conv["after"]) == (32, 64)
     assert by["fc1 -> fc2"]["kind"] == "width" and by["fc1 -> fc2"]["after"] == 256
     assert by["conv2"]["kind"] == "kept" and "view" in by["conv2"]["how"]  # feeds the fixed view(-1, 1600)
     assert by["fc2"]["kind"] == "kept" and "output" in by["fc2"]["how"]

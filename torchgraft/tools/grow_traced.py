@@ -103,8 +103,10 @@ def _follow(gm: fx.GraphModule, start: fx.Node) -> tuple[WidthPath | None, str]:
         spatial = image and not flat  # (B, C, H, W): channel-wise pooling and flatten keep the units
         if user.op == "call_module":
             m = modules[user.target]
-            if (isinstance(m, nn.Linear) and (flat or not image)) or (isinstance(m, nn.Conv2d) and _is_layer(m) and spatial):
-                return WidthPath(start.target, user.target, bns, flat), ""  # it reads exactly these units
+            reads_units = (isinstance(m, nn.Linear) and (flat or not image)) or \
+                (isinstance(m, nn.Conv2d) and m.groups == 1 and spatial)
+            if reads_units:  # it reads exactly these units
+                return WidthPath(start.target, user.target, bns, flat), ""
             if isinstance(m, _BATCHNORM) and spatial:  # BatchNorm2d: per channel
                 bns.append(user.target)
             elif isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1 and spatial:
