@@ -9,8 +9,6 @@ from torchgraft.distributed import apply_activation_checkpointing
 from torchgraft.testing import assert_close_computed, transformer_tol
 from torchgraft.tools.memory import estimate_memory, measure_peak_memory
 
-pytestmark = pytest.mark.numeric  # float comparisons: re-run under a forced CPU capability (docs/testing.md)
-
 
 def _llama():
     torch.manual_seed(0)

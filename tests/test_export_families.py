@@ -19,8 +19,6 @@ from torchgraft.interop.export import eager_module, export, max_abs_diff, read_m
 from torchgraft.models.registry import build, get_preset, list_families, list_models  # noqa: E402
 from torchgraft.testing import model_tol  # noqa: E402
 
-pytestmark = pytest.mark.numeric  # float comparisons: re-run under a forced CPU capability (docs/testing.md)
-
 MAX_AUTO_PARAMS = 30_000_000  # a new family's smallest preset above this is skipped, not built
 # small versions of the zoo families (the tests' "tiny presets"); bert also with both task heads
 TINY: dict[str, list[tuple[str, str, dict]]] = {

@@ -11,8 +11,6 @@ import torchgraft
 from torchgraft.errors import ConfigError
 from torchgraft.testing import assert_close_computed, model_tol, transformer_tol
 
-pytestmark = pytest.mark.numeric  # float comparisons: re-run under a forced CPU capability (docs/testing.md)
-
 
 def _lm_loss(m, ids):
     return nn.functional.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())

@@ -8,12 +8,10 @@ import textwrap
 
 import pytest
 import torch
-from torchgraft.testing import assert_close_computed, transformer_tol
 
 import torchgraft
 from torchgraft.interop.convert import convert, detect_layout
-
-pytestmark = pytest.mark.numeric  # float comparisons: re-run under a forced CPU capability (docs/testing.md)
+from torchgraft.testing import assert_close_computed, transformer_tol
 
 T = pytest.importorskip("transformers")
 T.logging.set_verbosity_error()

@@ -5,8 +5,6 @@ import pytest
 import torchgraft
 from torchgraft.tools.summary import inspect_model, summary
 
-pytestmark = pytest.mark.numeric  # float comparisons: re-run under a forced CPU capability (docs/testing.md)
-
 
 @pytest.mark.parametrize("name,overrides", [("gpt-tiny", {"n_layer": 5}), ("llama-tiny", {"n_layer": 4}),
                                             ("bert-tiny", {"n_layer": 4})])

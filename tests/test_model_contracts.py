@@ -26,7 +26,7 @@ SMALL = {
 BIG = 30_000_000  # presets above this many parameters need a SMALL entry for their family
 
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numeric]  # float comparisons: re-run under a forced CPU capability (docs/testing.md)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
