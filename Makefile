@@ -32,6 +32,9 @@ quickstart: $(VENV)/.base
 
 test: $(VENV)/.dev
 	$(PY) -m pytest
+	# float comparisons once more on the portable ATen kernels (docs/testing.md); own inductor cache
+	ATEN_CPU_CAPABILITY=default TORCHINDUCTOR_CACHE_DIR=$${TMPDIR:-/tmp}/torchgraft-inductor-default \
+		$(PY) -m pytest -m "numeric and not slow"
 
 test-all: $(VENV)/.real
 	$(PY) -m pytest -m "slow or not slow"

@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 import torch
+from contention import add_argument as add_contend_argument, contended  # benchmarks/contention.py
 
 
 def _timed(fn) -> float:
@@ -139,15 +140,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON line")
+    add_contend_argument(p)
     a = p.parse_args(argv)
-    r = run(a.n_layer, a.n_embd, a.n_head, batches=tuple(a.batch), prompt_len=a.prompt_len,
-            new_tokens=a.new_tokens, rounds=a.rounds, compile=not a.no_compile, threads=a.threads,
-            device=a.device)
+    with contended(a.contend):
+        r = run(a.n_layer, a.n_embd, a.n_head, batches=tuple(a.batch), prompt_len=a.prompt_len,
+                new_tokens=a.new_tokens, rounds=a.rounds, compile=not a.no_compile, threads=a.threads,
+                device=a.device)
+    r["contend"] = a.contend
     if a.json:
         print(json.dumps(r))
         return r
     print(f"generation ({r['model']}, {r['device']}, prompt {r['prompt_len']}, {r['new_tokens']} new tokens, "
-          f"{r['threads']} threads, median of {r['rounds']} alternating rounds):")
+          f"{r['threads']} threads, {a.contend} busy processes beside it, median of {r['rounds']} alternating rounds):")
     for c in r["cases"]:
         line = (f"  batch {c['batch']}: transformers {c['transformers_tok_s']:.1f} tok/s; torchgraft eager "
                 f"{c['torchgraft_eager_tok_s']:.1f} tok/s ({_ratio(c, 'eager')})")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from contention import add_argument as add_contend_argument, contended  # benchmarks/contention.py
 import torch.nn.functional as F
 from torch import nn
 
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--adamw", choices=["fused", "loop"], default="fused",
                     help="our optimizer path (loop = per-tensor AdamW, the engine before issue 14)")
     ap.add_argument("--json", action="store_true")
+    add_contend_argument(ap)
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ref_step = reference_stepper(tokens, vocab)
     times: dict[str, list[float]] = {"reference": []}
     ratios: dict[bool, list[float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contended(a.contend):
         for r in range(a.rounds):
             for c in variants:
                 eng, ref = interleaved_step_times(a.steps, c, data, Path(tmp) / f"{c}-{r}", ref_step, a.adamw)
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 times["reference"].extend(ref)
                 ratios.setdefault(c, []).append(statistics.median(ref) / statistics.median(eng))
     tok = BATCH * BLOCK
-    result: dict[str, Any] = {"benchmark": "gpt_step", "threads": torch.get_num_threads(),
+    result: dict[str, Any] = {"benchmark": "gpt_step", "threads": torch.get_num_threads(), "contend": a.contend,
                               "shape": f"L{N_LAYER} H{N_HEAD} C{N_EMBD} V{vocab}, batch {BATCH} x {BLOCK}",
                               "reference_tok_s": tok / statistics.median(times["reference"])}
     for c in variants:
@@ -201,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.json:
         print(json.dumps(result))
         return result
-    print(f"gpt step ({result['shape']}, {result['threads']} threads, median of {a.rounds} alternating rounds):")
+    print(f"gpt step ({result['shape']}, {result['threads']} threads, {a.contend} busy processes beside it, "
+          f"median of {a.rounds} alternating rounds):")
     print(f"  reference (minimal GPT, fused QKV, SDPA, tied head, foreach AdamW): "
           f"{result['reference_tok_s']:.0f} tok/s")
     for c in variants:

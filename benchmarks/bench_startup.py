@@ -18,10 +18,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cpu_seconds(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
+def cpu_seconds(argv: list[str], env: dict[str, str], cwd: Path = ROOT) -> tuple[float, int]:
     """(user + sys CPU seconds of the child, its exit code)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    rc = subprocess.call(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rc = subprocess.call(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), rc
 

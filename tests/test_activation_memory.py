@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import torchgraft
 from torchgraft.distributed import apply_activation_checkpointing
+from torchgraft.testing import assert_close_computed, transformer_tol
 from torchgraft.tools.memory import estimate_memory, measure_peak_memory
 
 
@@ -35,9 +36,11 @@ def measured():
 
 def test_checkpointing_keeps_gradients_and_orders_peak_memory(measured):
     ref = measured["none"][1]
+    tol = 2 * transformer_tol(_llama().config, 256)  # recomputed forward, then backward
+    scale = max(g.abs().max().item() for g in ref.values())
     for ac in ("selective", "2", "full"):
         for name, g in measured[ac][1].items():
-            assert torch.allclose(g, ref[name], atol=1e-6, rtol=1e-5), (ac, name)
+            assert_close_computed(g, ref[name], tol, scale=scale, msg=f"{ac} {name}")
     peak = {ac: v[0] for ac, v in measured.items()}
     assert peak["full"] < peak["2"] < peak["none"]
     assert peak["full"] < peak["selective"] < peak["none"]

@@ -24,6 +24,8 @@ from torchgraft.distributed import (
     find_blocks, grad_sync, init_distributed, load_sharded, local_numel, parallelize, read_extra,
     save_sharded, strategy_of, torchrun_command, unwrap)
 from torchgraft.errors import CheckpointError, ConfigError
+from torchgraft.testing import assert_close_computed, tolerance, transformer_tol
+from conftest import assert_same_run
 
 VOCAB, DIM, HEADS, LAYERS, T = 32, 16, 2, 3, 8
 N_SEQ, GLOBAL_BS, STEPS, SPLIT = 48, 8, 6, 3   # resume after SPLIT of STEPS steps
@@ -131,7 +133,10 @@ def lm_loss(model: nn.Module, seqs: torch.Tensor) -> torch.Tensor:
 
 
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.1)
+    """SGD with momentum: it has state to checkpoint, and weights move linearly in the gradients, so
+    runs that sum gradients in another order stay within a derivable bound (conftest.assert_same_run)."""
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR, momentum=0.9,
+                           weight_decay=0.1)
 
 
 def train(model, opt, sampler, data, steps, *, world=1, accum=1, on_micro=None) -> list[float]:
@@ -203,9 +208,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _close(a, b, what, atol=1e-5, rtol=1e-4):
-    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
-                               atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+# ranks sum gradients in another order: the longest sums are the MLP's 4 * DIM inputs and the
+# GLOBAL_BS * T token rows of a weight gradient; LAYERS blocks and the head; forward and backward
+TOL = 2 * tolerance(reduction=max(4 * DIM, GLOBAL_BS * T), depth=LAYERS + 1)
+
+
+def _close(a, b, what, tol=TOL, scale=None):
+    assert_close_computed(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
+                          tol, scale=scale, msg=what)
 
 
 def _worker(rank: int, world: int, port: int, root: str, ref_losses: list[float]) -> None:
@@ -257,8 +267,7 @@ def _worker(rank: int, world: int, port: int, root: str, ref_losses: list[float]
     if rank == 0:
         got = load_file(str(out))
         assert set(got) == set(ref_w)
-        for k in ref_w:
-            _close(got[k], ref_w[k], f"exported {k}", atol=2e-4, rtol=1e-3)  # Adam amplifies fp noise
+        assert_same_run(got, ref_w, make_model().state_dict(), TOL)
 
     # -- activation checkpointing gives the same gradients (FSDP, every block)
     batch = data[:GLOBAL_BS][rank::world]
@@ -268,15 +277,16 @@ def _worker(rank: int, world: int, port: int, root: str, ref_losses: list[float]
         lm_loss(m, batch).backward()
         grads.append(full_grads(m))
     assert set(grads[0]) == set(grads[1]) and len(grads[0]) > 0
+    scale = max(g.abs().max().item() for g in grads[0].values())
     for k in grads[0]:
-        _close(grads[1][k], grads[0][k], f"AC grad {k}", atol=1e-6)
+        _close(grads[1][k], grads[0][k], f"AC grad {k}", scale=scale)
 
     # -- bf16 mixed precision: fp32 sharded master weights, loss close to fp32
     m = parallelize(make_model(), "fsdp", mixed_precision="bf16")
     assert all(p.dtype == torch.float32 for p in m.parameters())
     loss = all_reduce_mean(lm_loss(m, batch).item())
     ref_loss = all_reduce_mean(lm_loss(make_model(), batch).item())
-    assert abs(loss - ref_loss) < 2e-2 * abs(ref_loss), (loss, ref_loss)
+    assert abs(loss - ref_loss) <= tolerance(4 * DIM, LAYERS + 1, torch.bfloat16) * abs(ref_loss), (loss, ref_loss)
 
     # -- LoRA-style frozen base + trainable adapters: everything sharded, grads only for adapters
     m = make_lora_model()
@@ -320,11 +330,12 @@ def _worker(rank: int, world: int, port: int, root: str, ref_losses: list[float]
     mine = ids[rank::world]
     F.cross_entropy(m(mine[:, :-1]).flatten(0, 1), mine[:, 1:].flatten()).backward()
     got = full_grads(m)
+    scale = max(p.grad.abs().max().item() for p in ref.parameters())
     for name, p in ref.named_parameters():
-        _close(got[name], p.grad, f"llama-tiny grad {name}", atol=1e-6)
+        _close(got[name], p.grad, f"llama-tiny grad {name}", 2 * transformer_tol(ref.config, 15), scale)
     meta_built = parallelize(build("llama-tiny", device="meta"), "fsdp")
-    for name, buf in ref.named_buffers():
-        _close(dict(meta_built.named_buffers())[name], buf, f"llama-tiny buffer {name} after meta init")
+    for name, buf in ref.named_buffers():  # the same computation on CPU after meta init
+        assert torch.equal(dict(meta_built.named_buffers())[name], buf), f"llama-tiny buffer {name}"
 
     # -- resume 1 -> 2: the 1-process checkpoint into FSDP on 2 ranks
     for strategy in ("fsdp", "ddp"):
@@ -367,8 +378,7 @@ def test_two_processes_match_one_and_reshard(reference):
     losses = train(model, opt, sampler, data, STEPS - SPLIT)
     _close(losses, ref_losses[SPLIT:], "resume 2 -> 1")
     ref_w = load_file(str(root / "ref.safetensors"))
-    for k, v in model.state_dict().items():
-        _close(v, ref_w[k], f"weights after 2 -> 1 resume: {k}", atol=2e-4, rtol=1e-3)
+    assert_same_run(model.state_dict(), ref_w, make_model().state_dict(), TOL)
     assert read_extra(root / "ckpt_2proc")["sampler"]["consumed"] == SPLIT * GLOBAL_BS
 
 
@@ -386,9 +396,10 @@ def test_activation_checkpointing_same_gradients_single_process():
         assert [n for n, _ in m.named_parameters()] == [n for n, _ in make_model().named_parameters()]
         lm_loss(m, data).backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    scale = max(g.abs().max().item() for g in grads[0].values())
     for g in grads[1:]:
         for k in grads[0]:
-            torch.testing.assert_close(g[k], grads[0][k], atol=1e-7, rtol=1e-6)
+            _close(g[k], grads[0][k], f"AC grad {k}", scale=scale)  # recomputed forward
 
 
 def test_find_blocks():

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,13 +21,15 @@ from torchgraft.config import load_yaml
 from torchgraft.distributed import cleanup
 from torchgraft.errors import ConfigError
 from torchgraft.recipes.training import run_training
+from torchgraft.testing import assert_close_computed, transformer_tol
 from torchgraft.train.checkpoint import CheckpointFallbackWarning, CheckpointManager
 from torchgraft.train.config import load_run_config
+from conftest import InitialWeights, assert_same_run
 
 CONFIG = """\
 model: {family: gpt, n_layer: 2, n_head: 2, n_embd: 32, block_size: 32}
 data: {name: text, source: builtin, tokenizer: char, seq_len: 32, val_fraction: 0.1}
-optim: {name: adamw, lr: 2.0e-3, weight_decay: 0.1}
+optim: {name: sgd, lr: 0.1, momentum: 0.9, weight_decay: 0.1}
 trainer: {max_steps: 6, batch_size: 8, seed: 0}
 eval: {every: 3, max_batches: 2, batch_size: 16}
 checkpoint: {every: 2}
@@ -52,7 +55,8 @@ def test_cli_fsdp_two_processes_resumes_across_world_sizes(tmp_path):
     tree = {**load_yaml(cfg), "distributed": {"strategy": "fsdp"}}
     try:
         # reference: 6 uninterrupted steps, one FSDP process (sharded checkpoints with DCP)
-        ref = run_training(load_run_config(tree), tmp_path / "ref")
+        start = InitialWeights()
+        ref = run_training(load_run_config(tree), tmp_path / "ref", callbacks=[start])
         # the same run stopped after 2 steps ...
         run = tmp_path / "run"
         run_training(load_run_config(tree, {"trainer.max_steps": 2}), run)
@@ -77,9 +81,9 @@ def test_cli_fsdp_two_processes_resumes_across_world_sizes(tmp_path):
     assert res.step == 6
     ref_w, got = _weights(tmp_path / "ref", 6), _weights(run, 6)
     assert set(ref_w) == set(got)
-    for k in ref_w:
-        torch.testing.assert_close(got[k], ref_w[k], atol=2e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
-    assert abs(res.metrics["val_loss"] - ref.metrics["val_loss"]) < 1e-4
+    tol = 2 * transformer_tol(res.model.config, 32)  # 2 ranks sum the gradients in another order
+    assert_same_run(got, ref_w, start.state, tol)
+    assert abs(res.metrics["val_loss"] - ref.metrics["val_loss"]) <= tol * ref.metrics["val_loss"]
 
     # a single-file checkpoint of a plain run seeds an FSDP run (full weights cut into shards)
     plain = tmp_path / "plain"
@@ -91,8 +95,7 @@ def test_cli_fsdp_two_processes_resumes_across_world_sizes(tmp_path):
     assert not (plain / "checkpoints" / "step_00000002" / "dcp").exists()
     assert (plain / "checkpoints" / "step_00000004" / "dcp").is_dir()
     ref_w, got = _weights(tmp_path / "ref", 4), _weights(plain, 4)
-    for k in ref_w:
-        torch.testing.assert_close(got[k], ref_w[k], atol=2e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    assert_same_run(got, ref_w, start.state, tol)
 
     # a damaged shard fails the newest sharded checkpoint's manifest: resume falls back to the previous one
     shard = next((tmp_path / "ref" / "checkpoints" / "step_00000006" / "dcp").glob("*.distcp"))
@@ -154,8 +157,11 @@ def test_lora_finetune_under_fsdp_equals_one_process_and_writes_adapters(tmp_pat
     a = load_file(str(tmp_path / "plain" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors"))
     assert set(a) == set(b) and len(a) == 8
+    # SGD runs (conftest.assert_same_run); the largest adapter value bounds how far any adapter moved
+    # in 3 steps (B starts at zero, A moves far less than its init)
+    moved = max(v.abs().max().item() for v in a.values())
     for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)
+        assert_close_computed(b[k], a[k], 2 * transformer_tol(SimpleNamespace(**llama), 32), scale=moved, msg=k)
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)   # the adapters did train
 
 

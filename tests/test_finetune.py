@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 import torchgraft
 from torchgraft.cli import main
 from torchgraft.recipes.finetune import run_finetune
+from torchgraft.testing import assert_close_computed, tolerance
 
 QUIET = {"progress": False, "tensorboard": False, "measure_flops": False, "every": 0}
 
@@ -76,7 +77,8 @@ def test_lora_method_adapter_and_merged_weights(pretrained, tmp_path):
         again.fc2.weight.copy_(final["fc2.weight"])
         again.fc2.bias.copy_(final["fc2.bias"])
     x = torch.randn(4, 1, 32, 32)
-    torch.testing.assert_close(merged(x), again(x), atol=1e-4, rtol=1e-4)
+    # merged weights vs adapters on top: LeNet's longest sum is fc1's 1600 inputs, 4 layers
+    assert_close_computed(merged(x), again(x), tolerance(reduction=1600, depth=4))
 
 
 def test_gradual_unfreeze_and_layer_decay_with_the_trainer(pretrained, tmp_path):

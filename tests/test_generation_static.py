@@ -6,6 +6,9 @@ import torch
 import torchgraft
 from torchgraft.generation import StaticDecoder, generate, left_pad, static_decoder
 from torchgraft.nn.kv_cache import StaticKVCache, static_attention_mask
+from torchgraft.testing import assert_close_computed, transformer_tol
+
+pytestmark = pytest.mark.numeric  # float comparisons: re-run under a forced CPU capability (docs/testing.md)
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 101, 102, 7]]
 
@@ -37,7 +40,8 @@ def test_static_cache_logits_equal_dynamic_cache_logits(name):
         dyn.append(model(tok[:, None], attention_mask=win, position_ids=new_pos, kv_cache=cache)[:, -1])
         stat.append(dec.step(model, tok))
     for a, s in zip(dyn, stat):
-        assert torch.allclose(a, s, atol=1e-5, rtol=1e-5), (a - s).abs().max()
+        # the static cache sums over its 64 slots (masked), the dynamic one over t + n: other kernels
+        assert_close_computed(s, a, transformer_tol(model.config, dec.cache.max_seq_len))
     assert int(dec.cache.index) == t + n and cache.pos == t + n
     assert len({tuple(x.argmax(-1).tolist()) for x in dyn}) > 3  # the rows really change
 

@@ -1,4 +1,6 @@
-"""grow(): deeper and wider models compute the same function (max abs diff <= 1e-5) and keep training."""
+"""grow(): deeper and wider models compute the same function and keep training. New identity blocks
+add exact zeros (bitwise equal); widening re-sums split weights, so it is equal up to the rounding of
+the widened sums (torchgraft.testing)."""
 from __future__ import annotations
 
 import pytest
@@ -7,6 +9,7 @@ from torch import nn
 
 import torchgraft
 from torchgraft.errors import ConfigError
+from torchgraft.testing import assert_close_computed, model_tol, transformer_tol
 
 
 def _lm_loss(m, ids):
@@ -35,15 +38,17 @@ def test_grow_transformer_deeper_and_wider(name):
     m.eval()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     big, report = torchgraft.grow(m, depth=2, width=2.0, example_inputs=ids)
-    assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-5
+    tol = transformer_tol(big.config, ids.shape[1])
+    with torch.no_grad():
+        scale = m(ids).abs().max().item()
+    assert report.max_abs_diff is not None and report.max_abs_diff <= tol * scale
     assert len(big.blocks) == 4 and big.config.n_layer == 4
     assert big.config.intermediate_size == 2 * (m.config.intermediate_size or 4 * m.config.n_embd)
     assert report.params_after > report.params_before
     kinds = [c["kind"] for c in report.changes]
     assert kinds.count("width") == 2 and kinds.count("depth") == 1
     with torch.no_grad():
-        diff = (big.eval()(ids) - m(ids)).abs().max().item()
-    assert diff <= 1e-5
+        assert_close_computed(big.eval()(ids), m(ids), tol)
     for k, v in m.state_dict().items():  # the input model is untouched
         assert torch.equal(v, before[k])
     # the grown model keeps training from where the small one was
@@ -59,17 +64,17 @@ def test_grow_resnet_deeper_train_mode_too():
     x = torch.randn(4, 3, 32, 32)
     y = torch.tensor([0, 1, 2, 3])
     big, report = torchgraft.grow(m, depth=1, example_inputs=x)
-    assert report.max_abs_diff <= 1e-5 and big.config.layers == (3, 3, 3, 3)
+    assert report.max_abs_diff == 0 and big.config.layers == (3, 3, 3, 3)  # the new blocks add exact zeros
     assert [len(getattr(big, f"layer{i}")) for i in range(1, 5)] == [3, 3, 3, 3]
     # zeroed BN gamma: identity even with batch statistics
     m.train(), big.train()
-    torch.testing.assert_close(big(x), m(x), atol=1e-5, rtol=1e-5)
+    assert torch.equal(big(x), m(x))
     ce = lambda mm: nn.functional.cross_entropy(mm(x), y)  # noqa: E731
     losses = _train(big, ce, steps=8)
     assert losses[-1] < losses[0]
     # more new blocks than a stage has: copies of the stride-1 block, never of the downsampling one
     big3, report3 = torchgraft.grow(m, depth=3, example_inputs=x)
-    assert report3.max_abs_diff <= 1e-5 and big3.config.layers == (5, 5, 5, 5)
+    assert report3.max_abs_diff == 0 and big3.config.layers == (5, 5, 5, 5)
 
 
 class UserMLP(nn.Module):
@@ -100,7 +105,8 @@ def test_grow_user_models_net2net(cls, shape):
     ce = lambda mm: nn.functional.cross_entropy(mm(x), y)  # noqa: E731
     _train(m, ce, steps=3)  # moves BN statistics too
     big, report = torchgraft.grow(m, depth=1, width=2.0, example_inputs=x)
-    assert report.max_abs_diff <= 1e-5
+    with torch.no_grad():
+        assert report.max_abs_diff <= model_tol(big) * m.eval()(x).abs().max().item()
     widths = [c for c in report.changes if c["kind"] == "width"]
     assert widths and all(c["after"] == 2 * c["before"] for c in widths)
     assert any(c["kind"] == "depth" for c in report.changes)
@@ -122,5 +128,5 @@ def test_grow_errors():
         torchgraft.grow(UserMLP(), width=0.5)
     with pytest.raises(ConfigError, match="don't know how to deepen"):
         torchgraft.grow(nn.Linear(2, 2), depth=1)
-    with pytest.raises(ConfigError, match="don't know how to widen"):
-        torchgraft.grow(torchgraft.build("lenet"), width=2.0)
+    with pytest.raises(ConfigError, match="cannot widen Linear: no Linear/Conv2d output"):
+        torchgraft.grow(nn.Linear(2, 2), width=2.0)  # traced: nothing reads its output but the caller

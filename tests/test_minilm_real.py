@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import torchgraft
+from torchgraft.testing import transformer_tol
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +63,7 @@ def test_minilm_embeddings_match_transformers():
         b = _mean_pool(hf(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state, mask)
     diff = (a - b).abs().max().item()
     print(f"MiniLM-L6 sentence embeddings, max abs diff vs transformers: {diff:.2e}")
-    assert diff <= 1e-5
+    assert diff <= transformer_tol(ours.config, ids.shape[1]) * max(a.abs().max().item(), b.abs().max().item())
     # the embeddings are meaningful, not just equal: paraphrases are closer than unrelated pairs
     sim = a @ a.T
     assert sim[0, 1] > 0.6 and sim[2, 3] > 0.4

@@ -13,6 +13,7 @@ from torchgraft.models.parts import ModelParts, owns, parts_of
 from torchgraft.models.registry import list_models
 from torchgraft.peft import apply_lora
 from torchgraft.peft.variants import DoRALinear, LoRAVariant
+from torchgraft.testing import assert_close_computed, tolerance
 from torchgraft.tools.grow import grow
 from torchgraft.tools.meta import InspectError, make_inputs
 from torchgraft.tools.param_groups import layer_ids
@@ -118,7 +119,7 @@ def test_transfer_auto_policy_declared_vs_heuristic():
     dst = Declared(1, 5)
     r = transfer(src, dst, default_policy="auto")  # declared: first conv adapted, classifier reset
     assert r.adapted == ["stem.weight"] and set(r.reset) == {"readout.weight", "readout.bias"}
-    torch.testing.assert_close(dst.stem.weight, src["stem.weight"].sum(1, keepdim=True))
+    assert_close_computed(dst.stem.weight, src["stem.weight"].sum(1, keepdim=True), tolerance(reduction=3))
 
 
 def test_grow_declared_vs_heuristic():

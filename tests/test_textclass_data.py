@@ -9,6 +9,7 @@ import torch
 
 from torchgraft.data import build_data
 from torchgraft.errors import ConfigError
+from torchgraft.testing import assert_close_computed, tolerance, transformer_tol
 
 ROWS = [("the film was wonderful", "pos"), ("a dull and boring plot", "neg"), ("great acting", "pos"),
         ("boring", "neg"), ("wonderful great film", "pos"), ("dull film", "neg"),
@@ -140,8 +141,10 @@ def test_sequence_task_loss_is_sum_of_unpadded_examples(tmp_path, tok, pooling):
         alone = sum(task.loss_sum(model, b.collate_fn([it])) for it in items)
         sums = task.eval_sums(model, batch)
     assert task.count(batch) == len(items)
-    assert torch.allclose(total, alone, atol=1e-5)
+    # padded vs unpadded attention, then a sum over the examples
+    tol = transformer_tol(model.config, batch["input_ids"].shape[1]) + tolerance(len(items))
+    assert_close_computed(alone, total, tol)
     m = task.metrics(sums)
     assert set(m) == {"val_loss", "val_accuracy", "val_macro_f1"}
-    assert m["val_loss"] == pytest.approx(float(total) / len(items), rel=1e-6)
+    assert_close_computed(torch.tensor(m["val_loss"]), total / len(items), tol)
     assert int(sums["confusion"].sum()) == len(items)

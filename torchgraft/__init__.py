@@ -26,6 +26,10 @@ _LAZY: dict[str, str] = {
     "load_checkpoint": "torchgraft.train",
     "export": "torchgraft.interop.export",
     "onnx_generate": "torchgraft.interop.onnx_generate",
+    "summary": "torchgraft.tools.summary",
+    "measure_flops": "torchgraft.tools.flops",
+    "estimate_memory": "torchgraft.tools.memory",
+    "apply_lora": "torchgraft.peft.lora",
 }
 __all__ += list(_LAZY)
 

@@ -14,7 +14,8 @@
   (through activations, BatchNorm, pooling, dropout and flatten) get Net2WiderNet: new units copy
   random existing ones, and the next layer's incoming weights of every copied unit are split
   between its copies with random positive fractions summing to one (exact, and it breaks the
-  symmetry so copies learn different features).
+  symmetry so copies learn different features). Any other module (a hand-written `forward`) is
+  traced with torch.fx and widened where its data flow allows (grow_traced.py).
 
 The input model is not modified; the grown model is a deep copy.
 """
@@ -32,12 +33,10 @@ from torch import nn
 from torchgraft.errors import ConfigError
 from torchgraft.models.parts import ModelParts, parts_of
 from torchgraft.tools.console import recording_console
+from torchgraft.tools.grow_traced import CHANNELWISE_POOL, ELEMENTWISE, WidthPath, width_plan
 
 # residual-branch output layers zeroed in a new transformer block (ours, HF Llama/GPT-2, timm, ...)
 OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "c_proj", "fc_out", "down_proj", "fc2", "proj_out", "wo", "w2")
-_ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Identity, nn.Dropout,
-                nn.Dropout2d, nn.Mish, nn.Hardswish, nn.Softplus, nn.ReLU6)
-_CHANNELWISE_POOL = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
 @dataclass
@@ -262,8 +261,9 @@ def _new_like(m: nn.Module, **shape: int) -> nn.Module:
     if isinstance(m, nn.Conv2d):
         return nn.Conv2d(shape.get("in_channels", m.in_channels), shape.get("out_channels", m.out_channels),
                          m.kernel_size, m.stride, m.padding, m.dilation, 1, m.bias is not None, m.padding_mode, **kw)
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        return type(m)(shape["num_features"], m.eps, m.momentum, m.affine, m.track_running_stats, **kw)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):  # in the mode of the one it replaces (eval: running stats)
+        bn = type(m)(shape["num_features"], m.eps, m.momentum, m.affine, m.track_running_stats, **kw)
+        return bn.train(m.training)
     raise ConfigError(f"cannot widen a {type(m).__name__}")
 
 
@@ -358,7 +358,7 @@ def _sequential_pairs(seq: nn.Sequential) -> list[tuple[int, list[int], int, boo
                 between.append(j)
             elif isinstance(n, nn.Flatten):
                 flat = True
-            elif not isinstance(n, _ELEMENTWISE + _CHANNELWISE_POOL):
+            elif not isinstance(n, ELEMENTWISE + CHANNELWISE_POOL):
                 break
     return pairs
 
@@ -389,6 +389,50 @@ def _widen_sequential(model: nn.Module, name: str, seq: nn.Sequential, factor: f
         report.changes.append({"kind": "width", "where": where, "before": n_old, "after": len(idx),
                                "how": "Net2WiderNet" + (f" (flatten: {spatial} positions per channel)"
                                                         if spatial > 1 else "")})
+
+
+@torch.no_grad()
+def _widen_path(model: nn.Module, p: WidthPath, factor: float, gen: torch.Generator) -> dict[str, Any]:
+    """Net2WiderNet on one traced path: the producer's units (and BatchNorms on the way) copied,
+    the consumer's inputs split between the copies. Returns the report row."""
+    prod, cons = model.get_submodule(p.producer), model.get_submodule(p.consumer)
+    n_old = prod.out_features if isinstance(prod, nn.Linear) else prod.out_channels
+    spatial = 1
+    if p.flatten:
+        if cons.in_features % n_old:
+            raise ConfigError(f"cannot widen {p.producer}: {p.consumer}'s {cons.in_features} inputs are not "
+                              f"a multiple of its {n_old} channels")
+        spatial = cons.in_features // n_old
+    idx = _new_index(n_old, factor, gen)
+    frac = _split_fractions(idx, n_old, gen)
+    _set(model, p.producer, _widen_producer(prod, idx))
+    for bn in p.batchnorms:
+        _set(model, bn, _widen_producer(model.get_submodule(bn), idx))
+    _set(model, p.consumer, _widen_consumer(cons, idx, frac, spatial))
+    via = f" (via {', '.join(p.batchnorms)})" if p.batchnorms else ""
+    return {"kind": "width", "where": f"{p.producer} -> {p.consumer}", "before": n_old, "after": len(idx),
+            "how": f"Net2WiderNet, traced{via}"}
+
+
+@torch.no_grad()
+def _widen_traced(model: nn.Module, factor: float, gen: torch.Generator, report: GrowReport) -> None:
+    """Widen, in place, every hidden dimension `width_plan` finds in the traced forward
+    (Net2WiderNet); record what grew and what was left, and why, in `report`."""
+    plan = width_plan(model)
+    if not plan.paths:
+        reasons = "; ".join(f"{k}: {v}" for k, v in plan.kept.items()) or "it has no Linear/Conv2d layers"
+        raise ConfigError(f"cannot widen {type(model).__name__}: no Linear/Conv2d output is read only by "
+                          f"another Linear/Conv2d ({reasons})")
+    for path in plan.paths:
+        report.changes.append(_widen_path(model, path, factor, gen))
+    if getattr(model, "config", None) is not None:
+        report.changes.append({"kind": "note", "where": "config", "before": "-", "after": "-",
+                               "how": "not updated (traced widths are not config fields): keep the grown "
+                                      "module or its state_dict, do not rebuild it from config"})
+    for name, why in plan.kept.items():
+        m = model.get_submodule(name)
+        n = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        report.changes.append({"kind": "kept", "where": name, "before": n, "after": n, "how": why})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,9 +473,8 @@ def grow(model: nn.Module, depth: int | None = None, width: float | None = None,
             _update_config(big, intermediate_size=hidden)
         else:
             seqs = _sequentials(big)
-            if not seqs:
-                raise ConfigError(f"don't know how to widen {type(model).__name__}: supported are transformer MLPs "
-                                  "(fc_in/fc_out, gate/up/down_proj) and nn.Sequential Linear/Conv2d stacks")
+            if not seqs:  # any other module: trace its forward (grow_traced.py)
+                _widen_traced(big, float(width), gen, report)
             for name, seq in seqs:
                 _widen_sequential(big, name, seq, float(width), gen, report)
 

@@ -230,7 +230,14 @@ def summary(model: nn.Module, input: InputSpec = None, *, input_size: Any = None
         finally:
             for h in handles:
                 h.remove()
+    return _summary_of(model, depth, outputs, input_shapes, out_shape)
 
+
+def _summary_of(model: nn.Module, depth: int, outputs: dict[str, Any], input_shapes: Any,
+                out_shape: Any) -> Summary:
+    """The Summary of `model` given the output shapes per module name (from a forward pass)."""
+    named = list(model.named_modules())
+    depth_of = {name: (0 if name == "" else name.count(".") + 1) for name, _ in named}
     rows = []
     for name, m in named:
         d = depth_of[name]
@@ -297,18 +304,37 @@ class Inspection:
         console.print(self.memory.table())
 
 
-def _identical_layers(model: nn.Module, n_layer: int) -> bool:
-    """True when the model's largest ModuleList holds `n_layer` blocks of the same type and weights."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layer]
+def _identical_layers(model: nn.Module, n_layer: int) -> str | None:
+    """The name of the model's largest ModuleList when it holds `n_layer` blocks of the same type and
+    weights, else None."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n_layer]
     if not lists:
-        return False
-    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+        return None
+    list_name, blocks = max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
 
     def signature(b: nn.Module) -> list:
         return [type(b).__name__] + [(n, tuple(p.shape), p.dtype) for n, p in b.named_parameters()]
 
     first = signature(blocks[0])
-    return all(signature(b) == first for b in blocks)
+    return list_name if all(signature(b) == first for b in blocks) else None
+
+
+def summary_from_shallow(model: nn.Module, shallow: Summary, blocks: str, depth: int) -> Summary:
+    """The summary of `model` whose layers `blocks.0..N-1` are identical, from the summary of a
+    shallower build of it (`blocks.0..k-1`, same widths): block i >= k has block k-1's output shapes,
+    everything else the same shapes (so a 70B model's table needs no forward pass through 80 layers)."""
+    shapes = {r.name: r.output_shape for r in shallow.rows}
+    k = max(1, sum(1 for r in shallow.rows if r.name.rpartition(".")[0] == blocks))
+    prefix = blocks + "."
+
+    def shallow_name(name: str) -> str:
+        if not name.startswith(prefix):
+            return name
+        index, _, rest = name[len(prefix):].partition(".")
+        return prefix + str(min(int(index), k - 1)) + ("." + rest if rest else "")
+
+    outputs = {name: shapes.get(shallow_name(name)) for name, _ in model.named_modules()}
+    return _summary_of(model, depth, outputs, shallow.input_shapes, shallow.output_shape)
 
 
 def inspect_model(spec: Any, overrides: dict[str, Any] | None = None, *, batch: int = 1,
@@ -326,7 +352,7 @@ def inspect_model(spec: Any, overrides: dict[str, Any] | None = None, *, batch: 
 
     if seq_len is not None and seq_len < 1:
         raise InspectError(f"seq_len must be >= 1, got {seq_len}")
-    count = trace = None
+    count = trace = s = None
     if isinstance(spec, nn.Module):
         model, name = spec, type(spec).__name__
     else:
@@ -336,9 +362,11 @@ def inspect_model(spec: Any, overrides: dict[str, Any] | None = None, *, batch: 
         model = build(spec, device="meta", **overrides)
         name = getattr(model, "model_name", str(spec))
         n_layer = getattr(getattr(model, "config", None), "n_layer", None)
-        if isinstance(n_layer, int) and n_layer > 2 and _identical_layers(model, n_layer):
+        blocks = _identical_layers(model, n_layer) if isinstance(n_layer, int) and n_layer > 2 else None
+        if blocks is not None:
             # Layers of a zoo transformer are identical: measure 1- and 2-layer versions and
             # extrapolate linearly in depth (exact; tests compare it with the full measurement).
+            # The table's shapes come from the 2-layer forward too (block i >= 2 repeats block 1).
             prec = _choice("precision", precision, PRECISIONS)
             small = [build(spec, device="meta", **{**overrides, "n_layer": k}) for k in (1, 2)]
             c1, c2 = (measure_flops(m, seq_len=seq_len) for m in small)
@@ -351,7 +379,10 @@ def inspect_model(spec: Any, overrides: dict[str, Any] | None = None, *, batch: 
                               lin(c1.matmul_params, c2.matmul_params), c1.batch)
             trace = ActivationTrace(lin(t1.total, t2.total), t2.loss_buffers,
                                     t2.blocks[-1:] * n_layer, t2.block_inputs[-1:] * n_layer)
-    s = summary(model, depth=depth, batch=1, seq_len=seq_len)
+            s = summary_from_shallow(model, summary(small[1], depth=depth, batch=1, seq_len=seq_len),
+                                     blocks, depth)
+    if s is None:
+        s = summary(model, depth=depth, batch=1, seq_len=seq_len)
     f = flops_report(model, seq_len=seq_len, count=count)
     m = estimate_memory(model, batch=batch, seq_len=seq_len, precision=precision, optimizer=optimizer,
                         sharding=sharding, activation_checkpointing=activation_checkpointing, trace=trace,
