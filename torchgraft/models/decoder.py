@@ -33,7 +33,7 @@ LayerType = Literal["full_attention", "sliding_attention"]
 class RopeScalingConfig:
     """RoPE frequency scaling, as transformers' `rope_parameters` (`rope_type` and its fields)."""
     type: Literal["default", "linear", "dynamic", "llama3", "yarn", "longrope"] = "default"
-    factor: float = 1.0
+    factor: float | None = None  # None: 1 (linear, dynamic, llama3), block_size / original (yarn, longrope)
     original_max_position_embeddings: int | None = None  # None = the model's block_size
     low_freq_factor: float = 1.0    # llama3
     high_freq_factor: float = 4.0   # llama3
@@ -49,18 +49,20 @@ class RopeScalingConfig:
     def scaling(self, max_positions: int) -> RopeScaling:
         """The `RopeScaling` object the rotary module delegates to."""
         orig = self.original_max_position_embeddings or max_positions
+        factor = self.factor if self.factor is not None else 1.0
         if self.type == "linear":
-            return LinearScaling(self.factor)
+            return LinearScaling(factor)
         if self.type == "dynamic":
-            return DynamicNTKScaling(self.factor, max_positions)
+            return DynamicNTKScaling(factor, max_positions)
         if self.type == "llama3":
-            return Llama3Scaling(self.factor, self.low_freq_factor, self.high_freq_factor, orig)
+            return Llama3Scaling(factor, self.low_freq_factor, self.high_freq_factor, orig)
+        long_factor = self.factor if self.factor is not None else max_positions / orig
         if self.type == "yarn":
-            return YarnScaling(self.factor, orig, self.beta_fast, self.beta_slow, self.mscale,
+            return YarnScaling(long_factor, orig, self.beta_fast, self.beta_slow, self.mscale,
                                self.mscale_all_dim, self.attention_factor, self.truncate)
         if self.type == "longrope":
             return LongRopeScaling(tuple(self.short_factor or ()), tuple(self.long_factor or ()), orig,
-                                   max_positions / orig, self.attention_factor)
+                                   long_factor, self.attention_factor)
         return RopeScaling()
 
 
