@@ -1,0 +1,179 @@
+"""The mixture-of-experts block: expert compute against a naive per-token reference, the blocks of
+transformers (Mixtral, Qwen3-MoE, Qwen2-MoE's shared expert) with copied weights, the load-balancing
+loss against transformers' `load_balancing_loss_func`, and the LM task's `router_aux_coef`."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+import torchgraft
+from torchgraft.nn.linear import Linear
+from torchgraft.nn.mlp import GatedMLP
+from torchgraft.nn.moe import GroupedExperts, MoE, SoftmaxTopK, load_balancing_loss, router_logits_of
+
+T = pytest.importorskip("transformers")
+
+C, H, E = 16, 24, 6
+
+
+def _moe(top_k: int = 2, renormalize: bool = True, shared: bool = False) -> MoE:
+    torch.manual_seed(0)
+    m = MoE(Linear(C, E, bias=False), SoftmaxTopK(top_k, renormalize), GroupedExperts(E, C, H),
+            shared_expert=GatedMLP(C, 20) if shared else None, shared_gate=Linear(C, 1, bias=False) if shared else None)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.3)
+    return m
+
+
+def _naive(m: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Per token: softmax over the router, top-k, renormalise, sum of weighted expert MLPs."""
+    out = []
+    w_gu, w_d = m.experts.gate_up_proj.weight, m.experts.down_proj.weight
+    for tok in x.reshape(-1, C):
+        probs = (m.gate.weight @ tok).softmax(-1)
+        w, idx = probs.topk(m.top_k)
+        if m.routing.renormalize:
+            w = w / w.sum()
+        y = torch.zeros(C)
+        for wj, e in zip(w, idx):
+            g, u = (w_gu[e] @ tok).chunk(2)
+            y = y + wj * (w_d[e] @ (F.silu(g) * u))
+        out.append(y)
+    return torch.stack(out).view_as(x)
+
+
+@pytest.mark.parametrize("top_k,renormalize", [(1, True), (2, True), (3, False), (E, True)])
+def test_expert_compute_equals_per_token_reference(top_k, renormalize):
+    m = _moe(top_k, renormalize)
+    x = torch.randn(3, 7, C, generator=torch.Generator().manual_seed(1))
+    # fp32 sums of <= 24 products per output, k <= 6 experts: rounding ~1e-6
+    assert_close(m(x), _naive(m, x), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_equal_reference():
+    m = _moe(2)
+    x = torch.randn(2, 5, C, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    m(x).square().sum().backward()
+    got = [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+    x.grad = None
+    m.zero_grad()
+    _naive(m, x).square().sum().backward()
+    want = [x.grad] + [p.grad for p in m.parameters()]
+    for a, b in zip(got, want):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_unused_experts_and_single_token():
+    m = _moe(1)
+    with torch.no_grad():
+        m.gate.weight.zero_()
+        m.gate.weight[3] = 10.0 * torch.ones(C)  # every token with a positive sum goes to expert 3
+    x = torch.rand(1, 4, C)  # positive: all tokens pick expert 3, the other experts get nothing
+    assert_close(m(x), _naive(m, x), rtol=1e-5, atol=1e-5)
+    assert_close(m(x[:, :1]), _naive(m, x[:, :1]), rtol=1e-5, atol=1e-5)
+
+
+def _copy_into(ours: MoE, hf_block) -> None:
+    with torch.no_grad():
+        ours.gate.weight.copy_(hf_block.gate.weight)
+        ours.experts.gate_up_proj.weight.copy_(hf_block.experts.gate_up_proj)
+        ours.experts.down_proj.weight.copy_(hf_block.experts.down_proj)
+        if ours.shared_expert is not None:
+            ours.shared_expert.load_state_dict(hf_block.shared_expert.state_dict())
+            ours.shared_gate.weight.copy_(hf_block.shared_expert_gate.weight)
+
+
+BLOCKS = {
+    "mixtral": (lambda: T.MixtralConfig(hidden_size=C, intermediate_size=H, num_local_experts=E,
+                                        num_experts_per_tok=2),
+                "mixtral.modeling_mixtral.MixtralSparseMoeBlock", dict(top_k=2)),
+    "qwen3-moe-norm": (lambda: T.Qwen3MoeConfig(hidden_size=C, moe_intermediate_size=H, num_experts=E,
+                                                num_experts_per_tok=3, norm_topk_prob=True),
+                       "qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock", dict(top_k=3)),
+    "qwen3-moe": (lambda: T.Qwen3MoeConfig(hidden_size=C, moe_intermediate_size=H, num_experts=E,
+                                           num_experts_per_tok=3, norm_topk_prob=False),
+                  "qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock", dict(top_k=3, renormalize=False)),
+    "qwen2-moe-shared": (lambda: T.Qwen2MoeConfig(hidden_size=C, moe_intermediate_size=H, num_experts=E,
+                                                  num_experts_per_tok=2, norm_topk_prob=False,
+                                                  shared_expert_intermediate_size=20),
+                         "qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock",
+                         dict(top_k=2, renormalize=False, shared=True)),
+}
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_matches_transformers_block(name, impl):
+    import importlib
+
+    make_cfg, path, kw = BLOCKS[name]
+    mod, cls = path.rsplit(".", 1)
+    cfg = make_cfg()
+    cfg._experts_implementation = impl
+    torch.manual_seed(0)
+    hf = getattr(importlib.import_module(f"transformers.models.{mod}"), cls)(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3)
+    ours = _moe(**kw)
+    _copy_into(ours, hf)
+    x = torch.randn(2, 9, C, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert_close(ours(x), hf(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_load_balancing_loss_matches_transformers(masked):
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    g = torch.Generator().manual_seed(4)
+    logits = tuple(torch.randn(2 * 7, E, generator=g) for _ in range(3))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :3] = 0
+    want = load_balancing_loss_func(logits, E, 2, mask if masked else None)
+    got = load_balancing_loss(list(logits), 2, mask if masked else None)
+    assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # an even router (all logits equal) scores exactly top_k
+    even = [torch.zeros(12, 4)]
+    assert_close(load_balancing_loss(even, 2), torch.tensor(2.0))
+
+
+def test_model_keeps_router_logits_and_meta_build_counts_active_experts():
+    m = torchgraft.build("mixtral-tiny").eval()
+    ids = torch.randint(0, 256, (2, 5))
+    m(ids)
+    logits = router_logits_of(m)
+    assert len(logits) == 2 and logits[0].shape == (10, 4)
+    from torchgraft.tools.flops import measure_flops
+
+    meta = torchgraft.build("mixtral-tiny", device="meta")
+    c = meta.config
+    fwd = measure_flops(meta, batch=1, seq_len=8, backward=False).forward
+    dense = measure_flops(torchgraft.build("mixtral-tiny", device="meta", top_k=4), batch=1, seq_len=8,
+                          backward=False).forward
+    per_assignment = 2 * 8 * 3 * c.n_embd * c.intermediate_size  # 8 tokens through one more expert each
+    assert dense - fwd == c.n_layer * 2 * per_assignment  # top-4 runs 2 more experts per token and layer
+
+
+def test_lm_task_adds_router_aux_loss():
+    from torchgraft.train.tasks.base import build_task
+
+    m = torchgraft.build("qwen3-moe-tiny").train()
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(5))
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    plain = build_task("lm").loss_sum(m, batch)
+    with_aux = build_task({"name": "lm", "router_aux_coef": 0.5}).loss_sum(m, batch)
+    aux = load_balancing_loss(router_logits_of(m), m.config.top_k, batch["attention_mask"])
+    n = (ids != -100).sum()
+    assert_close(with_aux, plain + 0.5 * aux * n)
+    with_aux.backward()
+    assert m.blocks[0].mlp.gate.weight.grad.abs().sum() > 0
+    from torchgraft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="mixture-of-experts"):
+        build_task({"name": "lm", "router_aux_coef": 0.1}).loss_sum(torchgraft.build("llama-tiny"), batch)
+    with pytest.raises(ConfigError, match="router_aux_coef"):
+        build_task({"name": "lm", "router_aux_coef": -1})
