@@ -177,3 +177,29 @@ def test_lm_task_adds_router_aux_loss():
         build_task({"name": "lm", "router_aux_coef": 0.1}).loss_sum(torchgraft.build("llama-tiny"), batch)
     with pytest.raises(ConfigError, match="router_aux_coef"):
         build_task({"name": "lm", "router_aux_coef": -1})
+
+
+@pytest.mark.parametrize("preset", ["mixtral-tiny", "qwen3-moe-tiny"])
+def test_flops_report_counts_active_parameters(preset):
+    from torchgraft.tools.flops import flops_report
+
+    meta = torchgraft.build(preset, device="meta")
+    c = meta.config
+    rep = flops_report(meta, seq_len=8)
+    expert_params = sum(p.numel() for n, p in meta.named_parameters() if ".experts." in n)
+    matmul = sum(p.numel() for n, p in meta.named_parameters()  # all but the lookup table and norms
+                 if "norm" not in n and not n.startswith("tok_emb"))
+    assert rep.n_params == matmul - expert_params * (c.n_experts - c.top_k) // c.n_experts
+    assert rep.ratio == pytest.approx(1.0, abs=1e-9)  # every matmul is counted by both
+
+
+@pytest.mark.parametrize("preset,total,active", [("mixtral-8x7b", 46_702_792_704, 12_879_925_248),
+                                                 ("qwen3-30b-a3b", 30_532_122_624, 3_353_032_704)])
+def test_presets_have_published_sizes(preset, total, active):
+    """Mixtral-8x7B: 46.7B (12.9B active); Qwen3-30B-A3B: 30.5B (3.3B active), embeddings included."""
+    from torchgraft.nn.moe import inactive_expert_params
+
+    m = torchgraft.build(preset, device="meta")
+    n = sum(p.numel() for p in m.parameters())
+    assert n == total
+    assert n - inactive_expert_params(m) == active

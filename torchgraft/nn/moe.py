@@ -83,9 +83,11 @@ class ExpertLinear(nn.Module):
 
 def group_sizes(expert_ids: torch.Tensor, n_experts: int) -> list[int]:
     """How many of the (sorted) assignments go to each expert. On meta tensors the assignments are
-    unknown and are spread evenly (what a balanced router does), so counted FLOPs are active FLOPs."""
+    unknown (also on fake tensors) and are spread evenly (what a balanced router does), so counted FLOPs are active FLOPs."""
+    from torch._subclasses.fake_tensor import is_fake
+
     n = expert_ids.numel()
-    if expert_ids.is_meta:
+    if expert_ids.is_meta or is_fake(expert_ids):
         return [n // n_experts + (e < n % n_experts) for e in range(n_experts)]
     return torch.bincount(expert_ids, minlength=n_experts).tolist()
 
@@ -170,6 +172,13 @@ def router_logits_of(model: nn.Module) -> list[torch.Tensor]:
 def moe_blocks(model: nn.Module) -> list[MoE]:
     """Every `MoE` block of `model`, in order."""
     return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def inactive_expert_params(model: nn.Module) -> int:
+    """Expert parameters a token does not use: (1 - top_k / E) of every MoE block's experts. The
+    analytic 6N FLOPs of a mixture-of-experts model count only the active N."""
+    return sum(sum(p.numel() for p in m.experts.parameters()) * (m.n_experts - m.top_k) // m.n_experts
+               for m in moe_blocks(model))
 
 
 def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: int,
