@@ -72,7 +72,9 @@ class ExpertLinear(nn.Module):
         """x (S, in), rows grouped by expert (`sizes[e]` consecutive rows for expert e) -> (S, out).
         `linear` streams the weight in the fast orientation when an expert has only a few rows
         (decoding), where a plain `F.linear` runs a slow matrix-vector kernel (see nn/linear.py)."""
-        pieces = [linear(xe, self.weight[e]) for e, xe in enumerate(x.split(sizes)) if sizes[e]]
+        # unbind, not weight[e]: the backward of E selects would add E full-size zero gradients
+        weights = self.weight.unbind(0)  # E x (out, in)
+        pieces = [linear(xe, weights[e]) for e, xe in enumerate(x.split(sizes)) if sizes[e]]
         if not pieces:
             return x.new_zeros(0, self.out_features)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
