@@ -74,7 +74,7 @@ CASES: dict[str, FamilySpec] = {
     "mistral-linear": FamilySpec("mistral", "mistral", _cfg("MistralConfig", sliding_window=None, rope_parameters={
         "rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}), ATTN_MLP),
     "gemma2": FamilySpec("gemma2", "gemma2", _cfg("Gemma2Config", head_dim=16, query_pre_attn_scalar=12,
-                                                  sliding_window=4, attn_logit_softcapping=2.0,
+                                                  sliding_window=4, attn_logit_softcapping=1.0,
                                                   final_logit_softcapping=3.0), ATTN_MLP),
     "gemma3": FamilySpec("gemma3", "gemma3_text", _cfg(
         "Gemma3TextConfig", head_dim=16, query_pre_attn_scalar=12, sliding_window=4,
