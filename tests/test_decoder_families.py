@@ -216,6 +216,20 @@ def test_save_hf_loads_back_in_transformers(case, hf_dirs, tmp_path, one_thread)
 
 
 @pytest.mark.parametrize("case", list(CASES))
+def test_convert_cli_both_ways(case, hf_dirs, tmp_path, one_thread):
+    """`torchgraft convert` HF -> torchgraft checkpoint -> HF; both read back with transformers' logits."""
+    from torchgraft.cli import main
+    from torchgraft.train.checkpoint import load_model
+
+    path, hf = hf_dirs(case)
+    assert main(["convert", str(path), str(tmp_path / "tg")]) in (0, None)
+    ours = load_model(tmp_path / "tg").eval()
+    _compare_logits(ours, hf)
+    assert main(["convert", str(tmp_path / "tg"), str(tmp_path / "hf")]) in (0, None)
+    _compare_logits(ours, T.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval())
+
+
+@pytest.mark.parametrize("case", list(CASES))
 def test_lora_adapter_loads_in_peft(case, hf_dirs, tmp_path, one_thread):
     from torchgraft import peft as tp
     from torchgraft.peft.adapter_io import hf_module_names
