@@ -44,3 +44,18 @@ def test_inspect_reports_memory(name, capsys):
     assert d["parameters"] == n
     assert d["memory_bytes"]["weights"] == 4 * n  # fp32
     assert d["memory_bytes"]["activations"] > 0 and d["memory_bytes"]["total"] > d["memory_bytes"]["weights"]
+
+
+def test_chunked_ce_refuses_soft_capped_logits():
+    """Gemma 2 caps its logits after the head; chunked CE (hidden @ head inside the loss) would skip it."""
+    import torch
+
+    from torchgraft.errors import ConfigError
+    from torchgraft.train.tasks import build_task
+
+    model = torchgraft.build("gemma2-2b", n_layer=1, n_embd=32, n_head=2, n_kv_head=1, head_dim=16,
+                             intermediate_size=48, vocab_size=64)
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "labels": torch.zeros(1, 4, dtype=torch.long)}
+    with pytest.raises(ConfigError, match="soft-caps"):
+        build_task({"name": "lm", "chunked_ce": 8}).loss_sum(model, batch)
+    assert torch.isfinite(build_task("lm").loss_sum(model, batch))
