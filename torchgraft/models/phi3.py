@@ -24,6 +24,18 @@ class Phi3Config(DecoderConfig):
     norm_eps: float = 1e-5
     partial_rotary_factor: float = 1.0
 
+    def __post_init__(self):
+        super().__post_init__()
+        half = int(self.attn_head_dim * self.partial_rotary_factor) // 2
+        rs = self.rope_scaling
+        for name in ("short_factor", "long_factor"):
+            factors = getattr(rs, name)
+            if rs.type == "longrope" and len(factors or ()) != half:
+                from torchgraft.errors import ConfigError
+
+                raise ConfigError(f"model.rope_scaling.{name} has {len(factors or ())} entries; LongRoPE needs "
+                                  f"one per rotated frequency ({half} = head_dim * partial_rotary_factor / 2)")
+
 
 class Phi3(DecoderLM):
     """Phi-3 / Phi-4-mini: fused projections, (partial) RoPE, RMSNorm, SwiGLU."""

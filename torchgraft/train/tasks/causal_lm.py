@@ -55,6 +55,9 @@ class CausalLMTask(Task):
             raise ConfigError(f"task.chunked_ce needs a decoder LM with output_embedding() and "
                               f"forward(..., return_hidden=True) (the gpt / llama families); "
                               f"{type(inner).__name__} has none: remove task.chunked_ce")
+        if getattr(inner, "logit_softcap", None) is not None:
+            raise ConfigError(f"task.chunked_ce computes logits as hidden @ head, but {type(inner).__name__} "
+                              "soft-caps its logits (Gemma 2): remove task.chunked_ce")
         weight = inner.output_embedding()
         if hasattr(weight, "full_tensor"):
             raise ConfigError("task.chunked_ce does not work with FSDP sharding (the head weight is "
