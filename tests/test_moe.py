@@ -203,3 +203,20 @@ def test_presets_have_published_sizes(preset, total, active):
     n = sum(p.numel() for p in m.parameters())
     assert n == total
     assert n - inactive_expert_params(m) == active
+
+
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen3-30b-a3b"])
+def test_inspect_reports_memory_and_active_flops(name, capsys):
+    import json
+
+    from torchgraft.cli import main
+    from torchgraft.nn.moe import inactive_expert_params
+
+    main(["inspect", name, "--json", "--seq", "256"])
+    d = json.loads(capsys.readouterr().out)
+    m = torchgraft.build(name, device="meta")
+    n = sum(p.numel() for p in m.parameters())
+    assert d["parameters"] == n and d["memory_bytes"]["weights"] == 4 * n
+    assert d["memory_bytes"]["activations"] > 0
+    assert d["flops"]["n_params"] < n - inactive_expert_params(m) + 1  # the active weights only
+    assert d["flops"]["measured_over_analytic"] == pytest.approx(1.0, abs=0.01)
