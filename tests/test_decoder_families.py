@@ -103,8 +103,6 @@ CASES: dict[str, FamilySpec] = {
         norm_topk_prob=False, tie_word_embeddings=True), ("q_proj", "v_proj")),
 }
 FAST_ONNX = {"qwen3"}
-# data-dependent routing (how many tokens each expert gets) does not trace into a static ONNX graph
-NO_ONNX = {"mixtral-window", "qwen3-moe", "qwen3-moe-unnormalized"}
 
 
 def _decoder_families() -> set[str]:
@@ -275,8 +273,7 @@ def test_lora_adapter_loads_in_peft(case, hf_dirs, tmp_path, one_thread):
 
 
 def _onnx_params():
-    return [pytest.param(c, id=c, marks=[] if c in FAST_ONNX else [pytest.mark.slow]) for c in CASES
-            if c not in NO_ONNX]
+    return [pytest.param(c, id=c, marks=[] if c in FAST_ONNX else [pytest.mark.slow]) for c in CASES]
 
 
 @pytest.mark.parametrize("case", _onnx_params())

@@ -220,3 +220,10 @@ def test_inspect_reports_memory_and_active_flops(name, capsys):
     assert d["memory_bytes"]["activations"] > 0
     assert d["flops"]["n_params"] < n - inactive_expert_params(m) + 1  # the active weights only
     assert d["flops"]["measured_over_analytic"] == pytest.approx(1.0, abs=0.01)
+
+
+def test_dense_path_for_exported_graphs_equals_grouped():
+    m = _moe(2)
+    x = torch.randn(3, 5, C, generator=torch.Generator().manual_seed(6)).reshape(-1, C)
+    w, idx = m.routing(m.gate(x))
+    assert_close(m.experts.dense(x, w, idx), m.experts(x, w, idx), rtol=1e-5, atol=1e-5)

@@ -10,6 +10,8 @@
 The expert compute never loops over tokens: the N*k (token, expert) assignments are sorted by
 expert, each expert runs one matmul over its contiguous slice of the sorted batch (a loop over
 the E experts, not over tokens), and the outputs are put back in token order and summed over k.
+Graphs with static shapes (torch.export / ONNX, torch.compile) take `GroupedExperts.dense` instead:
+every expert on every token, weighted 0 where not chosen (same result, E / k times the FLOPs).
 On meta tensors (FLOP counting, memory tracing) routing is data-dependent and unknown, so every
 expert is given an equal share of the assignments: the counts are the *active* compute.
 
@@ -110,6 +112,8 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x (N, C), weights (N, k), experts (N, k) -> (N, C) = sum_j weights[:, j] * expert_j(x)."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return self.dense(x, weights, experts)  # static shapes: export, torch.compile
         n, k = experts.shape
         flat = experts.reshape(-1)                                 # (N*k,) assignment -> expert
         order = flat.argsort(stable=True)                          # assignments grouped by expert
@@ -121,6 +125,17 @@ class GroupedExperts(nn.Module):
         unsorted = torch.empty_like(out)
         unsorted[order] = out                                      # back to (token, j) order
         return unsorted.view(n, k, -1).sum(1)                      # (N, C)
+
+    def dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """The same sum with every expert run on every token and weighted 0 where not chosen: E / k
+        times the FLOPs, but no data-dependent shapes, so exported graphs (ONNX, torch.export) and
+        torch.compile (one graph, e.g. the compiled decode step) hold it."""
+        w = torch.zeros(x.shape[0], self.n_experts, dtype=x.dtype, device=x.device)
+        w = w.scatter(1, experts, weights.to(x.dtype))                              # (N, E)
+        h = torch.einsum("nc,ehc->neh", x, self.gate_up_proj.weight)                # (N, E, 2H)
+        gate, up = h.chunk(2, dim=-1)                                               # (N, E, H)
+        out = torch.einsum("neh,ech->nec", self.act(gate) * up, self.down_proj.weight)  # (N, E, C)
+        return (out * w[..., None]).sum(1)                                          # (N, C)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}"
