@@ -3,7 +3,8 @@
 Each benchmark prints its own table (ratios against a baseline measured in the same run):
 bench_trainer (engine overhead), bench_gpt_step (engine vs a minimal GPT), bench_generation
 (static-cache / compiled generate vs transformers, batch 1 and 4), bench_chunked_ce (peak memory,
-plain vs chunked cross-entropy at V = 128k), and any other bench_*.py. gpu_check.py is not a bench_* script:
+plain vs chunked cross-entropy at V = 128k), bench_moe (the MoE block vs transformers' Mixtral /
+Qwen3-MoE blocks), and any other bench_*.py. gpu_check.py is not a bench_* script:
 it needs CUDA (run it on a GPU machine).
 Usage: python benchmarks/run_all.py [--quick] [NAME_SUBSTRING ...]
 (`--quick` is passed to the benchmarks that take it, e.g. bench_rl.py, whose full run takes ~30-40 min.)
