@@ -282,3 +282,41 @@ def test_onnx_export_matches_onnxruntime(case, hf_dirs, tmp_path, one_thread):
     for inputs in [(ids, mask), (ids[1:, :5], mask[1:, :5])]:
         diff = max_abs_diff(tmp_path / "m.onnx", module, inputs[: len(res.input_names)])
         assert diff <= TOL, f"{case}: onnxruntime differs by {diff:.3g}"
+
+
+# transformers 4.x wrote RoPE as `rope_theta` + `rope_scaling` (Gemma 3: `rope_local_base_freq`,
+# Phi-3: a top-level `partial_rotary_factor`) and no `layer_types`; published checkpoints still do
+V4_CASES = ["qwen2-yarn", "gemma2", "gemma3", "phi3-longrope-partial", "smollm3-nope-llama3"]
+
+
+def _as_v4(hf_cfg: dict) -> dict:
+    cfg = dict(hf_cfg)
+    params = cfg.pop("rope_parameters")
+    if "full_attention" in params:  # gemma3
+        full, local = params["full_attention"], params["sliding_attention"]
+        cfg["rope_local_base_freq"] = local["rope_theta"]
+        params = full
+    params = dict(params)
+    cfg["rope_theta"] = params.pop("rope_theta")
+    if "partial_rotary_factor" in params:
+        cfg["partial_rotary_factor"] = params.pop("partial_rotary_factor")
+    kind = params.pop("rope_type")
+    cfg["rope_scaling"] = None if kind == "default" else {"type": kind, **params}
+    if cfg.get("model_type") in ("gemma2", "gemma3_text"):  # their 4.x default pattern
+        cfg.pop("layer_types", None)
+    return cfg
+
+
+@pytest.mark.parametrize("case", V4_CASES)
+def test_transformers_4x_style_config_loads_the_same(case, hf_dirs, tmp_path, one_thread):
+    import json
+    import shutil
+
+    path, hf = hf_dirs(case)
+    shutil.copytree(path, tmp_path / "v4")
+    cfg = json.loads((path / "config.json").read_text())
+    v4 = _as_v4(cfg)
+    if case == "gemma3":  # 4.x had no layer_types: the pattern came from sliding_window_pattern
+        v4["sliding_window_pattern"] = 2
+    (tmp_path / "v4" / "config.json").write_text(json.dumps(v4))
+    _compare_logits(torchgraft.load_hf(tmp_path / "v4"), hf)
