@@ -57,6 +57,13 @@ ATTN_MLP = ("q_proj", "v_proj", "o_proj", "down_proj")
 CASES: dict[str, FamilySpec] = {
     "llama-smollm2": FamilySpec("llama", "llama", _cfg("LlamaConfig", tie_word_embeddings=True,
                                                        rope_theta=100000.0), ATTN_MLP),
+    "llama-yarn": FamilySpec("llama", "llama", _cfg("LlamaConfig", rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 16}), ATTN_MLP),
+    "llama-llama3": FamilySpec("llama", "llama", _cfg("LlamaConfig", rope_parameters={
+        "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}), ATTN_MLP),
+    "llama-linear": FamilySpec("llama", "llama", _cfg("LlamaConfig", rope_parameters={
+        "rope_type": "linear", "rope_theta": 1e4, "factor": 3.0}), ATTN_MLP),
     "gpt2": FamilySpec("gpt", "gpt2", lambda: T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB,
                                                            n_positions=64, bos_token_id=0, eos_token_id=0),
                        ("c_fc", "c_proj")),
