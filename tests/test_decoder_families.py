@@ -252,6 +252,9 @@ def test_lora_adapter_loads_in_peft(case, hf_dirs, tmp_path, one_thread):
     names = hf_module_names(ours)[0]
     mine = sorted({o.rsplit(".", 1)[-1] for o, h in names.items() if h.rsplit(".", 1)[-1] in targets})
     assert mine, f"no torchgraft layer maps to {targets}"
+    ids, mask, pos = _batch()
+    with torch.no_grad():
+        before = ours(ids, attention_mask=mask, position_ids=pos)
     tp.apply_lora(ours, mine, rank=4, alpha=8)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -263,11 +266,11 @@ def test_lora_adapter_loads_in_peft(case, hf_dirs, tmp_path, one_thread):
         warnings.simplefilter("ignore")
         pm = peft.PeftModel.from_pretrained(fresh, tmp_path / "ad").eval()
     assert {m.rsplit(".", 1)[-1] for m in pm.peft_config["default"].target_modules} == set(targets)
-    ids, mask, pos = _batch()
     with torch.no_grad():
         a = ours(ids, attention_mask=mask, position_ids=pos)
         b = pm(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     real = mask.bool()
+    assert (a - before)[real].abs().max() > 0.1  # the adapter changes the outputs: the check is not vacuous
     assert_close(a[real], b[real], rtol=TOL, atol=TOL)
 
 
