@@ -57,6 +57,13 @@ ATTN_MLP = ("q_proj", "v_proj", "o_proj", "down_proj")
 CASES: dict[str, FamilySpec] = {
     "llama-smollm2": FamilySpec("llama", "llama", _cfg("LlamaConfig", tie_word_embeddings=True,
                                                        rope_theta=100000.0), ATTN_MLP),
+    "llama-yarn": FamilySpec("llama", "llama", _cfg("LlamaConfig", rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 16}), ATTN_MLP),
+    "llama-llama3": FamilySpec("llama", "llama", _cfg("LlamaConfig", rope_parameters={
+        "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}), ATTN_MLP),
+    "llama-linear": FamilySpec("llama", "llama", _cfg("LlamaConfig", rope_parameters={
+        "rope_type": "linear", "rope_theta": 1e4, "factor": 3.0}), ATTN_MLP),
     "gpt2": FamilySpec("gpt", "gpt2", lambda: T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB,
                                                            n_positions=64, bos_token_id=0, eos_token_id=0),
                        ("c_fc", "c_proj")),
@@ -199,6 +206,7 @@ def test_greedy_generate_matches_transformers(case, hf_dirs, one_thread):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_compiled_generate_matches_transformers(case, hf_dirs):
+    torch._dynamo.reset()  # one compiled decode-step function serves every case: start each afresh
     path, hf = hf_dirs(case)
     ours = torchgraft.load_hf(path)
     ids, mask, n = _prompt(ours)
@@ -253,6 +261,9 @@ def test_lora_adapter_loads_in_peft(case, hf_dirs, tmp_path, one_thread):
     names = hf_module_names(ours)[0]
     mine = sorted({o.rsplit(".", 1)[-1] for o, h in names.items() if h.rsplit(".", 1)[-1] in targets})
     assert mine, f"no torchgraft layer maps to {targets}"
+    ids, mask, pos = _batch()
+    with torch.no_grad():
+        before = ours(ids, attention_mask=mask, position_ids=pos)
     tp.apply_lora(ours, mine, rank=4, alpha=8)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -264,11 +275,11 @@ def test_lora_adapter_loads_in_peft(case, hf_dirs, tmp_path, one_thread):
         warnings.simplefilter("ignore")
         pm = peft.PeftModel.from_pretrained(fresh, tmp_path / "ad").eval()
     assert {m.rsplit(".", 1)[-1] for m in pm.peft_config["default"].target_modules} == set(targets)
-    ids, mask, pos = _batch()
     with torch.no_grad():
         a = ours(ids, attention_mask=mask, position_ids=pos)
         b = pm(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     real = mask.bool()
+    assert (a - before)[real].abs().max() > 0.1  # the adapter changes the outputs: the check is not vacuous
     assert_close(a[real], b[real], rtol=TOL, atol=TOL)
 
 
@@ -290,3 +301,41 @@ def test_onnx_export_matches_onnxruntime(case, hf_dirs, tmp_path, one_thread):
     for inputs in [(ids, mask), (ids[1:, :5], mask[1:, :5])]:
         diff = max_abs_diff(tmp_path / "m.onnx", module, inputs[: len(res.input_names)])
         assert diff <= TOL, f"{case}: onnxruntime differs by {diff:.3g}"
+
+
+# transformers 4.x wrote RoPE as `rope_theta` + `rope_scaling` (Gemma 3: `rope_local_base_freq`,
+# Phi-3: a top-level `partial_rotary_factor`) and no `layer_types`; published checkpoints still do
+V4_CASES = ["qwen2-yarn", "gemma2", "gemma3", "phi3-longrope-partial", "smollm3-nope-llama3"]
+
+
+def _as_v4(hf_cfg: dict) -> dict:
+    cfg = dict(hf_cfg)
+    params = cfg.pop("rope_parameters")
+    if "full_attention" in params:  # gemma3
+        full, local = params["full_attention"], params["sliding_attention"]
+        cfg["rope_local_base_freq"] = local["rope_theta"]
+        params = full
+    params = dict(params)
+    cfg["rope_theta"] = params.pop("rope_theta")
+    if "partial_rotary_factor" in params:
+        cfg["partial_rotary_factor"] = params.pop("partial_rotary_factor")
+    kind = params.pop("rope_type")
+    cfg["rope_scaling"] = None if kind == "default" else {"type": kind, **params}
+    if cfg.get("model_type") in ("gemma2", "gemma3_text"):  # their 4.x default pattern
+        cfg.pop("layer_types", None)
+    return cfg
+
+
+@pytest.mark.parametrize("case", V4_CASES)
+def test_transformers_4x_style_config_loads_the_same(case, hf_dirs, tmp_path, one_thread):
+    import json
+    import shutil
+
+    path, hf = hf_dirs(case)
+    shutil.copytree(path, tmp_path / "v4")
+    cfg = json.loads((path / "config.json").read_text())
+    v4 = _as_v4(cfg)
+    if case == "gemma3":  # 4.x had no layer_types: the pattern came from sliding_window_pattern
+        v4["sliding_window_pattern"] = 2
+    (tmp_path / "v4" / "config.json").write_text(json.dumps(v4))
+    _compare_logits(torchgraft.load_hf(tmp_path / "v4"), hf)

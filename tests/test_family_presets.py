@@ -59,3 +59,29 @@ def test_chunked_ce_refuses_soft_capped_logits():
     with pytest.raises(ConfigError, match="soft-caps"):
         build_task({"name": "lm", "chunked_ce": 8}).loss_sum(model, batch)
     assert torch.isfinite(build_task("lm").loss_sum(model, batch))
+
+
+SMALL = dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=96, vocab_size=256, block_size=64,
+             head_dim=16)
+
+
+@pytest.mark.parametrize("name,extra", [("gemma2-2b", {"sliding_window": 4}), ("gemma3-1b", {"sliding_window": 4}),
+                                        ("olmo2-7b", {}), ("smollm3-3b", {"no_rope_layers": [1, 0]}),
+                                        ("phi-4-mini", {"rope_scaling": {"type": "default"}})])
+def test_grow_deeper_keeps_the_function_and_per_layer_config(name, extra):
+    """Sandwich / post-norm blocks are the identity with zeroed output projections; the new blocks
+    take their template's layer type (window, NoPE), so the grown config rebuilds the same model."""
+    import torch
+
+    m = torchgraft.build(name, **SMALL, **extra).eval()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    big, report = torchgraft.grow(m, depth=2, example_inputs=ids)
+    assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-6
+    assert big.config.n_layer == 4
+    for f in type(big.config).per_layer_fields:
+        if getattr(big.config, f) is not None:
+            assert len(getattr(big.config, f)) == 4
+    rebuilt = torchgraft.build(big.config).eval()
+    rebuilt.load_state_dict(big.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids), big.eval()(ids), rtol=0, atol=0)

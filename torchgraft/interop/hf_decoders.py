@@ -240,6 +240,10 @@ def _gemma3_from_hf(hf: dict[str, Any], arch: str) -> dict[str, Any]:
     local_base, local_scaling = rope_from_hf(local, hf, arch)
     if local_scaling["type"] != "default":
         raise ConfigError(f"{arch} with a scaled RoPE on the sliding layers is not supported by torchgraft")
+    if fields["layer_types"] is None and fields["sliding_window"] is not None:  # 4.x: a pattern
+        every = int(hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6)
+        fields["layer_types"] = ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
+                                 for i in range(fields["n_layer"])]
     return {**fields, "rope_local_base": local_base}
 
 

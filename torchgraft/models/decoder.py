@@ -90,6 +90,8 @@ class DecoderConfig:
     # when sliding_window is set (Mistral), else all full
     layer_types: list[LayerType] | None = None
 
+    per_layer_fields = ("layer_types",)  # one entry per block (`grow` extends them with the blocks)
+
     def __post_init__(self):
         _check_transformer_config(self, self.head_dim)
         if self.layer_types is not None and len(self.layer_types) != self.n_layer:

@@ -23,9 +23,16 @@ class SmolLM3Config(DecoderConfig):
     tie_embeddings: bool = True
     no_rope_layers: list[int] | None = None  # 1 = RoPE, 0 = NoPE; None = NoPE every 4th layer
 
+    per_layer_fields = ("layer_types", "no_rope_layers")
+
     def __post_init__(self):
         if self.no_rope_layers is None:
             self.no_rope_layers = [int((i + 1) % 4 != 0) for i in range(self.n_layer)]
+        if len(self.no_rope_layers) != self.n_layer:
+            from torchgraft.errors import ConfigError
+
+            raise ConfigError(f"model.no_rope_layers has {len(self.no_rope_layers)} entries; model.n_layer is "
+                              f"{self.n_layer}: give one per layer")
         super().__post_init__()
 
 
