@@ -227,3 +227,21 @@ def test_dense_path_for_exported_graphs_equals_grouped():
     x = torch.randn(3, 5, C, generator=torch.Generator().manual_seed(6)).reshape(-1, C)
     w, idx = m.routing(m.gate(x))
     assert_close(m.experts.dense(x, w, idx), m.experts(x, w, idx), rtol=1e-5, atol=1e-5)
+
+
+def test_grow_deeper_keeps_the_function_and_freeze_lora_see_the_parts():
+    """Zeroing the declared residual projections (attention o_proj, experts.down_proj) makes a copied
+    MoE block the identity, so `grow` deepens a Mixtral exactly; LoRA on attention trains the rest frozen."""
+    from torchgraft import peft as tp
+    from torchgraft.tools.grow import grow
+
+    m = torchgraft.build("mixtral-tiny").eval()
+    assert "blocks.0.mlp.experts.down_proj" in m.parts().residual_projections
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(8))
+    bigger, report = grow(m, depth=1, example_inputs=(ids,))
+    assert len(bigger.blocks) == 3
+    with torch.no_grad():
+        assert_close(bigger(ids), m(ids), rtol=1e-5, atol=1e-5)
+    tp.apply_lora(m, ["q_proj", "v_proj"], rank=2)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all("lora" in n for n in trainable)

@@ -18,3 +18,6 @@ __all__ = [
     "activation_fn", "apply_rope", "make_attention_mask", "make_norm", "repeat_kv", "rotate_half",
 ]
 __all__ += ["FusedGatedMLP", "FusedQKVAttention", "HeadNorm", "OffsetRMSNorm", "SandwichBlock"]
+from torchgraft.nn.moe import MoE, ExpertLinear, GroupedExperts, SoftmaxTopK, load_balancing_loss  # noqa: E402
+
+__all__ += ["ExpertLinear", "GroupedExperts", "MoE", "SoftmaxTopK", "load_balancing_loss"]
