@@ -4,7 +4,8 @@ Each benchmark prints its own table (ratios against a baseline measured in the s
 bench_trainer (engine overhead), bench_gpt_step (engine vs a minimal GPT), bench_generation
 (static-cache / compiled generate vs transformers, batch 1 and 4), bench_chunked_ce (peak memory,
 plain vs chunked cross-entropy at V = 128k), bench_serve (`torchgraft serve`: 16 concurrent
-streaming clients vs one at a time, TTFT / inter-token latency), and any other bench_*.py. gpu_check.py is not a bench_* script:
+streaming clients vs one at a time, TTFT / inter-token latency), bench_moe (the MoE block vs
+transformers' Mixtral / Qwen3-MoE blocks), and any other bench_*.py. gpu_check.py is not a bench_* script:
 it needs CUDA (run it on a GPU machine).
 Usage: python benchmarks/run_all.py [--quick] [NAME_SUBSTRING ...]
 (`--quick` is passed to the benchmarks that take it, e.g. bench_rl.py, whose full run takes ~30-40 min.)

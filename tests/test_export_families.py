@@ -27,6 +27,13 @@ TINY: dict[str, list[tuple[str, str, dict]]] = {
     "vit": [("vit-digits", "vit-digits", {})],
     "gpt": [("gpt-tiny", "gpt-tiny", {})],
     "llama": [("llama-tiny", "llama-tiny", {})],
+    **{fam: [(f"{preset}-tiny", preset, {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_kv_head": 2, "head_dim": 16,
+                                         "intermediate_size": 96, "vocab_size": 256, "block_size": 64, **extra})]
+       for fam, preset, extra in [
+           ("qwen2", "qwen2.5-0.5b", {}), ("qwen3", "qwen3-0.6b", {}), ("mistral", "mistral-7b", {"sliding_window": 4}),
+           ("gemma2", "gemma2-2b", {"sliding_window": 4}), ("gemma3", "gemma3-1b", {"sliding_window": 4}),
+           ("phi3", "phi-4-mini", {"sliding_window": 4, "rope_scaling": {"type": "default"}}),
+           ("olmo2", "olmo2-7b", {}), ("smollm3", "smollm3-3b", {})]},
     "bert": [("bert-tiny", "bert-tiny", {"vocab_size": 512}),
              ("bert-tiny-seqcls", "bert-tiny", {"vocab_size": 512, "task": "sequence_classification",
                                                 "num_labels": 3}),

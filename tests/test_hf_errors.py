@@ -71,8 +71,9 @@ def test_llama_rope_scaling_rejected(tmp_path):
     cfg = T.LlamaConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
                         vocab_size=50)
     T.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
-    _edit_config(tmp_path, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0})
-    with pytest.raises(ConfigError, match="RoPE scaling 'yarn'"):
+    _edit_config(tmp_path, rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
+                                            "long_factor": [1.0] * 4, "original_max_position_embeddings": 8})
+    with pytest.raises(ConfigError, match="RoPE scaling 'longrope'"):
         torchgraft.load_hf(tmp_path)
 
 

@@ -23,6 +23,15 @@ SMALL = {
     "vit": dict(n_layer=2, n_embd=64, n_head=4, image_size=32, patch_size=8),
     "resnet": dict(width=8),
 }
+# the Llama-shaped families (windows shorter than the 8-token inputs, so the KV-cache contract sees them)
+_DECODER = dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=96, vocab_size=256, block_size=64,
+                head_dim=16)
+SMALL.update({
+    "qwen2": _DECODER, "qwen3": _DECODER, "olmo2": _DECODER, "smollm3": _DECODER,
+    "mistral": {**_DECODER, "sliding_window": 4},
+    "gemma2": {**_DECODER, "sliding_window": 4}, "gemma3": {**_DECODER, "sliding_window": 4},
+    "phi3": {**_DECODER, "sliding_window": 4, "rope_scaling": {"type": "default"}},
+})
 BIG = 30_000_000  # presets above this many parameters need a SMALL entry for their family
 
 
@@ -153,7 +162,8 @@ def test_deterministic_init_under_seed(name):
     assert any(not torch.equal(sa[k], sc[k]) for k in sa if sa[k].is_floating_point())
 
 
-@pytest.mark.parametrize("name", [n for n in PRESETS if get_preset(n).family in ("gpt", "llama")])
+@pytest.mark.parametrize("name", [n for n in PRESETS if get_preset(n).family in (
+    "gpt", "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "olmo2", "smollm3")])
 def test_decoder_kv_cache_contract(name):
     model = torchgraft.build(name, **small_overrides(name)).eval()
     (ids,), kwargs = example_inputs(model)

@@ -1,15 +1,19 @@
 """Chat templates: render a conversation exactly as `transformers`' `apply_chat_template` does.
 
 A template is Jinja source, from (in this order) an explicit `chat_template:` option (a `.jinja`
-file or inline source), the `chat_template` key of the tokenizer's `tokenizer_config.json`, a
-`chat_template.jinja` file next to it, or the plain built-in `DEFAULT_TEMPLATE`.
+file or inline source), a `chat_template.jinja` file in the tokenizer directory (transformers gives it
+priority), the `chat_template` key of its `tokenizer_config.json`, or the plain built-in
+`DEFAULT_TEMPLATE`.
 
 Rendering matches transformers (`utils/chat_template_utils.py`): a sandboxed Jinja environment
 with `trim_blocks` and `lstrip_blocks`, the `loopcontrols` extension and a `{% generation %}` tag;
 `tojson` that does not escape HTML (`ensure_ascii=False`); globals `raise_exception(msg)` and
-`strftime_now(fmt)`; the template sees `messages`, `add_generation_prompt` and the special tokens
-of `tokenizer_config.json` (`bos_token`, `eos_token`, `pad_token`, ... as strings), and keyword
-arguments override those. Rendered text is tokenised without the tokenizer's post-processor (as
+`strftime_now(fmt)`, a `namespace` that refuses underscore names and a plain `dict`; the template
+sees `messages`, `tools`, `documents`, `add_generation_prompt` and the named special tokens of
+`tokenizer_config.json` / `special_tokens_map.json` (`bos_token`, `eos_token`, `pad_token`, ... as
+strings), and keyword arguments (e.g. `enable_thinking=False`) override those. Messages are passed
+as transformers 5 passes them: keys whose value is None dropped, and a reasoning given as
+`reasoning_content`, `thinking` or `reasoning` available under the first two names. Rendered text is tokenised without the tokenizer's post-processor (as
 transformers does with `add_special_tokens=False`): the template itself places bos/eos.
 
 `assistant_spans` finds which characters of a rendering belong to each assistant turn (what the
@@ -30,7 +34,9 @@ from torchgraft.errors import ConfigError
 ROLES = ("system", "user", "assistant", "tool")
 TEMPLATE_FILE = "chat_template.jinja"
 CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 # The plain template used when a tokenizer has none: readable markers that any tokenizer can encode,
 # eos closing each assistant turn (so generation stops there).
@@ -69,6 +75,26 @@ def compile_template(source: str) -> Any:
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
+    class TemplateNamespace(jinja2.utils.Namespace):
+        """`namespace(...)` that refuses underscore-prefixed attributes (as transformers' sandbox)."""
+
+        def __init__(*args: Any, **kwargs: Any) -> None:  # Jinja's signature trick: `self` may be a kwarg
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            TemplateNamespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"chat templates cannot store underscore-prefixed attributes on a namespace ({name!r})")
+
     def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
                sort_keys: bool = False) -> str:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
@@ -81,6 +107,8 @@ def compile_template(source: str) -> Any:
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
+    env.globals["dict"] = dict
+    env.globals["namespace"] = TemplateNamespace
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as e:
@@ -117,42 +145,42 @@ class ChatTemplate:
             d = d.parent
         if d is not None and not (d / CONFIG_FILE).is_file() and (d / "tokenizer" / CONFIG_FILE).is_file():
             d = d / "tokenizer"  # a run directory
-        cfg: dict[str, Any] = {}
-        if d is not None and (d / CONFIG_FILE).is_file():
-            try:
-                cfg = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                raise ConfigError(f"{d / CONFIG_FILE} is not valid JSON") from None
+        cfg = _read_json(d / CONFIG_FILE) if d is not None else {}
+        mapped = _read_json(d / SPECIAL_TOKENS_FILE) if d is not None else {}
         tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
-        for key in _SPECIAL_KEYS:
-            s = _token_string(cfg.get(key))
+        for key in _SPECIAL_KEYS:  # transformers 5 passes only these named tokens to templates
+            s = _token_string(cfg.get(key, mapped.get(key)))
             if s is not None:
                 tokens[key] = s
-        extra = cfg.get("additional_special_tokens")
-        if isinstance(extra, list):
-            tokens["additional_special_tokens"] = [t for t in (_token_string(x) for x in extra) if t]
         if override:
             p = Path(override).expanduser()
             if len(override) < 4096 and p.is_file():
                 return cls(p.read_text(encoding="utf-8"), tokens, name=str(p))
             return cls(override, tokens, name="inline")
+        if d is not None and (d / TEMPLATE_FILE).is_file():
+            return cls((d / TEMPLATE_FILE).read_text(encoding="utf-8"), tokens, name=str(d / TEMPLATE_FILE))
         source = cfg.get("chat_template")
         if isinstance(source, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
             source = named.get("default") or next(iter(named.values()), None)
         if isinstance(source, str) and source:
             return cls(source, tokens, name=f"{d / CONFIG_FILE}")
-        if d is not None and (d / TEMPLATE_FILE).is_file():
-            return cls((d / TEMPLATE_FILE).read_text(encoding="utf-8"), tokens, name=str(d / TEMPLATE_FILE))
         return cls(DEFAULT_TEMPLATE, tokens, name="built-in")
 
     # ---- rendering
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, **kwargs: Any) -> str:
-        """The conversation as text, exactly as `apply_chat_template(..., tokenize=False)` gives it."""
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+               tools: list[dict[str, Any]] | None = None, documents: list[dict[str, Any]] | None = None,
+               **kwargs: Any) -> str:
+        """The conversation as text, exactly as `apply_chat_template(..., tokenize=False)` gives it.
+        `tools`: JSON schemas (dicts) of the functions the model may call; `kwargs`: template
+        variables (e.g. `enable_thinking=False`), overriding the special tokens."""
         import jinja2
 
+        if tools is not None and not all(isinstance(t, dict) for t in tools):
+            raise ConfigError("chat template tools must be JSON schemas (dicts), e.g. "
+                              '{"type": "function", "function": {"name": ..., "parameters": ...}}')
         try:
-            return self._template.render(messages=messages, tools=None, documents=None,
+            return self._template.render(messages=template_messages(messages), tools=tools, documents=documents,
                                          add_generation_prompt=add_generation_prompt,
                                          **{**self.special_tokens, **kwargs})
         except jinja2.exceptions.TemplateError as e:
@@ -183,6 +211,31 @@ class ChatTemplate:
         tmp.write_text(self.source, encoding="utf-8")
         tmp.replace(p)
         return p
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file, or {} when absent; ConfigError when it is not valid JSON."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise ConfigError(f"{path} is not valid JSON") from None
+    return data if isinstance(data, dict) else {}
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as transformers 5 hands them to a template: keys whose value is None dropped (an
+    API's `tool_calls: null` must read as absent), a reasoning under any of its names also given as
+    `thinking` and `reasoning_content`."""
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None}
+        reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
 
 
 def validate_messages(messages: Any, where: str) -> list[dict[str, str]]:

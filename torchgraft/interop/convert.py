@@ -22,7 +22,7 @@ from torchgraft.errors import CheckpointError, ConfigError
 
 Layout = Literal["hf", "torchgraft"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "vocab.json", "merges.txt", "tokenizer.model")
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
 SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}

@@ -36,9 +36,10 @@ log = logging.getLogger(__name__)
 
 
 def _specs() -> list[HFSpec]:
-    from torchgraft.interop import hf_bert, hf_gpt2, hf_llama
+    from torchgraft.interop import hf_bert, hf_decoders, hf_gpt2, hf_llama, hf_moe
 
-    return [hf_gpt2.SPEC, hf_llama.SPEC, hf_bert.SPEC]
+    return [hf_gpt2.SPEC, hf_llama.SPEC, hf_bert.SPEC,
+            *hf_decoders.SPECS, *hf_moe.SPECS]
 
 
 def supported_architectures() -> list[str]:

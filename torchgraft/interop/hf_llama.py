@@ -37,16 +37,41 @@ def rules(cfg: Any, p: str, arch: str) -> list[Rule]:
     return r
 
 
-def _rope_theta(hf: dict[str, Any], arch: str) -> float:
-    """rope_theta from transformers 4.x (`rope_theta`, `rope_scaling`) or 5.x (`rope_parameters`)."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise ConfigError(f"{arch} with RoPE scaling {kind!r} is not supported by torchgraft "
-                          "(only plain RoPE, rope_type 'default')")
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return float(theta)
+def _rope(hf: dict[str, Any], arch: str) -> dict[str, Any]:
+    """Our rope fields from transformers 4.x (`rope_theta`, `rope_scaling`) or 5.x (`rope_parameters`)."""
+    from torchgraft.interop.hf_decoders import rope_from_hf, rope_params
+
+    theta, s = rope_from_hf(rope_params(hf), hf, arch)
+    kind = s["type"]
+    if kind not in ("default", "llama3", "linear", "dynamic", "yarn"):
+        raise ConfigError(f"{arch} with RoPE scaling {kind!r} is not supported by torchgraft's llama "
+                          "(default, llama3, linear, dynamic, yarn)")
+    odd = [k for k, default in (("beta_fast", 32.0), ("beta_slow", 1.0), ("mscale", None), ("mscale_all_dim", None),
+                                ("attention_factor", None), ("truncate", True)) if s.get(k, default) != default]
+    if odd:
+        raise ConfigError(f"{arch} with RoPE {kind} settings {', '.join(odd)} is not supported by torchgraft's llama")
+    fields: dict[str, Any] = {"rope_base": theta, "rope_scaling": "none" if kind == "default" else kind}
+    if kind in ("llama3", "yarn"):
+        fields["rope_original_max_len"] = int(need(s, "original_max_position_embeddings", arch))
+    if kind != "default":  # yarn without a factor: max positions / original, as transformers
+        default = hf.get("max_position_embeddings", 1) / fields["rope_original_max_len"] if kind == "yarn" else 1.0
+        fields["rope_factor"] = float(s.get("factor") or default)
+    if kind == "llama3":
+        fields["rope_low_freq_factor"] = float(s.get("low_freq_factor", 1.0))
+        fields["rope_high_freq_factor"] = float(s.get("high_freq_factor", 4.0))
+    return fields
+
+
+def _rope_to_hf(cfg: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling,
+                           "rope_theta": cfg.rope_base}
+    if cfg.rope_scaling != "none":
+        out["factor"] = cfg.rope_factor
+    if cfg.rope_scaling in ("llama3", "yarn"):
+        out["original_max_position_embeddings"] = cfg.rope_original_max_len
+    if cfg.rope_scaling == "llama3":
+        out.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor)
+    return out
 
 
 def config_from_hf(hf: dict[str, Any], arch: str) -> dict[str, Any]:
@@ -67,7 +92,7 @@ def config_from_hf(hf: dict[str, Any], arch: str) -> dict[str, Any]:
         "intermediate_size": need(hf, "intermediate_size", arch),
         "block_size": hf.get("max_position_embeddings") or 4096,
         "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-        "rope_base": _rope_theta(hf, arch),
+        **_rope(hf, arch),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "bias": attn_bias,
         "dropout": float(hf.get("attention_dropout", 0.0) or 0.0),
@@ -91,7 +116,7 @@ def config_to_hf(cfg: Any) -> tuple[str, dict[str, Any]]:
         "max_position_embeddings": cfg.block_size,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_base,  # transformers 4.x
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},  # 5.x
+        "rope_parameters": _rope_to_hf(cfg),  # 5.x
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": cfg.bias,
         "mlp_bias": cfg.bias,

@@ -55,14 +55,20 @@ class DecoderLM(nn.Module):
       cache advances by T.
 
     Parts: `tok_emb`, optional learned `pos_emb`, optional `rotary` (shared with every block's
-    attention; cos/sin are computed once per forward), `blocks`, final `norm`, optional untied
-    `lm_head` (None = tied to `tok_emb`). No part is chosen here: see `gpt()` / `llama()`.
+    attention; cos/sin are computed once per forward; None when each attention holds its own, e.g.
+    Gemma 3's local/global bases or SmolLM3's NoPE layers), `blocks`, final `norm`, optional untied
+    `lm_head` (None = tied to `tok_emb`). `embed_scale` multiplies the token embeddings (Gemma:
+    sqrt(C)); `logit_softcap` caps the logits as `cap * tanh(logits / cap)` (Gemma 2). No part is
+    chosen here: see `gpt()` / `llama()` and the other family builders.
     """
 
     def __init__(self, config, *, tok_emb: nn.Embedding, blocks: list[nn.Module], norm: nn.Module,
                  pos_emb: nn.Embedding | None = None, rotary: RotaryEmbedding | None = None,
-                 lm_head: nn.Linear | None = None, dropout: float = 0.0, head_dim: int | None = None):
+                 lm_head: nn.Linear | None = None, dropout: float = 0.0, head_dim: int | None = None,
+                 embed_scale: float = 1.0, logit_softcap: float | None = None):
         super().__init__()
+        self.embed_scale = embed_scale
+        self.logit_softcap = logit_softcap
         self.config = config
         self.n_kv_head = config.n_kv_head or config.n_head
         self.head_dim = head_dim or config.n_embd // config.n_head
@@ -129,7 +135,9 @@ class DecoderLM(nn.Module):
             position_ids = torch.arange(offset, offset + t, device=input_ids.device)[None].expand(b, t)
         else:
             position_ids = position_ids.long()
-        x = self.tok_emb(input_ids)
+        x = self.tok_emb(input_ids)  # (B, T, C)
+        if self.embed_scale != 1.0:
+            x = x * x.new_tensor(self.embed_scale)  # rounded to the activation dtype, as transformers
         if self.pos_emb is not None:
             x = x + self.pos_emb(position_ids)
         x = self.drop(x)
@@ -145,9 +153,11 @@ class DecoderLM(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is None:
-            return linear(hidden, self.tok_emb.weight)
-        return self.lm_head(hidden)
+        """(B, T, C) -> (B, T, V), soft-capped when the family caps them."""
+        out = linear(hidden, self.tok_emb.weight) if self.lm_head is None else self.lm_head(hidden)
+        if self.logit_softcap is not None:
+            out = torch.tanh(out / self.logit_softcap) * self.logit_softcap
+        return out
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
@@ -208,17 +218,30 @@ def rms_norm(c) -> RMSNorm:
     return RMSNorm(c.n_embd, c.norm_eps)
 
 
+def pre_norm_block(c, attn: nn.Module, mlp: nn.Module, norm: Callable[[Any], nn.Module]) -> PreNormBlock:
+    """GPT-2 / Llama block: `x += attn(norm(x)); x += mlp(norm(x))`."""
+    return PreNormBlock(attn, mlp, norm(c), norm(c), dropout=c.dropout)
+
+
+BlockBuilder = Callable[[Any, nn.Module, nn.Module, Callable[[Any], nn.Module]], nn.Module]
+
+
 def decoder_lm(cls: type[DecoderLM], c, *, mlp: Callable[[Any], nn.Module], norm: Callable[[Any], nn.Module],
-               rotary: RotaryEmbedding | None, learned_positions: bool, head_dim: int | None = None) -> DecoderLM:
-    """Assemble `cls` from a config and the chosen parts: `n_layer` pre-norm blocks of
-    `decoder_attention(c, rotary, head_dim)` + `mlp(c)`, each with two `norm(c)`, then a final `norm(c)`."""
+               rotary: RotaryEmbedding | None, learned_positions: bool, head_dim: int | None = None,
+               attention: Callable[[Any, int], nn.Module] | None = None, block: BlockBuilder = pre_norm_block,
+               embed_scale: float = 1.0, logit_softcap: float | None = None) -> DecoderLM:
+    """Assemble `cls` from a config and the chosen parts: `n_layer` blocks `block(c, attention(c, i),
+    mlp(c), norm)` (default: pre-norm, `decoder_attention(c, rotary, head_dim)` in every layer),
+    then a final `norm(c)`."""
     _check_transformer_config(c, head_dim)
-    blocks = [PreNormBlock(decoder_attention(c, rotary, head_dim), mlp(c), norm(c), norm(c), dropout=c.dropout)
-              for _ in range(c.n_layer)]
+    if attention is None:
+        def attention(c, i: int) -> nn.Module:
+            return decoder_attention(c, rotary, head_dim)
+    blocks = [block(c, attention(c, i), mlp(c), norm) for i in range(c.n_layer)]
     return cls(c, tok_emb=Embedding(c.vocab_size, c.n_embd), blocks=blocks, norm=norm(c),
                pos_emb=Embedding(c.block_size, c.n_embd) if learned_positions else None, rotary=rotary,
                lm_head=None if c.tie_embeddings else Linear(c.n_embd, c.vocab_size, bias=False),
-               dropout=c.dropout, head_dim=head_dim)
+               dropout=c.dropout, head_dim=head_dim, embed_scale=embed_scale, logit_softcap=logit_softcap)
 
 
 class GPT(DecoderLM):

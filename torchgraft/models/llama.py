@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from torchgraft.models.decoder import RopeScalingConfig
 from torchgraft.models.gpt import DecoderLM, _check_transformer_config, decoder_lm, rms_norm, swiglu_mlp
 from torchgraft.models.registry import register_family, register_preset
 from torchgraft.nn.rope import RotaryEmbedding
@@ -26,8 +27,9 @@ class LlamaConfig:
     activation: str = "silu"  # SwiGLU
     head_dim: int | None = None  # None = n_embd // n_head
     init_std: float = 0.02
-    # Llama 3.1+ RoPE frequency scaling (HF rope_type "llama3"); "none" = plain RoPE
-    rope_scaling: Literal["none", "llama3"] = "none"
+    # RoPE frequency scaling (HF rope_type): "llama3" (Llama 3.1+), "linear", "dynamic" (NTK, from
+    # block_size), "yarn" (default betas); "none" = plain RoPE. rope_factor is every scaling's factor
+    rope_scaling: Literal["none", "llama3", "linear", "dynamic", "yarn"] = "none"
     rope_factor: float = 8.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
@@ -42,13 +44,11 @@ class Llama(DecoderLM):
 
 
 def llama_rotary(c: LlamaConfig) -> RotaryEmbedding:
-    """The one RoPE module of a Llama config (rotate-half; "llama3" frequency scaling if asked)."""
-    scaling = None
-    if c.rope_scaling == "llama3":
-        scaling = dict(type="llama3", factor=c.rope_factor, low_freq_factor=c.rope_low_freq_factor,
-                       high_freq_factor=c.rope_high_freq_factor,
-                       original_max_position_embeddings=c.rope_original_max_len)
-    return RotaryEmbedding(c.head_dim or c.n_embd // c.n_head, c.rope_base, scaling=scaling)
+    """The one RoPE module of a Llama config (rotate-half; frequency scaling if asked)."""
+    kind = "default" if c.rope_scaling == "none" else c.rope_scaling
+    scaling = RopeScalingConfig(type=kind, factor=c.rope_factor, original_max_position_embeddings=c.rope_original_max_len,
+                                low_freq_factor=c.rope_low_freq_factor, high_freq_factor=c.rope_high_freq_factor)
+    return RotaryEmbedding(c.head_dim or c.n_embd // c.n_head, c.rope_base, scaling=scaling.scaling(c.block_size))
 
 
 def llama(config: LlamaConfig) -> Llama:

@@ -35,6 +35,10 @@ class LayerKVCache:
         self.v[:, :, start:end] = v.to(self.v.dtype)
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def query_slots(self, t: int, device: torch.device | None = None) -> torch.Tensor:
+        """(T,) cache slots of the next `t` queries (for sliding-window masks)."""
+        return torch.arange(self.pos, self.pos + t, device=device)
+
 
 class _CacheBuffers:
     """What both caches read off their per-layer buffers `k`, `v` (lists of (B, H_kv, S, D) tensors)."""
@@ -134,6 +138,10 @@ class StaticLayerKVCache:
         self.k.index_copy_(2, index, k.to(self.k.dtype))
         self.v.index_copy_(2, index, v.to(self.v.dtype))
         return self.k, self.v
+
+    def query_slots(self, t: int, device: torch.device | None = None) -> torch.Tensor:
+        """(T,) cache slots of the next queries: the slots being written."""
+        return self.parent.index
 
 
 class StaticKVCache(_CacheBuffers):

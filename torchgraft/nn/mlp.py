@@ -86,3 +86,24 @@ class GatedMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}"
+
+
+class FusedGatedMLP(nn.Module):
+    """`GatedMLP` with gate and up in one `gate_up_proj` (Phi-3 / Phi-4 checkpoints and PEFT targets):
+    `down_proj(act(gate) * up)`, `[gate, up] = gate_up_proj(x).chunk(2)`."""
+
+    output_projection = "down_proj"
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False, activation: str = "silu"):
+        super().__init__()
+        self.activation = activation
+        self.act = activation_fn(activation)
+        self.gate_up_proj = Linear(dim, 2 * hidden, bias=bias)
+        self.down_proj = Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, hidden) each
+        return self.down_proj(self.act(gate) * up)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"

@@ -39,6 +39,31 @@ class RMSNorm(nn.Module):
         return f"{self.dim}, eps={self.eps}"
 
 
+class OffsetRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: `x / rms(x) * (1 + weight)`, all in float32, cast back at the end; the weight
+    is stored as the offset from 1 (checkpoints hold it that way), so it starts at zero."""
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class HeadNorm(nn.Module):
+    """Apply `norm` (over head_dim) to each head of a (..., heads * head_dim) projection (Qwen3, Gemma 3 q/k norm)."""
+
+    def __init__(self, norm: nn.Module, head_dim: int):
+        super().__init__()
+        self.norm = norm
+        self.head_dim = head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.unflatten(-1, (-1, self.head_dim))).flatten(-2)  # (..., H, D) -> (..., H * D)
+
+
 def make_norm(kind: str, dim: int, eps: float, bias: bool = True) -> nn.Module:
     """`kind` is "layer" or "rms"."""
     if kind == "layer":

@@ -82,9 +82,11 @@ def check_tokenizer_fits(lm: LoadedLM) -> None:
 # ---- perplexity -----------------------------------------------------------------------------------
 @torch.inference_mode()
 def perplexity(model: nn.Module, dataset: Any, batch_size: int = 16, max_batches: int | None = None,
-               device: str | torch.device | None = None) -> dict[str, float]:
+               device: str | torch.device | None = None, collate: Any = None) -> dict[str, float]:
     """Mean next-token NLL (nats) and its exp over an LM dataset of {"input_ids", "labels"} items
-    (labels already shifted, -100 ignored). Every predicted token counts once."""
+    (labels already shifted, -100 ignored). Every predicted token counts once. `collate`: the data's
+    own batcher (e.g. SFT's, which pads rows of different lengths and adds the attention mask and
+    positions the model is called with)."""
     if len(dataset) == 0:
         raise ConfigError("the evaluation set is empty (text shorter than seq_len + 1 tokens)")
     model.eval()
@@ -99,9 +101,11 @@ def perplexity(model: nn.Module, dataset: Any, batch_size: int = 16, max_batches
             batch = dataset.get_batch(idx)
         else:
             rows = [dataset[int(i)] for i in idx]
-            batch = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "labels")}
+            batch = collate(rows) if collate is not None else \
+                {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "labels")}
         x, y = batch["input_ids"].to(device), batch["labels"].to(device)
-        logits = model(x).float()  # (B, T, V)
+        extra = {k: batch[k].to(device) for k in ("attention_mask", "position_ids") if batch.get(k) is not None}
+        logits = model(x, **extra).float()  # (B, T, V)
         total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100,
                                  reduction="sum").item()
         count += int((y != -100).sum())
@@ -137,15 +141,15 @@ def eval_lm(path: str | Path, data: str | None = None, *, field: str = "text", s
         bundle = build_data(section)
         if bundle.val is None:
             raise ConfigError("the run's data has no validation split; pass --data FILE_OR_DIR")
-        dataset, what = bundle.val, f"validation split of {lm.data.get('name')}"
+        dataset, what, collate = bundle.val, f"validation split of {lm.data.get('name')}", bundle.collate_fn
     else:
         if lm.tokenizer is None:
             raise ConfigError(f"no tokenizer.json found for {path}; put one next to the weights")
         shard_dir = build_shards(data, field, lm.tokenizer, cache_dir, progress=False)
         stream = TokenStream(shard_dir)
-        dataset, what = PackedWindows(stream, 0, len(stream), seq_len), str(data)
+        dataset, what, collate = PackedWindows(stream, 0, len(stream), seq_len), str(data), None
     check_tokenizer_fits(lm)
-    out = perplexity(lm.model, dataset, batch_size=batch_size, max_batches=max_batches)
+    out = perplexity(lm.model, dataset, batch_size=batch_size, max_batches=max_batches, collate=collate)
     return {**out, "data": what, "seq_len": seq_len, "model": str(lm.path)}
 
 

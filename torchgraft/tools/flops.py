@@ -5,7 +5,8 @@ per-token training cost of a transformer (nanoGPT / PaLM appendix B):
 
 N: parameters that multiply activations (linear / conv weights and biases, including an output
 head tied to the token embedding), i.e. every parameter except embedding lookups (token embeddings
-that are not reused as the head, learned positions) and norm scales. For GPT-2 this is nanoGPT's
+that are not reused as the head, learned positions) and norm scales; in a mixture-of-experts model
+only the active share (top_k / E) of the expert weights. For GPT-2 this is nanoGPT's
 `get_num_params()` minus the 38,400 LayerNorm parameters (-0.03%). L layers, H = n_head * head_dim
 (the attention width), T the sequence length. Causal masking is not discounted (as in nanoGPT).
 
@@ -207,8 +208,11 @@ def flops_report(model: nn.Module, input: InputSpec = None, *, input_size: Any =
     if cfg is not None and getattr(cfg, "vocab_size", None) and input is None and input_size is None:
         t = seq_len or getattr(cfg, "block_size", None) or 128
         tokens = cnt.batch * t
-        analytic = analytic_flops_per_token(cnt.matmul_params, dims[0], dims[1], t) if dims else None
+        from torchgraft.nn.moe import inactive_expert_params
+
+        n_active = cnt.matmul_params - inactive_expert_params(model)
+        analytic = analytic_flops_per_token(n_active, dims[0], dims[1], t) if dims else None
         return FlopsReport("token", cnt.forward / tokens, cnt.forward_backward / tokens, analytic,
-                           cnt.matmul_params, t, cnt)
+                           n_active, t, cnt)
     return FlopsReport("sample", cnt.forward / cnt.batch, cnt.forward_backward / cnt.batch, None,
                        cnt.matmul_params, None, cnt)

@@ -195,6 +195,19 @@ def _deepen_blocks(model: nn.Module, name: str, container: nn.Module, plan: Plan
     return len(new_list)
 
 
+def _per_layer_fields(cfg: Any, n_old: int, n: int) -> dict[str, list]:
+    """Config lists with one entry per block (`cfg.per_layer_fields`, e.g. Gemma's `layer_types`),
+    extended as `_deepen_blocks` extends the blocks: each new block takes its template's entry."""
+    after = _positions(n_old, n)
+    sources = [j for i in range(n_old) for j in [i] * (1 + after.count(i))]
+    out = {}
+    for f in getattr(cfg, "per_layer_fields", ()):
+        values = getattr(cfg, f, None)
+        if values is not None:
+            out[f] = [values[j] for j in sources]
+    return out
+
+
 def _relu_like(m: nn.Module) -> bool:
     return isinstance(m, (nn.ReLU, nn.ReLU6))
 
@@ -485,7 +498,9 @@ def grow(model: nn.Module, depth: int | None = None, width: float | None = None,
             for name, container, plan in lists:
                 sizes[name] = _deepen_blocks(big, name, container, plan, depth, report)
             if len(lists) == 1:
-                _update_config(big, n_layer=next(iter(sizes.values())))
+                n_old = len(list(lists[0][1].children()))
+                _update_config(big, n_layer=next(iter(sizes.values())),
+                               **_per_layer_fields(getattr(big, "config", None), n_old, depth))
             else:
                 cfg_layers = getattr(getattr(big, "config", None), "layers", None)
                 if isinstance(cfg_layers, (tuple, list)) and len(cfg_layers) == len(lists):

@@ -134,7 +134,7 @@ def check_combinations(tree: dict[str, Any]) -> None:
     if isinstance(steps, int) and isinstance(warm, int) and warm > 0 and warm >= steps:
         raise ConfigError(f"schedule.warmup_steps={warm} is not below trainer.max_steps={steps}: the whole run "
                           f"would be warm-up (the learning rate reaches {steps / warm:.2g} x optim.lr only at its "
-                          f"last step); lower schedule.warmup_steps (e.g. {steps // 10}, or 0 for none) or raise "
+                          f"last step); lower schedule.warmup_steps (below {steps}, or 0 for none) or raise "
                           "trainer.max_steps")
 
 

@@ -6,6 +6,11 @@ time from the final hidden states and the output embedding (`torchgraft.nn.losse
 (B, T, V) float32 logits never exist (large vocabularies: 2 x 6 GiB at V = 128k, 12 x 1024 tokens).
 Needs a decoder LM with `forward(..., return_hidden=True)` and `output_embedding()` (the zoo's
 gpt / llama families); not with FSDP sharding (the head weight is sharded outside the forward).
+
+Option `router_aux_coef: c` (`task: {name: lm, router_aux_coef: 0.01}`, mixture-of-experts models):
+adds `c * load_balancing_loss` (transformers' `load_balancing_loss_func` over every MoE block's router
+logits of this forward, padding excluded) per target token, so the normalised loss is
+`cross-entropy + c * aux` as in transformers' `...ForCausalLM` with `output_router_logits`.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from torch import nn
 
 from torchgraft.errors import ConfigError
 from torchgraft.nn.losses import chunked_cross_entropy, chunked_cross_entropy_stats
+from torchgraft.nn.moe import load_balancing_loss, moe_blocks, router_logits_of
 from torchgraft.train.tasks.base import IGNORE_INDEX, Task, register_task
 from torchgraft.train.tasks.classification import logits_of
 
@@ -30,8 +36,11 @@ class CausalLMTask(Task):
     name = "lm"
     unit = "tokens"
 
-    def __init__(self, chunked_ce: int | None = None):
+    def __init__(self, chunked_ce: int | None = None, router_aux_coef: float = 0.0):
         super().__init__()
+        if isinstance(router_aux_coef, bool) or not isinstance(router_aux_coef, (int, float)) or router_aux_coef < 0:
+            raise ConfigError(f"task.router_aux_coef must be a number >= 0 (e.g. 0.01), got {router_aux_coef!r}")
+        self.router_aux_coef = float(router_aux_coef)
         if chunked_ce is not None and (isinstance(chunked_ce, bool) or not isinstance(chunked_ce, int)
                                        or chunked_ce < 1):
             raise ConfigError(f"task.chunked_ce must be a positive number of token rows per chunk "
@@ -46,6 +55,9 @@ class CausalLMTask(Task):
             raise ConfigError(f"task.chunked_ce needs a decoder LM with output_embedding() and "
                               f"forward(..., return_hidden=True) (the gpt / llama families); "
                               f"{type(inner).__name__} has none: remove task.chunked_ce")
+        if getattr(inner, "logit_softcap", None) is not None:
+            raise ConfigError(f"task.chunked_ce computes logits as hidden @ head, but {type(inner).__name__} "
+                              "soft-caps its logits (Gemma 2): remove task.chunked_ce")
         weight = inner.output_embedding()
         if hasattr(weight, "full_tensor"):
             raise ConfigError("task.chunked_ce does not work with FSDP sharding (the head weight is "
@@ -67,9 +79,21 @@ class CausalLMTask(Task):
     def loss_sum(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         if self.chunked_ce:
             hidden, weight = self._hidden_and_head(model, batch)
-            return chunked_cross_entropy(hidden, weight, batch["labels"], self.chunked_ce, IGNORE_INDEX)
-        logits, labels = self._flat(model, batch)
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+            loss = chunked_cross_entropy(hidden, weight, batch["labels"], self.chunked_ce, IGNORE_INDEX)
+        else:
+            logits, labels = self._flat(model, batch)
+            loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        if self.router_aux_coef:
+            loss = loss + self.router_aux_coef * self._router_aux(model, batch) * self.count(batch)
+        return loss
+
+    def _router_aux(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """The load-balancing loss of the forward just run (its MoE blocks kept their router logits)."""
+        blocks = moe_blocks(model)
+        if not blocks:
+            raise ConfigError(f"task.router_aux_coef needs a mixture-of-experts model (mixtral, qwen3_moe); "
+                              f"{type(model).__name__} has no MoE block: remove task.router_aux_coef")
+        return load_balancing_loss(router_logits_of(model), blocks[0].top_k, batch.get("attention_mask"))
 
     def eval_sums(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if self.chunked_ce:
