@@ -186,14 +186,14 @@ def test_batched_greedy_equals_solo_and_short_requests_do_not_wait(server):
     c = client(url, KEY)
     lengths = [40, 8, 30, 12, 25, 5, 35, 16]  # 8 requests on 4 slots: admissions while others decode
     solo = [ref(art, p, n)[0] for p, n in zip(PROMPTS, lengths)]
-    out, done_at = [None] * len(PROMPTS), [0.0] * len(PROMPTS)
+    out = [None] * len(PROMPTS)
     steps0 = app.service.scheduler.steps
     barrier = threading.Barrier(len(PROMPTS))
 
     def work(i):
         barrier.wait()
         r = c.completions.create(model="tiny-llama", prompt=PROMPTS[i], max_tokens=lengths[i], temperature=0)
-        out[i], done_at[i] = r.choices[0].text, time.perf_counter()
+        out[i] = r.choices[0].text
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(PROMPTS))]
     for t in threads:
@@ -203,8 +203,39 @@ def test_batched_greedy_equals_solo_and_short_requests_do_not_wait(server):
     assert out == solo
     steps = app.service.scheduler.steps - steps0
     assert steps < sum(lengths) * 0.6  # decode steps were shared between requests
-    # the 5-token request finished before the 40-token one that was running beside it
-    assert done_at[5] < done_at[0]
+
+
+def test_a_short_request_does_not_wait_for_a_running_long_one(server):
+    """Admitted while a long request decodes, a short one finishes first (no request waits for
+    another to finish). The long one is held in a slot before the short one is sent, and each decode
+    step is slowed to 5 ms, so the order does not depend on thread start-up or machine speed."""
+    url, app, art = server
+    c = client(url, KEY)
+    sched = app.service.scheduler
+    step = sched.decoder.step
+    done_at = {}
+
+    def slow_step(*a, **kw):
+        time.sleep(0.005)
+        return step(*a, **kw)
+
+    def work(name, prompt, n):
+        r = c.completions.create(model="tiny-llama", prompt=prompt, max_tokens=n, temperature=0)
+        done_at[name] = (time.perf_counter(), r.usage.completion_tokens)
+
+    sched.decoder.step = slow_step
+    try:
+        long = threading.Thread(target=work, args=("long", PROMPTS[0], 40))
+        long.start()
+        deadline = time.monotonic() + 60
+        while sched.stats()["running"] == 0 and "long" not in done_at and time.monotonic() < deadline:
+            time.sleep(0.001)
+        work("short", PROMPTS[5], 5)
+        long.join()
+    finally:
+        sched.decoder.step = step
+    assert done_at["long"][1] > done_at["short"][1]  # the long request really is longer
+    assert done_at["short"][0] < done_at["long"][0]
 
 
 def test_client_disconnect_frees_the_slot(tmp_path, one_thread):
