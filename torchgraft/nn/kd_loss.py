@@ -30,7 +30,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from torchgraft.nn.losses import IGNORE_INDEX, _compute_dtype
+from torchgraft.nn.losses import IGNORE_INDEX, HeadGrads, _compute_dtype
 
 Divergence = Literal["forward_kl", "reverse_kl", "symmetric", "jsd"]
 DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "symmetric", "jsd")
@@ -90,9 +90,7 @@ class _ChunkedDistill(torch.autograd.Function):
         n = hidden.shape[0]
         w, tw = weight.to(dtype), t_weight.to(dtype)  # (V, C), (V, Ct)
         sums = torch.zeros(3, dtype=torch.float32, device=hidden.device)  # loss, kd, ce
-        grad_h = torch.empty_like(hidden) if need_grad and ctx.needs_input_grad[0] else None  # (N, C)
-        grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                  if need_grad and ctx.needs_input_grad[1] else None)  # (V, C) fp32 accumulator
+        grads = HeadGrads(ctx, hidden, weight, need_grad)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, n, chunk_size):
                 h = hidden[start:start + chunk_size].to(dtype)  # (n_c, C)
@@ -100,33 +98,21 @@ class _ChunkedDistill(torch.autograd.Function):
                 t_logits = (t_hidden[start:start + chunk_size].to(dtype) @ tw.t()).float()  # (n_c, V)
                 z = (h @ w.t()).float().detach()  # (n_c, V), a leaf of the local autograd pass
                 with torch.enable_grad():
-                    z.requires_grad_(grad_h is not None or grad_w is not None)
+                    z.requires_grad_(grads.wanted)
                     part = _rows_loss(z, t_logits, y, kind, temperature, alpha)
                     if z.requires_grad:
                         (g,) = torch.autograd.grad(part.loss, z)  # (n_c, V) d loss / d logits
                 sums += torch.stack([part.loss.detach(), part.kd, part.ce])
-                if not z.requires_grad:
-                    continue
-                g = g.to(dtype)
-                if grad_h is not None:
-                    grad_h[start:start + chunk_size] = (g @ w).to(hidden.dtype)
-                if grad_w is not None:
-                    grad_w += (g.t() @ h).float()
-        ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0),
-                              grad_w if grad_w is not None else torch.empty(0))
-        ctx.has = (grad_h is not None, grad_w is not None)
-        ctx.weight_dtype = weight.dtype
+                if z.requires_grad:
+                    grads.add(start, g, h, w)
+        grads.save(ctx, weight)
         kd, ce = sums[1].clone(), sums[2].clone()
         ctx.mark_non_differentiable(kd, ce)
         return sums[0].clone(), kd, ce
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_kd: torch.Tensor, _grad_ce: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        has_h, has_w = ctx.has
-        gh = grad_h * grad_loss.to(grad_h.dtype) if has_h else None
-        gw = (grad_w * grad_loss).to(ctx.weight_dtype) if has_w else None
-        return gh, gw, None, None, None, None, None, None, None, None, None
+        return (*HeadGrads.scaled(ctx, grad_loss), None, None, None, None, None, None, None, None, None)
 
 
 def chunked_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,

@@ -28,6 +28,45 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
+class HeadGrads:
+    """Gradients of a chunked vocabulary head `hidden @ weight.T`, accumulated chunk by chunk during the
+    forward pass (so the (N, V) logits never exist at once) and scaled by the upstream gradient in
+    backward. Shared by the chunked cross-entropy and the chunked distillation loss."""
+
+    def __init__(self, ctx, hidden: torch.Tensor, weight: torch.Tensor, need_grad: bool):
+        self.grad_h = torch.empty_like(hidden) if need_grad and ctx.needs_input_grad[0] else None  # (N, C)
+        self.grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if need_grad and ctx.needs_input_grad[1] else None)  # (V, C) fp32 accumulator
+
+    @property
+    def wanted(self) -> bool:
+        return self.grad_h is not None or self.grad_w is not None
+
+    def add(self, start: int, g: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
+        """One chunk: g (n_c, V) = d loss / d logits of rows `start:start + n_c`, h (n_c, C) and w (V, C)
+        in the compute dtype."""
+        g = g.to(w.dtype)
+        if self.grad_h is not None:
+            self.grad_h[start:start + g.shape[0]] = (g @ w).to(self.grad_h.dtype)
+        if self.grad_w is not None:
+            self.grad_w += (g.t() @ h).float()
+
+    def save(self, ctx, weight: torch.Tensor) -> None:
+        ctx.save_for_backward(self.grad_h if self.grad_h is not None else torch.empty(0),
+                              self.grad_w if self.grad_w is not None else torch.empty(0))
+        ctx.has = (self.grad_h is not None, self.grad_w is not None)
+        ctx.weight_dtype = weight.dtype
+
+    @staticmethod
+    def scaled(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(d hidden, d weight) for the upstream gradient `grad_out` of the summed loss."""
+        grad_h, grad_w = ctx.saved_tensors
+        has_h, has_w = ctx.has
+        gh = grad_h * grad_out.to(grad_h.dtype) if has_h else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if has_w else None
+        return gh, gw
+
+
 class _ChunkedCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
@@ -35,9 +74,7 @@ class _ChunkedCE(torch.autograd.Function):
         n = hidden.shape[0]
         w = weight.to(dtype)  # (V, C)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_grad and ctx.needs_input_grad[0] else None  # (N, C)
-        grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                  if need_grad and ctx.needs_input_grad[1] else None)  # (V, C) fp32 accumulator
+        grads = HeadGrads(ctx, hidden, weight, need_grad)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, n, chunk_size):
                 h = hidden[start:start + chunk_size].to(dtype)  # (n_c, C)
@@ -48,30 +85,19 @@ class _ChunkedCE(torch.autograd.Function):
                 lse = torch.logsumexp(logits, dim=-1)  # (n_c,)
                 picked = logits.gather(1, target[:, None])[:, 0]
                 loss += torch.where(valid, lse - picked, 0.0).sum()
-                if grad_h is None and grad_w is None:
+                if not grads.wanted:
                     continue
                 # d(sum CE)/d logits = softmax - onehot, zero on ignored rows; reuse the logits buffer
                 g = logits.sub_(lse[:, None]).exp_()
                 g.scatter_add_(1, target[:, None], torch.full_like(picked[:, None], -1.0))
                 g.mul_(valid[:, None])
-                g = g.to(dtype)
-                if grad_h is not None:
-                    grad_h[start:start + chunk_size] = (g @ w).to(hidden.dtype)
-                if grad_w is not None:
-                    grad_w += (g.t() @ h).float()
-        ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0),
-                              grad_w if grad_w is not None else torch.empty(0))
-        ctx.has = (grad_h is not None, grad_w is not None)
-        ctx.weight_dtype = weight.dtype
+                grads.add(start, g, h, w)
+        grads.save(ctx, weight)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        has_h, has_w = ctx.has
-        gh = grad_h * grad_out.to(grad_h.dtype) if has_h else None
-        gw = (grad_w * grad_out).to(ctx.weight_dtype) if has_w else None
-        return gh, gw, None, None, None, None, None
+        return (*HeadGrads.scaled(ctx, grad_out), None, None, None, None, None)
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
