@@ -8,7 +8,7 @@ import torch
 import torchgraft
 from torchgraft.errors import CheckpointError
 from torchgraft.train import CheckpointFallbackWarning, load_checkpoint, load_model, run_training
-from torchgraft.train.checkpoint import (CheckpointManager, list_checkpoints, load_latest,
+from torchgraft.checkpoint.files import (CheckpointManager, list_checkpoints, load_latest,
                                          load_optimizer_state, write_checkpoint)
 
 SMALL = {"model": {"name": "lenet", "conv_channels": [4, 8], "hidden": 32}, "data": {"name": "digits"},

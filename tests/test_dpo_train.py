@@ -23,7 +23,8 @@ from torchgraft.data.tokenizers import char_tokenizer, load_tokenizer
 from torchgraft.errors import ConfigError
 from torchgraft.recipes.finetune import run_finetune
 from torchgraft.train import run_training
-from torchgraft.train.checkpoint import list_checkpoints, load_model
+from torchgraft.checkpoint.files import list_checkpoints
+from torchgraft.checkpoint.model import load_model
 from torchgraft.train.tasks import build_task
 from torchgraft.train.tasks.pairwise import pair_logps
 

@@ -14,7 +14,7 @@ from torchgraft.data.text import builtin_documents
 from torchgraft.errors import CheckpointError, ConfigError
 from torchgraft.recipes.lm import eval_lm, perplexity
 from torchgraft.testing import assert_close_computed, tolerance, transformer_tol
-from torchgraft.train.checkpoint import write_checkpoint
+from torchgraft.checkpoint.files import write_checkpoint
 from torchgraft.train.trainer import model_meta
 
 

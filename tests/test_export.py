@@ -219,7 +219,7 @@ def test_export_sources_lora_run_and_hf_dir(tmp_path, one_thread):
     from torchgraft.interop.export_source import load_export_source
     from torchgraft.interop.hf import save_hf
     from torchgraft.peft import apply_lora, save_adapter
-    from torchgraft.train.checkpoint import write_checkpoint
+    from torchgraft.checkpoint.files import write_checkpoint
     from torchgraft.train.trainer import model_meta
 
     model = torchgraft.build("gpt-tiny").eval()

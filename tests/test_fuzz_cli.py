@@ -188,7 +188,7 @@ def test_second_writer_is_refused_and_a_stale_lock_taken_over(runs, tmp_path, ca
 
 
 def test_resume_applies_changed_optimizer_settings(tmp_path, capsys, one_thread):
-    from torchgraft.train.checkpoint import load_latest
+    from torchgraft.checkpoint.files import load_latest
 
     out = tmp_path / "r"
     assert run(["train", *LENET, "checkpoint.every=2", "--out", out], capsys)[0] == 0
@@ -208,8 +208,8 @@ def test_resume_applies_changed_optimizer_settings(tmp_path, capsys, one_thread)
 
 
 def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, capsys, monkeypatch, one_thread):
-    import torchgraft.train.checkpoint as ckmod
-    from torchgraft.train.checkpoint import load_latest
+    import torchgraft.checkpoint.files as ckmod
+    from torchgraft.checkpoint.files import load_latest
 
     out = tmp_path / "r"
     assert run(["train", *LENET, "checkpoint.every=2", "--out", out], capsys)[0] == 0
@@ -233,7 +233,7 @@ def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, ca
 
 _KILL_IN_ROTATION = """
 import os, signal, sys
-import torchgraft.train.checkpoint as ck
+import torchgraft.checkpoint.files as ck
 real = ck.remove_dir
 def kill(path):
     if "step_" in str(path):  # renamed aside, not yet deleted: die here
@@ -246,7 +246,7 @@ main(sys.argv[1:])
 
 
 def test_sigkill_during_rotation_of_old_checkpoints_resumes(tmp_path, capsys, one_thread):
-    from torchgraft.train.checkpoint import list_checkpoints, load_latest
+    from torchgraft.checkpoint.files import list_checkpoints, load_latest
 
     out = tmp_path / "r"
     argv = [*LENET, "trainer.max_steps=6", "checkpoint.every=1", "checkpoint.keep_last=1", "--out", str(out)]

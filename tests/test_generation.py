@@ -169,7 +169,7 @@ def test_bad_generation_inputs(char_setup):
 
 
 def _run_dir(model, tok, root):
-    from torchgraft.train.checkpoint import write_checkpoint
+    from torchgraft.checkpoint.files import write_checkpoint
     from torchgraft.train.trainer import model_meta
 
     run = root / "run"

@@ -30,7 +30,7 @@ def _hf_llama(path):
 
 def test_convert_hf_to_torchgraft_and_back(tmp_path):
     from torchgraft.cli import main
-    from torchgraft.train.checkpoint import load_model
+    from torchgraft.checkpoint.model import load_model
 
     src, ck, out = tmp_path / "hf", tmp_path / "tg", tmp_path / "hf2"
     src.mkdir()
@@ -57,7 +57,7 @@ def test_convert_hf_to_torchgraft_and_back(tmp_path):
 
 def test_convert_run_dir_picks_newest_checkpoint(tmp_path):
     from torchgraft.config import to_dict
-    from torchgraft.train.checkpoint import write_checkpoint
+    from torchgraft.checkpoint.files import write_checkpoint
 
     run = tmp_path / "run"
     models = {}

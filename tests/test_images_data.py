@@ -209,7 +209,7 @@ def test_sigkill_and_resume_with_workers_is_bitwise_equal(tmp_path):
 
     from safetensors.torch import load_file
 
-    from torchgraft.train.checkpoint import list_checkpoints
+    from torchgraft.checkpoint.files import list_checkpoints
 
     root = make_tree(tmp_path / "pics", per_class=6, size=(20, 20))
     script = tmp_path / "train.py"

@@ -14,7 +14,7 @@ from torch import nn
 
 from torchgraft.data import build_data
 from torchgraft.train import Callback, run_training
-from torchgraft.train.checkpoint import list_checkpoints
+from torchgraft.checkpoint.files import list_checkpoints
 
 CFG = {"model": {}, "data": {"name": "digits"},
        "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.01},

@@ -10,7 +10,7 @@ import torchgraft
 from torchgraft.rl.normalize import RunningNorm, normalizer_from_state
 from torchgraft.rl.ppo import PPOTrainer, compute_gae, load_ppo_config, ppo_loss, run_ppo
 from torchgraft.rl.transfer import transfer_policy
-from torchgraft.train.checkpoint import load_latest
+from torchgraft.checkpoint.files import load_latest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

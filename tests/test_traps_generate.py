@@ -58,7 +58,7 @@ def test_special_token_stop_string_stops_generate_and_stream(chat_tok):
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    from torchgraft.train.checkpoint import write_checkpoint
+    from torchgraft.checkpoint.files import write_checkpoint
     from torchgraft.train.trainer import model_meta
 
     tok = char_tokenizer(builtin_documents())

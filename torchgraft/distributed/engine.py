@@ -10,7 +10,7 @@
 - FSDP checkpoints hold the DCP shards of model + optimizer (`dcp/`) next to the usual files
   (a full `model.safetensors` gathered on rank 0, meta, trainer state, RNG, sha256 manifest), so
   they resume with any number of processes; DDP checkpoints are the single-file ones, written by
-  rank 0. Both go through the one writer, `torchgraft.train.checkpoint.write_checkpoint_dir`.
+  rank 0. Both go through the one writer, `torchgraft.checkpoint.files.write_checkpoint_dir`.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from torchgraft.distributed.config import DistributedConfig, distributed_config
 from torchgraft.distributed.env import DistInfo, barrier, init_distributed, launched_by_torchrun
 from torchgraft.distributed.parallel import find_blocks, grad_sync, parallelize, strategy_of, unwrap
 from torchgraft.errors import CheckpointError, ConfigError
-from torchgraft.train.checkpoint import list_checkpoints, load_optimizer_state
+from torchgraft.checkpoint.files import list_checkpoints, load_optimizer_state
 from torchgraft.train.config import RunConfig
 from torchgraft.train.engine import LocalEngine, LossFn, ModelBuilder, WriteShards, read_resumable, resolve_device
 

@@ -2,7 +2,7 @@
 
 - HF -> torchgraft: `load_hf` (lazy, meta-device build), then a checkpoint folder in the trainer's
   format (`model.safetensors` under our state-dict names, `meta.json` with model family/name/config,
-  `manifest.json`), so `torchgraft.train.checkpoint.load_model(DST)` rebuilds it.
+  `manifest.json`), so `torchgraft.checkpoint.files.load_model(DST)` rebuilds it.
 - torchgraft -> HF: a checkpoint folder or run directory (its newest good checkpoint) -> `save_hf`.
 
 Tokenizer files found next to the source (for a run: the checkpoint folder, the run root or
@@ -72,7 +72,7 @@ def hf_to_torchgraft(src: str | Path, dst: str | Path, *, dtype: torch.dtype | N
                      strict: bool = True) -> ConvertResult:
     from torchgraft.config import to_dict
     from torchgraft.interop.hf import load_hf_with_report, read_hf_config
-    from torchgraft.train.checkpoint import write_checkpoint
+    from torchgraft.checkpoint.files import write_checkpoint
 
     src, dst = Path(src), Path(dst)
     model, report = load_hf_with_report(src, dtype=dtype, strict=strict)
@@ -103,7 +103,7 @@ def _build_from_checkpoint(meta: dict, state: dict[str, torch.Tensor], where: Pa
     if not m.get("family"):
         raise CheckpointError(f"{where}/meta.json does not name a registered model family")
     from torchgraft.peft import unload
-    from torchgraft.train.adapters import attach_saved_adapters, load_weights
+    from torchgraft.checkpoint.model import attach_saved_adapters, load_weights
 
     model = build({"family": m["family"], **m.get("config", {})}, device="meta")
     model.model_name = m.get("name", m["family"])
@@ -118,7 +118,7 @@ def _build_from_checkpoint(meta: dict, state: dict[str, torch.Tensor], where: Pa
 def torchgraft_to_hf(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = None,
                      max_shard_size: int | str = "5GB") -> ConvertResult:
     from torchgraft.interop.hf import hf_config_for, save_hf
-    from torchgraft.train.checkpoint import load_latest
+    from torchgraft.checkpoint.files import load_latest
 
     src, dst = Path(src), Path(dst)
     loaded = load_latest(src)  # newest checkpoint whose manifest verifies

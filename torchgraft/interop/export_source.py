@@ -2,7 +2,7 @@
 a `finetune --merge` output (`merged/`) or a Hugging Face directory, plus the metadata the file
 carries (labels, tokenizer location).
 
-- run dir / checkpoint folder: the newest good checkpoint (`train.checkpoint.load_latest`), rebuilt from
+- run dir / checkpoint folder: the newest good checkpoint (`checkpoint.files.load_latest`), rebuilt from
   its meta.json. A LoRA/DoRA fine-tune run's checkpoints hold the adapter tensors next to the base
   weights: the adapters are recreated from the run's `adapter/adapter_config.json` first, so the
   model loads as trained (and `export` then merges them into a copy);
@@ -59,8 +59,8 @@ def _tokenizer_dir(dirs: list[Path]) -> str | None:
 def _build_loaded(meta: dict[str, Any], state: dict[str, torch.Tensor], where: Path,
                   notes: list[str]) -> nn.Module:
     """The registered model of `meta` with `state` loaded; the LoRA/DoRA adapters of a fine-tune run
-    are rebuilt as in training (train/adapters.py), so `export` merges them into a copy and says so."""
-    from torchgraft.train.adapters import adapter_layers_in, attach_saved_adapters, load_weights
+    are rebuilt as in training (checkpoint/model.py), so `export` merges them into a copy and says so."""
+    from torchgraft.checkpoint.model import adapter_layers_in, attach_saved_adapters, load_weights
 
     m = meta.get("model") or {}
     if not m.get("family"):
@@ -106,7 +106,7 @@ def load_export_source(source: str | Path) -> ExportSource:
         meta_extra["labels"] = _run_labels(run_dir)
         meta_extra["tokenizer"] = _tokenizer_dir([p, *([run_dir] if run_dir else [])])
         return ExportSource(model.eval(), meta_extra, notes)
-    from torchgraft.train.checkpoint import load_latest
+    from torchgraft.checkpoint.files import load_latest
 
     ck = load_latest(p)
     ck_dir = Path(ck.path)

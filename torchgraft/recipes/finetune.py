@@ -152,7 +152,7 @@ def run_finetune(config: str | Path | dict[str, Any], out_dir: str | Path, overr
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "transfer.json").write_text(json.dumps(report.to_dict(), indent=1))
-    # written before training so that checkpoints of a LoRA run can be rebuilt (torchgraft.train.adapters)
+    # written before training so that checkpoints of a LoRA run can be rebuilt (torchgraft.checkpoint.model)
     (out / "finetune.json").write_text(json.dumps({"method": ft.method, "finetune_config": to_dict(ft),
                                                    "status": "training"}, indent=1, default=str))
     result = run_training(cfg, out, model=model, data=data, callbacks=callbacks, param_groups_fn=groups_fn,
@@ -185,7 +185,7 @@ def write_merged(model: nn.Module, path: Path, meta_fn, *, run_config: dict[str,
     import shutil
 
     from torchgraft.peft import lora_layers, unload
-    from torchgraft.train.checkpoint import write_checkpoint
+    from torchgraft.checkpoint.files import write_checkpoint
 
     if lora_layers(model):
         unload(model, merge=True)

@@ -54,8 +54,8 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LoadedLM:
         model = torchgraft.load_hf(p).to(device)
         return LoadedLM(model.eval(), find_tokenizer(p), None, p)
 
-    from torchgraft.train.adapters import model_from_checkpoint
-    from torchgraft.train.checkpoint import load_latest
+    from torchgraft.checkpoint.model import model_from_checkpoint
+    from torchgraft.checkpoint.files import load_latest
 
     ck = load_latest(p)
     m = ck.meta.get("model") or {}

@@ -63,7 +63,7 @@ def _checkpoint_dir(run_dir: Path) -> Path:
 def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu") -> Classifier:
     """Model, class names, input encoder and task of a classification run directory."""
     from torchgraft.data.registry import build_encoder, read_labels
-    from torchgraft.train.checkpoint import load_latest
+    from torchgraft.checkpoint.files import load_latest
     from torchgraft.train.tasks import build_task
 
     run = Path(run_dir).expanduser()
@@ -71,7 +71,7 @@ def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu") -> 
         raise ConfigError(f"run directory not found: {run}")
     labels = read_labels(run)
     ck = load_latest(_checkpoint_dir(run))
-    from torchgraft.train.adapters import model_from_checkpoint
+    from torchgraft.checkpoint.model import model_from_checkpoint
 
     model = model_from_checkpoint(ck, "cpu")  # a LoRA/DoRA fine-tune: adapters rebuilt and merged
     run_cfg = ck.meta.get("run_config") or {}

@@ -41,7 +41,7 @@ from torchgraft.rl.envs import SpaceInfo, check_policy_fits, env_space_info, mak
 from torchgraft.rl.evaluate import evaluate
 from torchgraft.rl.experts import PolicyExpert
 from torchgraft.rl.normalize import Identity, RunningNorm, normalizer_from_state
-from torchgraft.train.checkpoint import (CheckpointManager, capture_rng, list_checkpoints, load_latest,
+from torchgraft.checkpoint.files import (CheckpointManager, capture_rng, list_checkpoints, load_latest,
                                          load_optimizer_state, restore_rng)
 from torchgraft.train.logging import MetricsLogger
 

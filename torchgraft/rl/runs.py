@@ -40,7 +40,7 @@ def rl_meta(meta: dict[str, Any]) -> dict[str, Any]:
 def load_policy_run(path: str | Path, device: str | torch.device = "cpu") -> PolicyRun:
     """Rebuild the policy of a run directory or checkpoint folder (manifest verified)."""
     from torchgraft.models.registry import build
-    from torchgraft.train.checkpoint import load_latest
+    from torchgraft.checkpoint.files import load_latest
 
     ck = load_latest(path)
     m = ck.meta.get("model") or {}

@@ -6,8 +6,8 @@ CLI) also picks the distributed engine when the config or launcher asks for it.
 # Public names, imported on first use (PEP 562): `import torchgraft.train.config` (config checks in the
 # CLI) must not import torch, so that a config error costs well under a second.
 _LAZY: dict[str, str] = {
-    "Callback": "callbacks", "CheckpointFallbackWarning": "checkpoint", "load_checkpoint": "checkpoint",
-    "load_model": "checkpoint", "CheckpointConfig": "config", "EvalConfig": "config", "LoggingConfig": "config",
+    "Callback": "callbacks", "CheckpointFallbackWarning": "torchgraft.checkpoint.files",
+    "load_checkpoint": "torchgraft.checkpoint.files", "load_model": "torchgraft.checkpoint.model", "CheckpointConfig": "config", "EvalConfig": "config", "LoggingConfig": "config",
     "OptimConfig": "config", "RunConfig": "config", "ScheduleConfig": "config", "TrainerConfig": "config",
     "load_run_config": "config", "LocalEngine": "engine", "Task": "tasks", "build_task": "tasks",
     "register_task": "tasks", "NonFiniteError": "trainer", "Trainer": "trainer", "TrainResult": "trainer",
@@ -19,7 +19,8 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        value = getattr(importlib.import_module(f"torchgraft.train.{_LAZY[name]}"), name)
+        module = _LAZY[name] if _LAZY[name].startswith("torchgraft.") else f"torchgraft.train.{_LAZY[name]}"
+        value = getattr(importlib.import_module(module), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'torchgraft.train' has no attribute {name!r}")

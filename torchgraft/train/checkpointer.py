@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from torchgraft.train.cadence import TrainState, every
-from torchgraft.train.checkpoint import CheckpointManager, checkpoint_files, write_checkpoint_dir
+from torchgraft.checkpoint.files import CheckpointManager, checkpoint_files, write_checkpoint_dir
 from torchgraft.train.config import CheckpointConfig
 from torchgraft.train.engine import LocalEngine
 

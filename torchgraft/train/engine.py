@@ -28,7 +28,7 @@ from torch import nn
 from torchgraft.data.loader import StatefulSampler
 from torchgraft.data.registry import DataBundle
 from torchgraft.errors import CheckpointError, ConfigError
-from torchgraft.train.checkpoint import load_optimizer_state, read_checkpoint
+from torchgraft.checkpoint.files import load_optimizer_state, read_checkpoint
 
 ModelBuilder = Callable[[str | None], nn.Module]  # device ("meta" or None) -> a new model
 LossFn = Callable[[nn.Module, dict[str, Any]], torch.Tensor]  # (model, batch) -> summed loss

@@ -29,7 +29,7 @@ from torchgraft.data.registry import DataBundle, build_data
 from torchgraft.errors import CheckpointError, ConfigError, TorchgraftError
 from torchgraft.train.cadence import LogCadence, Throughput, TrainState, Validator, eval_line
 from torchgraft.train.callbacks import Callback, CallbackList
-from torchgraft.train.checkpoint import capture_rng, list_checkpoints, restore_rng
+from torchgraft.checkpoint.files import capture_rng, list_checkpoints, restore_rng
 from torchgraft.train.checkpointer import Checkpointer
 from torchgraft.train.config import RunConfig, load_run_config
 from torchgraft.train.engine import LocalEngine, resolve_device  # noqa: F401  (resolve_device: public here too)
@@ -241,7 +241,7 @@ class Trainer:
 
     def load_initial_weights(self, model: nn.Module) -> None:
         """`trainer.init_from`: load weights (manifest verified) into the model before training."""
-        from torchgraft.train.checkpoint import load_checkpoint
+        from torchgraft.checkpoint.files import load_checkpoint
 
         path = self.cfg.trainer.init_from
         state, _ = load_checkpoint(path)

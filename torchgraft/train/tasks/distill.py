@@ -45,7 +45,7 @@ def load_teacher(path: str | Path) -> nn.Module:
 
         model = load_hf(p)
     else:
-        from torchgraft.train.checkpoint import load_model
+        from torchgraft.checkpoint.model import load_model
 
         try:
             model = load_model(p)

@@ -305,14 +305,6 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return ck.model_state, ck.meta
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Rebuild a registered model from the newest good checkpoint at `path` (manifest verified); a
-    LoRA/DoRA fine-tune's adapters are re-applied and merged (torchgraft.train.adapters)."""
-    from torchgraft.train.adapters import model_from_checkpoint
-
-    return model_from_checkpoint(load_latest(path), device).train()
-
-
 class CheckpointManager:
     """Saves step checkpoints under `root`, keeps the last K plus the best, tracks `best.json`."""
 

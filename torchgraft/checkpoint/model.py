@@ -137,3 +137,11 @@ def model_from_checkpoint(ck: Any, device: str | torch.device = "cpu", *, merge:
     if adapted and merge:
         unload(model, merge=True)
     return model.eval()
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a registered model from the newest good checkpoint at `path` (manifest verified); a
+    LoRA/DoRA fine-tune's adapters are re-applied and merged."""
+    from torchgraft.checkpoint.files import load_latest
+
+    return model_from_checkpoint(load_latest(path), device).train()
