@@ -81,9 +81,15 @@ def test_the_distributed_section_is_checked_with_the_rest(override, message):
 
 
 def test_config_errors_import_no_torch():
-    """The whole check (distributed modes and precision names included) runs without torch."""
+    """The whole check (distributed modes and precision names included) runs without torch, for a run
+    config and for a fine-tune config."""
     code = ("import sys\nfrom torchgraft.train.config import load_run_config\nfrom torchgraft.errors import ConfigError\n"
-            "try:\n    load_run_config('configs/lenet-digits.yaml', ['distributed.mixed_precision=bf61'])\n"
-            "except ConfigError as e:\n    print(e)\nprint('torch' in sys.modules)\n")
+            "from torchgraft.recipes.finetune import load_finetune_config\n"
+            "for load, path in ((load_run_config, 'configs/lenet-digits.yaml'),\n"
+            "                   (load_finetune_config, 'configs/finetune-lenet.yaml')):\n"
+            "    try:\n        load(path, ['distributed.mixed_precision=bf61'])\n"
+            "    except ConfigError as e:\n        print(e)\nprint('torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "did you mean 'bf16'" in out and out.splitlines()[-1] == "False"
+    lines = out.splitlines()
+    assert len(lines) == 3 and all("did you mean 'bf16'" in line for line in lines[:2]), out
+    assert lines[-1] == "False"

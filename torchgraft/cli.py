@@ -371,14 +371,10 @@ def finetune_cmd(
     """Fine-tune a pretrained checkpoint: transfer weights, apply full/freeze/lora/dora, train."""
     import json
 
-    from torchgraft.config import load_yaml, parse_overrides
+    from torchgraft.recipes.finetune import load_finetune_config, run_finetune
 
-    load_yaml(config), parse_overrides(overrides or [])  # file and override syntax: before importing torch
-
-    from torchgraft.recipes.finetune import run_finetune
-
-    summary = run_finetune(config, out or Path("runs") / config.stem, overrides or [], merge=merge or None,
-                           resume=resume)
+    cfg = load_finetune_config(config, overrides or [])  # the one parse, checked before torch is imported
+    summary = run_finetune(cfg, out or Path("runs") / config.stem, merge=merge or None, resume=resume)
     from torchgraft.distributed.env import cleanup, is_main_process
 
     main = is_main_process()
