@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchgraft.activation_checkpointing import parse_ac
+from torchgraft.models.shape import transformer_shape
 from torchgraft.precision import NAMES as PRECISION_NAMES, Precision, precision
 from torchgraft.tools.meta import InputSpec, InspectError, format_bytes, make_inputs, run_on_meta
 
@@ -223,10 +224,9 @@ def selective_layer_elements(config: Any, batch: int, seq_len: int, gated: bool)
     """Elements one block keeps under selective checkpointing (matmul and attention outputs are
     saved, pointwise ops recomputed): its input, q/k/v, the attention output, the output
     projection, the MLP's input projections (1, or 2 when gated) and its output projection."""
-    s, b, h = seq_len, batch, config.n_embd
-    d = getattr(config, "head_dim", None) or h // config.n_head
-    q, kv = config.n_head * d, (getattr(config, "n_kv_head", None) or config.n_head) * d
-    i = getattr(config, "intermediate_size", None) or 4 * h
+    shape = transformer_shape(config)
+    s, b, h, i = seq_len, batch, shape.n_embd, shape.intermediate_size
+    q, kv = shape.q_width, shape.kv_width
     return s * b * (h + q + 2 * kv + q + h + (2 if gated else 1) * i + h)
 
 
@@ -246,12 +246,11 @@ def analytic_activations(config: Any, batch: int, seq_len: int, dtype_bytes: int
     `gated`: SwiGLU-style MLP (3 projections); `lm`: the output is vocabulary logits fed to a loss;
     `activation_checkpointing`: True / k (every k-th block); `chunked_ce`: rows per loss chunk.
     """
-    need = ("n_layer", "n_head", "n_embd")
-    if config is None or not all(hasattr(config, k) for k in need):
+    shape = transformer_shape(config)
+    if shape is None:
         return None
-    s, b, h, L = seq_len, batch, config.n_embd, config.n_layer
-    h_attn = config.n_head * (getattr(config, "head_dim", None) or h // config.n_head)
-    i = getattr(config, "intermediate_size", None) or 4 * h
+    s, b, h, L = seq_len, batch, shape.n_embd, shape.n_layer
+    h_attn, i = shape.q_width, shape.intermediate_size
     k = 4 if gated else 2
     layer = s * b * (2 * h + 4 * h_attn) + s * b * (2 * h + k * i)
     mode = parse_ac(activation_checkpointing)
@@ -263,9 +262,8 @@ def analytic_activations(config: Any, batch: int, seq_len: int, dtype_bytes: int
         per_layers = n_ckpt * s * b * h + (L - n_ckpt) * layer + (layer if n_ckpt else 0)
     elements = per_layers + 2 * s * b * h
     total = elements * dtype_bytes
-    vocab = getattr(config, "vocab_size", None)
-    if vocab and lm:
-        total += lm_loss_bytes(s * b, vocab, h, dtype_bytes, chunked_ce)
+    if shape.vocab_size and lm:
+        total += lm_loss_bytes(s * b, shape.vocab_size, h, dtype_bytes, chunked_ce)
     return int(total)
 
 
@@ -334,7 +332,7 @@ def estimate_memory(model: nn.Module, batch: int = 1, seq_len: int | None = None
                 n_tok, vocab, tr.hidden_width, act_bytes)
         mode = parse_ac(activation_checkpointing)
         if mode.selective and tr.blocks:
-            if cfg is None or seq is None or not hasattr(cfg, "n_embd"):
+            if seq is None or transformer_shape(cfg) is None:
                 raise InspectError("activation_checkpointing='selective' needs a transformer config "
                                    "(n_layer, n_head, n_embd) on model.config")
             kept = selective_layer_elements(cfg, batch, seq, gated) * act_bytes
