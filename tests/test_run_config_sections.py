@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from torchgraft.errors import ConfigError
-from torchgraft.train.config import MOVED_KEYS, load_run_config
+from torchgraft.train.config import MOVED_KEYS, DistributedConfig, load_run_config
 
 
 @pytest.mark.parametrize("old,new", sorted(MOVED_KEYS.items()))
@@ -21,7 +21,7 @@ def test_overrides_and_sections():
     cfg = load_run_config({}, ["eval.every=5", "checkpoint.keep_last=1", "logging.every=2", "task=lm",
                                "distributed.strategy=ddp"])
     assert (cfg.eval.every, cfg.checkpoint.keep_last, cfg.logging.every, cfg.task) == (5, 1, 2, "lm")
-    assert cfg.distributed == {"strategy": "ddp"}  # a plain mapping; the distributed engine validates it
+    assert cfg.distributed == DistributedConfig(strategy="ddp")  # typed and checked with the rest, no torch
     with pytest.raises(ConfigError, match="eval.every must be >= 0"):
         load_run_config({"eval": {"every": -1}})
     with pytest.raises(ConfigError, match="unknown config key 'eval.evry'"):

@@ -131,24 +131,18 @@ def train_cmd(
                               "see distributed.strategy)"),
 ) -> None:
     """Train a model from a YAML config; `--resume` (or resume=true) continues the run exactly."""
-    from torchgraft.config import load_yaml, parse_overrides
+    from torchgraft.config import parse_overrides
 
     _at_least("--nproc", nproc, 1)
     from torchgraft.train.config import load_run_config
 
     ov = parse_overrides(overrides or [])
-    ov.pop("resume", None)
-    load_run_config(load_yaml(config), ov)  # every key and value checked before torch is imported
+    resume = bool(ov.pop("resume", False)) or resume  # `resume=true` works like --resume
+    cfg = load_run_config(config, ov)  # the one parse: every key and value checked before torch is imported
     from torchgraft.distributed.env import launched_by_torchrun, relaunch_with_torchrun
     from torchgraft.recipes.training import train_from_cli
 
-    if nproc != 1 and not launched_by_torchrun():
-        from torchgraft.config import load_yaml, parse_overrides
-        from torchgraft.recipes.training import load_checked_config
-
-        ov = parse_overrides(overrides or [])
-        ov.pop("resume", None)
-        load_checked_config(load_yaml(config), ov)  # a bad config fails here once, not on every rank
+    if nproc != 1 and not launched_by_torchrun():  # a bad config failed above once, not on every rank
         args = ["train", str(config), *(overrides or []), *(["--out", str(out)] if out else []),
                 *(["--resume"] if resume else [])]
         code = relaunch_with_torchrun(nproc, args)
@@ -156,7 +150,7 @@ def train_cmd(
             _echo_err(f"{nproc}-process run failed (exit code {code}); each rank's error is printed above")
             sys.exit(code)
         return
-    train_from_cli(config, overrides or [], out, resume)
+    train_from_cli(cfg, out or Path("runs") / config.stem, resume)
 
 
 @app.command("plot")
@@ -377,14 +371,10 @@ def finetune_cmd(
     """Fine-tune a pretrained checkpoint: transfer weights, apply full/freeze/lora/dora, train."""
     import json
 
-    from torchgraft.config import load_yaml, parse_overrides
+    from torchgraft.recipes.finetune import load_finetune_config, run_finetune
 
-    load_yaml(config), parse_overrides(overrides or [])  # file and override syntax: before importing torch
-
-    from torchgraft.recipes.finetune import run_finetune
-
-    summary = run_finetune(config, out or Path("runs") / config.stem, overrides or [], merge=merge or None,
-                           resume=resume)
+    cfg = load_finetune_config(config, overrides or [])  # the one parse, checked before torch is imported
+    summary = run_finetune(cfg, out or Path("runs") / config.stem, merge=merge or None, resume=resume)
     from torchgraft.distributed.env import cleanup, is_main_process
 
     main = is_main_process()

@@ -22,18 +22,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from torchgraft.activation_checkpointing import parse_ac
 from torchgraft.errors import ConfigError, did_you_mean
 from torchgraft.models.parts import parts_of
+from torchgraft.precision import check_fp32_master, precision
 
 Strategy = Literal["none", "ddp", "fsdp"]
 STRATEGIES = ("none", "ddp", "fsdp")
 BLOCK_LIST_NAMES = ("blocks", "layers", "h")
 _STAGE_NAME = re.compile(r"^layer\d+$")
-
-_MP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-              "fp16": torch.float16, "float16": torch.float16,
-              "fp32": None, "float32": None, "none": None}
-
 
 # --------------------------------------------------------------------------------------------
 # finding blocks
@@ -95,35 +92,6 @@ def _outermost(model: nn.Module, pred) -> list[tuple[str, nn.Module]]:
 # activation checkpointing
 # --------------------------------------------------------------------------------------------
 
-SELECTIVE = "selective"
-
-
-def _ac_every(activation_checkpointing: str | int | bool | None) -> int:
-    """0 = off, 1 = every block, k = every k-th block (blocks 0, k, 2k, ...); "selective" = every block."""
-    ac = activation_checkpointing
-    if ac is None or ac is False:
-        return 0
-    if isinstance(ac, str) and ac.strip().lower() == SELECTIVE:
-        return 1
-    if ac is True:
-        return 1
-    if isinstance(ac, str):
-        key = ac.strip().lower()
-        if key in ("none", "off", "false", ""):
-            return 0
-        if key in ("full", "true", "all"):
-            return 1
-        if key.isdigit():
-            ac = int(key)
-        else:
-            raise ConfigError(f"activation_checkpointing={ac!r} is not valid; use none, full, selective "
-                              "or an integer k (checkpoint every k-th block)")
-    if isinstance(ac, int) and ac >= 0:
-        return ac
-    raise ConfigError(f"activation_checkpointing={ac!r} is not valid; use none, full, selective or an "
-                      "integer k >= 1")
-
-
 def _saved_ops() -> set:
     """Ops whose outputs selective checkpointing keeps: matmuls and attention (expensive to redo)."""
     aten = torch.ops.aten
@@ -154,10 +122,9 @@ def apply_activation_checkpointing(model: nn.Module, activation_checkpointing: s
     forward hooks), so module and parameter names are unchanged and it composes with FSDP2 and
     DDP. Returns the names of the checkpointed blocks.
     """
-    every = _ac_every(activation_checkpointing)
-    if every == 0:
+    mode = parse_ac(activation_checkpointing)
+    if not mode.enabled:
         return []
-    selective = isinstance(activation_checkpointing, str) and activation_checkpointing.strip().lower() == SELECTIVE
     if blocks is None:
         blocks = find_blocks(model)
     if not blocks:
@@ -166,13 +133,13 @@ def apply_activation_checkpointing(model: nn.Module, activation_checkpointing: s
     from torch.distributed._composable import checkpoint
 
     done = []
-    for i, (name, block) in enumerate(blocks):
-        if i % every == 0:
-            if selective:
-                checkpoint(block, context_fn=selective_checkpoint_context)
-            else:
-                checkpoint(block)
-            done.append(name)
+    for i in mode.checkpointed(len(blocks)):
+        name, block = blocks[i]
+        if mode.selective:
+            checkpoint(block, context_fn=selective_checkpoint_context)
+        else:
+            checkpoint(block)
+        done.append(name)
     return done
 
 
@@ -181,17 +148,15 @@ def apply_activation_checkpointing(model: nn.Module, activation_checkpointing: s
 # --------------------------------------------------------------------------------------------
 
 def _mp_dtype(mixed_precision: str | bool | torch.dtype | None) -> torch.dtype | None:
+    """FSDP's compute dtype for a `torchgraft.precision` name (None: no mixed precision)."""
     if mixed_precision is None or mixed_precision is False:
         return None
     if mixed_precision is True:
         return torch.bfloat16
     if isinstance(mixed_precision, torch.dtype):
         return mixed_precision
-    key = str(mixed_precision).strip().lower()
-    if key not in _MP_DTYPES:
-        raise ConfigError(f"mixed_precision={mixed_precision!r} is not valid" + did_you_mean(key, _MP_DTYPES)
-                          + "; use bf16, fp16 or none")
-    return _MP_DTYPES[key]
+    prec = precision(check_fp32_master(mixed_precision, "mixed_precision"))
+    return prec.compute if prec.mixed else None
 
 
 def _is_meta(model: nn.Module) -> bool:

@@ -10,15 +10,18 @@ happened to every tensor), `finetune.json` (method, trainable parameters, final 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, Literal
 
 from torchgraft.config import apply_overrides, from_dict, load_yaml, parse_overrides, to_dict
 from torchgraft.errors import ConfigError
+from torchgraft.train.config import RunConfig, load_run_config
+
+if TYPE_CHECKING:  # the config half of this module is read before torch is imported (config errors: instant)
+    from torch import nn
 
 
 @dataclass
@@ -65,6 +68,21 @@ def split_config(source: str | Path | dict[str, Any], overrides: list[str] | dic
     return ft, tree
 
 
+@dataclass
+class FinetuneRun:
+    """A parsed fine-tune config: the `finetune:` section and the checked run config of the rest."""
+
+    finetune: FinetuneConfig
+    run: RunConfig
+
+
+def load_finetune_config(source: str | Path | dict[str, Any],
+                         overrides: list[str] | dict[str, Any] | None = None) -> FinetuneRun:
+    """The one parse of a fine-tune config (YAML path or mapping, plus dotted overrides), no torch import."""
+    ft, tree = split_config(source, overrides)
+    return FinetuneRun(ft, load_run_config(tree))
+
+
 def load_source(path: str) -> Any:
     """A torchgraft checkpoint / safetensors path as is, or an HF-layout directory via load_hf."""
     p = Path(path)
@@ -100,7 +118,7 @@ def apply_method(model: nn.Module, ft: FinetuneConfig) -> dict[str, Any]:
     return info
 
 
-def run_finetune(config: str | Path | dict[str, Any], out_dir: str | Path, overrides: list[str] | None = None,
+def run_finetune(config: str | Path | dict[str, Any] | FinetuneRun, out_dir: str | Path, overrides: list[str] | None = None,
                  merge: bool | None = None, data: Any = None, model: nn.Module | None = None,
                  resume: bool = False) -> dict[str, Any]:
     """Run the whole recipe; returns the summary also written to `out_dir/finetune.json`.
@@ -112,11 +130,12 @@ def run_finetune(config: str | Path | dict[str, Any], out_dir: str | Path, overr
     from torchgraft.tools.param_groups import param_groups
     from torchgraft.tools.transfer import transfer
     from torchgraft.recipes.training import run_training
-    from torchgraft.train import load_run_config
     from torchgraft.train.trainer import build_model_for, model_meta, seed_everything
 
-    ft, tree = split_config(config, overrides)
-    cfg = load_run_config(tree)
+    if isinstance(config, FinetuneRun) and overrides:
+        raise ConfigError("overrides apply while parsing: pass them to load_finetune_config")
+    parsed = config if isinstance(config, FinetuneRun) else load_finetune_config(config, overrides)
+    ft, cfg = parsed.finetune, parsed.run
     out = Path(out_dir)
     seed_everything(cfg.trainer.seed)
     if data is None:
@@ -130,7 +149,7 @@ def run_finetune(config: str | Path | dict[str, Any], out_dir: str | Path, overr
             warnings.warn(f"finetune: using the source's tokenizer {reuse[0]} instead of "
                           f"data.tokenizer={cfg.data['tokenizer']!r}, so token ids keep their meaning "
                           "(set finetune.tokenizer=data to build the data's own)", stacklevel=2)
-            cfg.data = {**cfg.data, "tokenizer": str(reuse[0])}
+            cfg = dataclasses.replace(cfg, data={**cfg.data, "tokenizer": str(reuse[0])})
             data = build_data(cfg.data, cfg.trainer.seed)
     model = model if model is not None else build_model_for(cfg.model, data.info)
 

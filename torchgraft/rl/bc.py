@@ -119,7 +119,7 @@ def run_bc(config: str | Any, out_dir: str | Any, overrides: list[str] | dict[st
     from torchgraft.rl.demonstrations import load_demonstrations
     from torchgraft.rl.envs import check_policy_fits, env_space_info
     from torchgraft.train.config import load_run_config
-    from torchgraft.train.trainer import run_training
+    from torchgraft.train.trainer import Trainer
 
     tree = dict(config) if isinstance(config, dict) else load_yaml(config)
     if overrides:
@@ -144,4 +144,5 @@ def run_bc(config: str | Any, out_dir: str | Any, overrides: list[str] | dict[st
     model = build({**cfg.model, "obs_dim": info.obs_dim, "action_dim": info.action_dim,
                    "discrete": info.discrete})
     check_policy_fits(model, info, task["env"])
-    return run_training(cfg, Path(out_dir), model=model, data=bundle, resume=resume)
+    # one process: behaviour cloning's policies are small (rl sits below recipes, which choose engines)
+    return Trainer(cfg, Path(out_dir), model=model, data=bundle).fit(resume=resume)

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from torchgraft.models.shape import transformer_shape
 from torchgraft.tools.meta import InputSpec, InspectError, make_inputs, run_on_meta
 
 _MATMUL_OPS = {
@@ -161,11 +162,8 @@ def analytic_flops_per_token(n_params: int, n_layer: int, attn_dim: int, seq_len
 
 def transformer_dims(model: nn.Module) -> tuple[int, int] | None:
     """(n_layer, attention width n_head*head_dim) from `model.config`, or None if not a transformer."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or not all(hasattr(cfg, k) for k in ("n_layer", "n_head", "n_embd")):
-        return None
-    head_dim = getattr(cfg, "head_dim", None) or cfg.n_embd // cfg.n_head
-    return int(cfg.n_layer), int(cfg.n_head * head_dim)
+    shape = transformer_shape(getattr(model, "config", None))
+    return (shape.n_layer, shape.q_width) if shape is not None else None
 
 
 @dataclass

@@ -37,30 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchgraft.activation_checkpointing import parse_ac
+from torchgraft.models.shape import transformer_shape
+from torchgraft.precision import NAMES as PRECISION_NAMES, Precision, precision
 from torchgraft.tools.meta import InputSpec, InspectError, format_bytes, make_inputs, run_on_meta
 
 
-@dataclass(frozen=True)
-class Precision:
-    param: int  # bytes per stored parameter
-    grad: int
-    state: int  # bytes per optimizer-state element
-    activation: torch.dtype
-    cast_copy: int  # bytes per parameter of autocast's low-precision weight copies (mixed only)
-
-
-_BF16_MIXED = Precision(4, 4, 4, torch.bfloat16, 2)  # fp32 master weights, bf16 autocast compute
-_FP16_MIXED = Precision(4, 4, 4, torch.float16, 2)
-# Names as in Lightning: "bf16" means mixed precision; "-true" means everything in 16 bits.
-PRECISIONS: dict[str, Precision] = {
-    "fp32": Precision(4, 4, 4, torch.float32, 0),
-    "bf16": _BF16_MIXED,
-    "bf16-mixed": _BF16_MIXED,
-    "bf16-true": Precision(2, 2, 2, torch.bfloat16, 0),  # weights, grads and optimizer states in bf16
-    "fp16": _FP16_MIXED,
-    "fp16-mixed": _FP16_MIXED,
-    "fp16-true": Precision(2, 2, 2, torch.float16, 0),
-}
+# names of the one precision vocabulary (torchgraft.precision): "bf16" means mixed precision (fp32
+# master weights, grads and optimizer states, bf16 autocast); "-true" means everything in 16 bits
+PRECISIONS: dict[str, Precision] = {name: precision(name) for name in PRECISION_NAMES}
 OPTIMIZER_STATES: dict[str, int] = {"adamw": 2, "adam": 2, "sgd": 1, "sgd-nomomentum": 0}
 
 
@@ -123,7 +108,7 @@ class MemoryEstimate:
         t = Table(title=(f"training memory per device\nbatch {self.batch}"
                          + (f" x seq {self.seq_len}" if self.seq_len else "")
                          + f", {self.precision}, {self.optimizer_name}, {self.sharding} shard(s)"
-                         + (", checkpointing" if self.activation_checkpointing else "")))
+                         + (", checkpointing" if parse_ac(self.activation_checkpointing).enabled else "")))
         t.add_column("part")
         t.add_column("bytes", justify="right")
         t.add_column("size", justify="right")
@@ -235,27 +220,13 @@ def trace_activations(model: nn.Module, input: InputSpec = None, *, input_size: 
         return run_on_meta(model, args, kwargs, run, dtype=dtype, fake_first=True)
 
 
-SELECTIVE = "selective"
-
-
-def _ac_every(activation_checkpointing: bool | int | str) -> int:
-    """0 = off, 1 = every block (True, "selective"), k = every k-th block (blocks 0, k, 2k, ...)."""
-    if activation_checkpointing == SELECTIVE:
-        return 1
-    if isinstance(activation_checkpointing, str) or int(activation_checkpointing) < 0:
-        raise InspectError(f"activation_checkpointing must be a bool, k >= 0 or 'selective', got "
-                           f"{activation_checkpointing!r}")
-    return int(activation_checkpointing)
-
-
 def selective_layer_elements(config: Any, batch: int, seq_len: int, gated: bool) -> int:
     """Elements one block keeps under selective checkpointing (matmul and attention outputs are
     saved, pointwise ops recomputed): its input, q/k/v, the attention output, the output
     projection, the MLP's input projections (1, or 2 when gated) and its output projection."""
-    s, b, h = seq_len, batch, config.n_embd
-    d = getattr(config, "head_dim", None) or h // config.n_head
-    q, kv = config.n_head * d, (getattr(config, "n_kv_head", None) or config.n_head) * d
-    i = getattr(config, "intermediate_size", None) or 4 * h
+    shape = transformer_shape(config)
+    s, b, h, i = seq_len, batch, shape.n_embd, shape.intermediate_size
+    q, kv = shape.q_width, shape.kv_width
     return s * b * (h + q + 2 * kv + q + h + (2 if gated else 1) * i + h)
 
 
@@ -275,26 +246,24 @@ def analytic_activations(config: Any, batch: int, seq_len: int, dtype_bytes: int
     `gated`: SwiGLU-style MLP (3 projections); `lm`: the output is vocabulary logits fed to a loss;
     `activation_checkpointing`: True / k (every k-th block); `chunked_ce`: rows per loss chunk.
     """
-    need = ("n_layer", "n_head", "n_embd")
-    if config is None or not all(hasattr(config, k) for k in need):
+    shape = transformer_shape(config)
+    if shape is None:
         return None
-    s, b, h, L = seq_len, batch, config.n_embd, config.n_layer
-    h_attn = config.n_head * (getattr(config, "head_dim", None) or h // config.n_head)
-    i = getattr(config, "intermediate_size", None) or 4 * h
+    s, b, h, L = seq_len, batch, shape.n_embd, shape.n_layer
+    h_attn, i = shape.q_width, shape.intermediate_size
     k = 4 if gated else 2
     layer = s * b * (2 * h + 4 * h_attn) + s * b * (2 * h + k * i)
-    every = _ac_every(activation_checkpointing)
-    n_ckpt = -(-L // every) if every else 0  # blocks 0, k, 2k, ...
-    if activation_checkpointing == SELECTIVE:  # every block keeps its matmul / attention outputs
+    mode = parse_ac(activation_checkpointing)
+    n_ckpt = len(mode.checkpointed(L))  # blocks 0, k, 2k, ...
+    if mode.selective:  # every block keeps its matmul / attention outputs
         sel = selective_layer_elements(config, b, s, gated)
         per_layers = L * sel + (layer - sel)  # + the pointwise tensors of the block being recomputed
     else:
         per_layers = n_ckpt * s * b * h + (L - n_ckpt) * layer + (layer if n_ckpt else 0)
     elements = per_layers + 2 * s * b * h
     total = elements * dtype_bytes
-    vocab = getattr(config, "vocab_size", None)
-    if vocab and lm:
-        total += lm_loss_bytes(s * b, vocab, h, dtype_bytes, chunked_ce)
+    if shape.vocab_size and lm:
+        total += lm_loss_bytes(s * b, shape.vocab_size, h, dtype_bytes, chunked_ce)
     return int(total)
 
 
@@ -328,14 +297,15 @@ def estimate_memory(model: nn.Module, batch: int = 1, seq_len: int | None = None
     n_all = sum(p.numel() for p in params)
     n_train = sum(p.numel() for p in params if p.requires_grad)
     S = sharding
-    weights = -(-n_all * prec.param // S)
-    act_bytes = torch.empty((), dtype=prec.activation).element_size()
+    param_bytes, act_bytes = prec.param.itemsize, prec.compute.itemsize  # grads, optimizer states: as param
+    cast_copy = act_bytes if prec.mixed else 0  # bytes per parameter of autocast's low-precision weight copies
+    weights = -(-n_all * param_bytes // S)
     if S > 1:
-        weights += 2 * _largest_block_params(model) * (act_bytes if prec.cast_copy else prec.param)
+        weights += 2 * _largest_block_params(model) * (act_bytes if cast_copy else param_bytes)
     else:
-        weights += n_all * prec.cast_copy
-    grads = -(-n_train * prec.grad // S)
-    opt = -(-n_train * n_states * prec.state // S)
+        weights += n_all * cast_copy
+    grads = -(-n_train * param_bytes // S)
+    opt = -(-n_train * n_states * param_bytes // S)
 
     cfg = getattr(model, "config", None)
     seq = None
@@ -360,16 +330,16 @@ def estimate_memory(model: nn.Module, batch: int = 1, seq_len: int | None = None
             n_tok, vocab = tr.logits_shape
             act += lm_loss_bytes(n_tok, vocab, tr.hidden_width, act_bytes, chunked_ce) - lm_loss_bytes(
                 n_tok, vocab, tr.hidden_width, act_bytes)
-        every = _ac_every(activation_checkpointing)
-        if activation_checkpointing == SELECTIVE and tr.blocks:
-            if cfg is None or seq is None or not hasattr(cfg, "n_embd"):
+        mode = parse_ac(activation_checkpointing)
+        if mode.selective and tr.blocks:
+            if seq is None or transformer_shape(cfg) is None:
                 raise InspectError("activation_checkpointing='selective' needs a transformer config "
                                    "(n_layer, n_head, n_embd) on model.config")
             kept = selective_layer_elements(cfg, batch, seq, gated) * act_bytes
             act = act - sum(tr.blocks) + len(tr.blocks) * kept + max(tr.blocks) - kept
-        elif every and tr.blocks:
+        elif mode.enabled and tr.blocks:
             # checkpointed blocks keep only their input; one of them is recomputed during backward
-            ckpt = range(0, len(tr.blocks), every)
+            ckpt = mode.checkpointed(len(tr.blocks))
             act = (act - sum(tr.blocks[i] for i in ckpt) + sum(tr.block_inputs[i] for i in ckpt)
                    + max(tr.blocks[i] for i in ckpt))
     return MemoryEstimate(weights=int(weights), gradients=int(grads), optimizer=int(opt), activations=int(act),

@@ -1,7 +1,7 @@
 """torchgraft.train: the training engine (config -> run directory with metrics and checkpoints).
 
-`run_training` here trains in one process; `torchgraft.recipes.training.run_training` (used by the
-CLI) also picks the distributed engine when the config or launcher asks for it.
+`run_training` is the one entry point, `torchgraft.recipes.training.run_training` (it picks the
+engine, so it lives above this package and `torchgraft.distributed`); it is re-exported here, on first use.
 """
 # Public names, imported on first use (PEP 562): `import torchgraft.train.config` (config checks in the
 # CLI) must not import torch, so that a config error costs well under a second.
@@ -11,7 +11,7 @@ _LAZY: dict[str, str] = {
     "OptimConfig": "config", "RunConfig": "config", "ScheduleConfig": "config", "TrainerConfig": "config",
     "load_run_config": "config", "LocalEngine": "engine", "Task": "tasks", "build_task": "tasks",
     "register_task": "tasks", "NonFiniteError": "trainer", "Trainer": "trainer", "TrainResult": "trainer",
-    "run_training": "trainer",
+    "run_training": "torchgraft.recipes.training",
 }
 
 

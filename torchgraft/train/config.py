@@ -1,9 +1,14 @@
 """Run configuration: one YAML with sections model, data, task, optim, schedule, trainer, eval,
 checkpoint, logging, distributed.
 
-`model`, `data` and `distributed` stay mappings (validated by the model registry, the dataset builder
-and the distributed engine); the other sections are typed dataclasses, so unknown keys and wrong
-types fail with a clear message. To add a section, add a dataclass field to `RunConfig`.
+`model` and `data` stay mappings (validated by the model registry and the dataset builder); the other
+sections are typed dataclasses, so unknown keys and wrong types fail with a clear message. To add a
+section, add a dataclass field to `RunConfig`.
+
+A config is read once: `load_run_config(path, overrides)` reads the YAML, applies the `key=value`
+overrides, builds the typed `RunConfig` and checks it (values, combinations, the distributed
+section's modes), without importing torch; the `RunConfig` is what the trainer, the engines and the
+recipes take from then on (docs/architecture.md, "Config flow").
 """
 from __future__ import annotations
 
@@ -11,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from torchgraft.activation_checkpointing import parse_ac
 from torchgraft.config import apply_overrides, from_dict, load_yaml, to_dict
 from torchgraft.errors import ConfigError
+from torchgraft.precision import check_fp32_master
 
 
 @dataclass
@@ -85,6 +92,31 @@ class LoggingConfig:
     measure_flops: bool = True         # count model FLOPs once (for FLOP/s and MFU)
 
 
+@dataclass
+class DistributedConfig:
+    """`distributed:` how a run is spread over processes (launch them with `--nproc N` or torchrun);
+    read by `torchgraft.distributed.engine.DistributedEngine`.
+
+    strategy: none (one process, or plain replicas without gradient sync: not useful), ddp
+      (replicate + all-reduce), fsdp (FSDP2: parameters, gradients and optimizer state sharded).
+      With several processes and strategy none, ddp is used.
+    activation_checkpointing: none | full | k (every k-th block) | selective (every block, keeping
+      matmul / attention outputs) - recompute instead of store (`torchgraft.activation_checkpointing`).
+    mixed_precision (fsdp): bf16 | fp16 | none - compute dtype of the gathered parameters
+      (`torchgraft.precision`); gradients are reduced in fp32 and master weights stay fp32. ddp uses
+      trainer.precision.
+    cpu_offload (fsdp): keep sharded parameters, gradients and optimizer state on the CPU.
+    block_pattern: regex of the module names to shard / checkpoint as blocks (default: the
+      children of a ModuleList named blocks / layers / h).
+    """
+
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
+    activation_checkpointing: str | int = "none"
+    mixed_precision: str = "none"
+    cpu_offload: bool = False
+    block_pattern: str | None = None
+
+
 # keys that moved out of `trainer:` -> their new dotted name
 MOVED_KEYS = {
     "eval_every": "eval.every", "eval_batch_size": "eval.batch_size", "eval_max_batches": "eval.max_batches",
@@ -109,9 +141,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    # how the run is spread over processes: a plain mapping here, validated by the engine that reads it
-    # (torchgraft.distributed.config), so this module does not depend on torchgraft.distributed
-    distributed: dict[str, Any] = field(default_factory=dict)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -128,8 +158,13 @@ def check_moved_keys(tree: dict[str, Any]) -> None:
 
 def load_run_config(source: str | Path | dict[str, Any] | RunConfig,
                     overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
-    """Build a validated RunConfig from a YAML path, a mapping or a RunConfig, plus dotted overrides."""
+    """The one parse of a run config: a YAML path, a mapping or a RunConfig, plus dotted overrides
+    (`["trainer.seed=1"]` or `{"trainer.seed": 1}`), read, built and checked (`check_run_config`).
+    A RunConfig without overrides is checked and comes back as is (nothing to parse)."""
     if isinstance(source, RunConfig):
+        if not overrides:
+            check_run_config(source)
+            return source
         tree = source.to_dict()
     elif isinstance(source, dict):
         tree = source
@@ -144,6 +179,7 @@ def load_run_config(source: str | Path | dict[str, Any] | RunConfig,
 
 
 def check_run_config(cfg: RunConfig) -> None:
+    """Every value and combination of `cfg`, as one-line ConfigErrors (no torch import)."""
     t = cfg.trainer
     if t.max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {t.max_steps}")
@@ -166,9 +202,12 @@ def check_run_config(cfg: RunConfig) -> None:
     if s.warmup_steps < 0 or not 0 <= s.min_lr_ratio <= 1 or not 0 < s.decay_fraction <= 1:
         raise ConfigError("schedule: need warmup_steps >= 0, 0 <= min_lr_ratio <= 1, "
                           "0 < decay_fraction <= 1")
-    if not isinstance(cfg.model, dict) or not isinstance(cfg.data, dict) or not isinstance(cfg.distributed, dict):
-        raise ConfigError("model, data and distributed must be sections (mappings)")
+    if not isinstance(cfg.model, dict) or not isinstance(cfg.data, dict):
+        raise ConfigError("model and data must be sections (mappings)")
+    parse_ac(cfg.distributed.activation_checkpointing, "distributed.activation_checkpointing")
+    check_fp32_master(cfg.distributed.mixed_precision, "distributed.mixed_precision")
     from torchgraft.train.validate import check_combinations, check_values
 
-    check_values(cfg.to_dict())  # finite positive lr, 0 <= betas < 1, sizes >= 1, device available, ...
-    check_combinations(cfg.to_dict())  # e.g. a warm-up longer than the run
+    tree = cfg.to_dict()
+    check_values(tree)  # finite positive lr, 0 <= betas < 1, sizes >= 1, device available, ...
+    check_combinations(tree)  # e.g. a warm-up longer than the run

@@ -1,24 +1,24 @@
-"""Mixed precision: autocast contexts (CPU and CUDA) and the fp16 gradient scaler."""
+"""Mixed precision in the trainer: autocast contexts (CPU and CUDA) and the fp16 gradient scaler,
+for a `trainer.precision` name of the one vocabulary, `torchgraft.precision`."""
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
 
 import torch
 
-Precision = Literal["fp32", "bf16", "fp16"]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from torchgraft.precision import precision
 
 
-def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager:
-    """`torch.autocast` for bf16/fp16 on `device`; a no-op for fp32."""
-    if precision == "fp32":
+def autocast(name: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """`torch.autocast` in the precision's compute dtype on `device`; a no-op when it is not mixed."""
+    prec = precision(name, "trainer.precision")
+    if not prec.mixed:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+    return torch.autocast(device_type=device.type, dtype=prec.compute)
 
 
-def make_grad_scaler(precision: Precision, device: torch.device) -> torch.amp.GradScaler | None:
+def make_grad_scaler(name: str, device: torch.device) -> torch.amp.GradScaler | None:
     """fp16 needs loss scaling against underflow; bf16 and fp32 do not."""
-    if precision != "fp16":
+    if not precision(name, "trainer.precision").needs_grad_scaler:
         return None
     return torch.amp.GradScaler(device.type)

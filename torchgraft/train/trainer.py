@@ -549,18 +549,3 @@ class Trainer:
             f"gradient (loss={loss}, grad_norm={gnorm}); {kept}. Lower optim.lr, set trainer.grad_clip, "
             f"or use precision=bf16 instead of fp16")
 
-
-def run_training(cfg: RunConfig | dict | str | Path, out_dir: str | Path, *, model: nn.Module | None = None,
-                 data: DataBundle | None = None, resume: bool = False, callbacks: Sequence[Callback] = (),
-                 param_groups_fn: ParamGroupsFn | None = None, engine: LocalEngine | None = None) -> TrainResult:
-    """Train `cfg` (RunConfig, mapping or YAML path) into `out_dir` in this process.
-
-    `model` replaces the one named by cfg.model (only its requires_grad parameters are optimized);
-    `data` replaces cfg.data; `param_groups_fn(model)` supplies custom optimizer groups;
-    `resume=True` continues from the newest good checkpoint in `out_dir` (or starts if there is none).
-    `engine` defaults to `LocalEngine`; a run on several processes (DDP / FSDP) goes through
-    `torchgraft.recipes.training.run_training`, which picks the engine from the config and launcher.
-    """
-    trainer = Trainer(cfg, out_dir, model=model, data=data, callbacks=callbacks,
-                      param_groups_fn=param_groups_fn, engine=engine)
-    return trainer.fit(resume=resume)
