@@ -68,16 +68,20 @@ class CheckpointManager:
 
     `every`: save when `step % every == 0` (0: only `last` and new bests); `save_best`: also save on a
     new best; `meta()`: the descriptive meta.json of a checkpoint (model, config, metrics; `step` is
-    added). With no `states` it only lists, verifies and rotates (`mark_best`, `prune`)."""
+    added); `upgrade(ck)`: the entries of a checkpoint written in an older arrangement of
+    trainer_state.json (a format migration; None when it is not one). With no `states` it only
+    lists, verifies and rotates (`mark_best`, `prune`)."""
 
     def __init__(self, root: str | Path, states: Mapping[str, Stateful] | None = None,
                  layout: Layout | None = None, *, every: int = 0, keep_last: int = 2, save_best: bool = False,
-                 meta: Callable[[], dict[str, Any]] | None = None):
+                 meta: Callable[[], dict[str, Any]] | None = None,
+                 upgrade: Callable[[LoadedCheckpoint], dict[str, Any] | None] | None = None):
         self.root = Path(root)
         self.states = dict(states or {})
         self.layout = layout if layout is not None else SingleFileLayout()
         self.every, self.keep_last, self.save_best = every, keep_last, save_best
         self.meta = meta if meta is not None else dict
+        self.upgrade = upgrade
         self.last_saved = -1
 
     @property
@@ -168,6 +172,8 @@ class CheckpointManager:
     def _load_into_states(self, ck: LoadedCheckpoint) -> None:
         own = [n for n in self.states if n not in LAYOUT_ENTRIES]
         ts = ck.trainer_state or {}
+        if self.upgrade is not None and ts and any(n not in ts for n in own):
+            ts = self.upgrade(ck) or ts
         missing = [n for n in own if n not in ts]
         if own and missing:
             what = "weights only" if not ts else f"no {', '.join(missing)} state"

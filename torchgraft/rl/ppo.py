@@ -285,6 +285,16 @@ class PPOState:
         self.steps_to_target, self.last_eval = state["steps_to_target"], dict(state["last_eval"])
 
 
+def upgrade_flat_state(ck: Any) -> dict[str, Any] | None:
+    """The entries of a PPO checkpoint of an earlier version, whose trainer_state.json held the
+    counters and the RNG's JSON part side by side and the normaliser only in meta.json."""
+    ts = ck.trainer_state or {}
+    if "counters" in ts or "update" not in ts:
+        return None
+    counters = {k: ts[k] for k in PPOState().state_dict()}
+    return {"counters": counters, "rng": ts["rng"], "obs_norm": (ck.meta.get("rl") or {}).get("obs_norm") or {}}
+
+
 def _env_seeds(seed: int, update: int, n: int) -> list[int]:
     """Reset seeds of the n environments at a boundary `update` (distinct per run seed and update)."""
     base = (seed * 1_000_003 + update * 7_919) % (2**31 - n)
@@ -319,7 +329,7 @@ class PPOTrainer:
             self.run_dir / "checkpoints", {"model": self.policy, "optimizer": self.optimizer, "counters": self.state,
                                            "rng": RNGState(), "obs_norm": self.normalizer},
             SingleFileLayout(), every=c.checkpoint.every * self.batch_size, keep_last=c.checkpoint.keep_last,
-            meta=self.meta)
+            meta=self.meta, upgrade=upgrade_flat_state)
         self.run = Run(self.run_dir, c.to_dict(), self.ckpt, rules=PPO_RESUME_RULES)
 
     @property
