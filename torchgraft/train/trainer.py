@@ -385,14 +385,12 @@ class Trainer:
 
     def _start(self, resume: bool) -> None:
         """Run files, FLOP count, resume, logger and progress bar."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        from torchgraft.train.validate import inputs_must_fit
+        from torchgraft.train.validate import cadence_warnings, inputs_must_fit
 
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.cfg.logging.measure_flops:
             with inputs_must_fit(self.model, {}):  # the first forward: a shape error is the config's
                 self._measure_flops()
-        from torchgraft.train.validate import cadence_warnings
-
         resumed = self.run.restore(resume)  # refuses what a run cannot change midway
         s, lg = self.state, self.cfg.logging
         self.run.start(s.step < self.cfg.trainer.max_steps, cadence_warnings(self.cfg.to_dict()),
