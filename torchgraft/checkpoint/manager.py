@@ -31,7 +31,7 @@ from safetensors.torch import save as st_save
 
 from torchgraft.checkpoint.files import (LoadedCheckpoint, capture_rng, json_bytes, list_checkpoints,
                                          newest_verified, read_checkpoint, restore_rng, write_checkpoint_dir)
-from torchgraft.checkpoint.layout import Layout, SingleFileLayout
+from torchgraft.checkpoint.layout import Collectives, Layout, SingleFileLayout
 from torchgraft.errors import CheckpointError
 from torchgraft.io import atomic_write_bytes, remove_dir, step_dir_name
 
@@ -85,7 +85,8 @@ class CheckpointManager:
         self.last_saved = -1
 
     @property
-    def comm(self):
+    def comm(self) -> Collectives:
+        """The processes' collectives, from the layout."""
         return self.layout.comm
 
     def path_for(self, step: int) -> Path:
