@@ -8,8 +8,8 @@ import torch
 import torchgraft
 from torchgraft.errors import CheckpointError
 from torchgraft.train import CheckpointFallbackWarning, load_checkpoint, load_model, run_training
-from torchgraft.checkpoint.files import (CheckpointManager, list_checkpoints, load_latest,
-                                         load_optimizer_state, write_checkpoint)
+from torchgraft.checkpoint.files import list_checkpoints, load_latest, load_optimizer_state, write_checkpoint
+from torchgraft.checkpoint.manager import CheckpointManager
 
 SMALL = {"model": {"name": "lenet", "conv_channels": [4, 8], "hidden": 32}, "data": {"name": "digits"},
          "optim": {"name": "adamw", "lr": 3e-3},
@@ -111,13 +111,12 @@ def test_leftover_temp_dirs_are_ignored_and_cleaned(tmp_path):
     (root / ".tmp-step_00000002-999").mkdir()  # a crash mid-write
     (root / ".tmp-step_00000002-999" / "model.safetensors").write_bytes(b"partial")
     assert load_checkpoint(root)[1]["step"] == 1
-    mgr = CheckpointManager(root, keep_last=1)
+    mgr = CheckpointManager(root, {"model": model}, keep_last=1)
     mgr.clean_temp()
     assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]
-    mgr.save(2, model_state=model.state_dict(), meta={"step": 2})
     mgr.mark_best(1, "val_loss", 0.5)
-    mgr.save(3, model_state=model.state_dict(), meta={"step": 3})
-    mgr.prune()
+    mgr.save(2, last=True)
+    mgr.save(3, last=True)  # rotation: keeps the last one and the best
     assert [p.name for p in list_checkpoints(root)] == ["step_00000001", "step_00000003"]
     assert json.loads((root / "best.json").read_text())["step"] == 1
 

@@ -22,7 +22,8 @@ from torchgraft.distributed import cleanup
 from torchgraft.errors import ConfigError
 from torchgraft.recipes.training import run_training
 from torchgraft.testing import assert_close_computed, transformer_tol
-from torchgraft.checkpoint.files import CheckpointFallbackWarning, CheckpointManager
+from torchgraft.checkpoint.files import CheckpointFallbackWarning
+from torchgraft.checkpoint.manager import CheckpointManager
 from torchgraft.train.config import load_run_config
 from conftest import InitialWeights, assert_same_run
 

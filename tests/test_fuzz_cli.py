@@ -233,7 +233,7 @@ def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, ca
 
 _KILL_IN_ROTATION = """
 import os, signal, sys
-import torchgraft.checkpoint.files as ck
+import torchgraft.checkpoint.manager as ck  # where rotation deletes
 real = ck.remove_dir
 def kill(path):
     if "step_" in str(path):  # renamed aside, not yet deleted: die here

@@ -15,7 +15,7 @@ from torchgraft.interop.safetensors_io import (
     SafetensorsFile,
     parse_size,
     pending,
-    write_checkpoint,
+    write_hf_weights,
 )
 
 
@@ -55,7 +55,7 @@ def test_writer_output_is_read_by_safetensors_library(tmp_path):
             return v
         return PendingTensor(k, tuple(v.shape), v.dtype, produce)
 
-    files = write_checkpoint(tmp_path, [lazy(k, v) for k, v in ts.items()])
+    files = write_hf_weights(tmp_path, [lazy(k, v) for k, v in ts.items()])
     assert files == [tmp_path / "model.safetensors"]
     assert calls == list(ts)  # each tensor produced exactly once, in order
     back = load_file(tmp_path / "model.safetensors")
@@ -66,7 +66,7 @@ def test_writer_output_is_read_by_safetensors_library(tmp_path):
 
 def test_sharded_write_and_read(tmp_path):
     ts = {f"layer.{i}.w": torch.full((16, 16), float(i)) for i in range(6)}  # 1 KiB each
-    files = write_checkpoint(tmp_path, [pending(k, v) for k, v in ts.items()], max_shard_size=2100)
+    files = write_hf_weights(tmp_path, [pending(k, v) for k, v in ts.items()], max_shard_size=2100)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert shards == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
@@ -76,7 +76,7 @@ def test_sharded_write_and_read(tmp_path):
     for k, v in ts.items():
         assert torch.equal(r.get(k), v)
     # rewriting unsharded removes the stale shards and index
-    write_checkpoint(tmp_path, [pending(k, v) for k, v in ts.items()])
+    write_hf_weights(tmp_path, [pending(k, v) for k, v in ts.items()])
     assert not (tmp_path / "model.safetensors.index.json").exists()
     assert not list(tmp_path.glob("model-*-of-*"))
     assert torch.equal(CheckpointReader(tmp_path).get("layer.5.w"), ts["layer.5.w"])
@@ -113,7 +113,7 @@ def test_corrupt_files_give_clear_errors(tmp_path):
 
 def test_missing_shard_is_reported(tmp_path):
     ts = {f"t{i}": torch.randn(64) for i in range(3)}
-    write_checkpoint(tmp_path, [pending(k, v) for k, v in ts.items()], max_shard_size=300)
+    write_hf_weights(tmp_path, [pending(k, v) for k, v in ts.items()], max_shard_size=300)
     (tmp_path / "model-00002-of-00003.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model-00002-of-00003.safetensors .*missing"):
         CheckpointReader(tmp_path)

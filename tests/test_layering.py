@@ -112,3 +112,24 @@ def test_train_never_imports_distributed():
     bad = sorted(f"{m} -> {t}" for m, ts in g.items() if m.startswith("torchgraft.train")
                  for t in ts if t.startswith("torchgraft.distributed"))
     assert not bad, "\n".join(bad)
+
+
+def test_tools_interop_and_rl_read_checkpoints_below_train():
+    """Checkpoint reading lives in torchgraft.checkpoint: tools/, interop/ and rl/ never import the
+    trainer's checkpoint or resume modules (or the engine that used to read checkpoints) for it."""
+    g = import_graph()
+    readers = ("torchgraft.train.checkpoint", "torchgraft.train.resume", "torchgraft.train.engine")
+    bad = sorted(f"{m} -> {t}" for m, ts in g.items()
+                 if m.startswith(("torchgraft.tools", "torchgraft.interop", "torchgraft.rl"))
+                 for t in ts if t.startswith(readers))
+    assert not bad, "\n".join(bad)
+    assert any(t.startswith("torchgraft.checkpoint") for t in g["torchgraft.rl.runs"])
+
+
+def test_one_checkpoint_writer_and_one_verified_reader():
+    """Only torchgraft/checkpoint/ (and io.py, which defines it) touches the one folder writer and the
+    one manifest-verified reader; everything else goes through the manager or load_latest."""
+    users = sorted(str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
+                   if ("write_checkpoint_dir" in p.read_text() or "read_verified" in p.read_text())
+                   and p.parent.name != "checkpoint" and p.name != "io.py")
+    assert users == [], users

@@ -87,6 +87,28 @@ def test_resume_continues_from_the_same_state(tmp_path):
     assert {"approx_kl", "clip_fraction", "explained_variance", "entropy"} <= set(recs[-1])
 
 
+def test_a_checkpoint_of_the_earlier_flat_layout_resumes_exactly(tmp_path):
+    """Earlier PPO checkpoints held counters and the RNG's JSON side by side in trainer_state.json
+    and the normaliser only in meta.json; the manager's upgrade hook reads them into the entries."""
+    from torchgraft.checkpoint.files import checkpoint_files, read_checkpoint, write_checkpoint_dir
+
+    cfg = load_ppo_config(TINY, ["ppo.normalize_obs=true"])
+    full = run_ppo(cfg, tmp_path / "full")
+    mid = read_checkpoint(tmp_path / "full" / "checkpoints" / "step_00000064")  # update 2 of 4
+    ts = mid.trainer_state
+    assert set(ts) == {"counters", "rng", "obs_norm"} and ts["obs_norm"]["count"] > 60
+    flat = {**ts["counters"], "rng": ts["rng"]}
+    old = tmp_path / "old" / "checkpoints" / "step_00000064"
+    write_checkpoint_dir(old, checkpoint_files(model_state=mid.model_state, meta=mid.meta,
+                                               optimizer_state=mid.optimizer_state, trainer_state=flat,
+                                               rng_tensors=mid.rng_tensors))
+    resumed = run_ppo(cfg, tmp_path / "old", resume=True)
+    assert resumed.updates == 4
+    a, b = _weights(full.policy), _weights(resumed.policy)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
 def test_observation_normalisation_is_saved_and_restored(tmp_path):
     cfg = load_ppo_config(TINY, ["ppo.normalize_obs=true", "ppo.total_steps=64"])
     trainer = PPOTrainer(cfg, tmp_path / "r")

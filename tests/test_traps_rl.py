@@ -129,6 +129,23 @@ def test_resume_applies_and_says_a_longer_budget(ppo_run, tmp_path, capsys, recw
     assert any("applied: ppo.total_steps (64 -> 96)" in str(w.message) for w in recwarn)
 
 
+def test_resume_with_no_update_left_keeps_config_yaml(ppo_run, tmp_path, capsys, recwarn):
+    """A budget that adds no update (90 steps = 2 updates of 32, as before) trains nothing: the run
+    says so, and config.yaml keeps the settings that ran instead of naming ppo.total_steps=90."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ppo_run, run)
+    before = (run / "config.yaml").read_text()
+    code, out, err, _ = invoke_cli(["rl", "ppo", CARTPOLE, "--out", run, *PPO_FAST, "ppo.total_steps=90", "--resume"],
+                                   capsys)
+    assert code == 0 and json.loads(out)["updates"] == 2
+    said = [str(w.message) for w in recwarn]
+    assert any("already trained to the end of its budget" in m for m in said), said
+    assert not any("applied" in m for m in said), said
+    assert (run / "config.yaml").read_text() == before
+
+
 # ---- messages that name the problem
 
 def test_gamma_names_the_broken_rule(tmp_path, capsys):

@@ -4,14 +4,20 @@ Layout of `<run>/checkpoints/step_00000100/`:
     model.safetensors      weights under the model's state_dict() names
     optimizer.safetensors  optimizer tensors (state.<param index>.<key>)
     optimizer.json         optimizer param groups and non-tensor state
-    rng.safetensors        torch CPU / CUDA generator states
-    trainer_state.json     step, data loader position, python/numpy RNG, counters, best metric, ...
+    rng.safetensors        torch CPU / CUDA generator states (the tensors of the `rng` entry)
+    trainer_state.json     the JSON part of every other entry under its name: counters, data loader
+                           position, python/numpy RNG, loss scaler, ... (see checkpoint/manager.py)
     meta.json              model name + config, run config, step, metrics
     manifest.json          sha256 and size of every other file (written last)
 
 A checkpoint is written under a temporary name, each file fsynced, then the folder is renamed
 into place, so a crash leaves either the old set or the new one. Loading verifies the manifest and
 falls back to the previous good checkpoint with a warning. Nothing is ever unpickled.
+
+This module is the format: the one writer (`write_checkpoint_dir`) and the one verified reader
+(`newest_verified` / `load_latest` / `read_checkpoint`, all through `torchgraft.io.read_verified`).
+Runs save and resume through `torchgraft.checkpoint.manager.CheckpointManager`; commands that read
+weights use `load_latest` (or `torchgraft.checkpoint.model.load_model`).
 """
 from __future__ import annotations
 
@@ -34,8 +40,7 @@ from safetensors.torch import save as st_save
 
 from torchgraft.errors import CheckpointError
 from torchgraft.io import read_verified  # noqa: F401  (the one verified reader; re-exported)
-from torchgraft.io import (STEP_DIR_RE, atomic_write_bytes, fsync_dir, publish_dir, remove_dir, step_dir_name,
-                           write_synced)
+from torchgraft.io import STEP_DIR_RE, fsync_dir, publish_dir, write_synced
 
 FORMAT_VERSION = 1
 
@@ -130,11 +135,9 @@ def restore_rng(js: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
 
 # ---------------------------------------------------------------- writing / verifying a checkpoint
 
-def checkpoint_files(*, model_state: dict[str, torch.Tensor] | None, meta: dict[str, Any],
-                     optimizer_state: dict[str, Any] | None = None,
-                     trainer_state: dict[str, Any] | None = None,
-                     rng_tensors: dict[str, torch.Tensor] | None = None) -> dict[str, bytes]:
-    """The files of a checkpoint folder (name -> bytes), every part optional but `meta`."""
+def model_files(model_state: dict[str, torch.Tensor] | None,
+                optimizer_state: dict[str, Any] | None = None) -> dict[str, bytes]:
+    """model.safetensors and optimizer.safetensors / optimizer.json of full (unsharded) states."""
     files: dict[str, bytes] = {}
     if model_state is not None:
         files["model.safetensors"] = st_save(state_dict_tensors(model_state), metadata={"format": "pt"})
@@ -142,6 +145,15 @@ def checkpoint_files(*, model_state: dict[str, torch.Tensor] | None, meta: dict[
         tensors, js = optimizer_to_files(optimizer_state)
         files["optimizer.safetensors"] = st_save(tensors)
         files["optimizer.json"] = json_bytes(js)
+    return files
+
+
+def checkpoint_files(*, model_state: dict[str, torch.Tensor] | None, meta: dict[str, Any],
+                     optimizer_state: dict[str, Any] | None = None,
+                     trainer_state: dict[str, Any] | None = None,
+                     rng_tensors: dict[str, torch.Tensor] | None = None) -> dict[str, bytes]:
+    """The files of a checkpoint folder (name -> bytes), every part optional but `meta`."""
+    files = model_files(model_state, optimizer_state)
     if rng_tensors is not None:
         files["rng.safetensors"] = st_save({k: v.contiguous() for k, v in rng_tensors.items()})
     if trainer_state is not None:
@@ -222,7 +234,14 @@ class LoadedCheckpoint:
     meta: dict[str, Any]
     optimizer_state: dict[str, Any] | None
     trainer_state: dict[str, Any] | None
-    rng_tensors: dict[str, torch.Tensor] | None
+    entry_tensors: dict[str, dict[str, torch.Tensor]]  # `<entry>.safetensors` of the manager's entries
+
+    @property
+    def rng_tensors(self) -> dict[str, torch.Tensor] | None:
+        return self.entry_tensors.get("rng")
+
+
+_LAYOUT_FILES = ("model.safetensors", "optimizer.safetensors")
 
 
 def _parse(path: Path, files: dict[str, bytes]) -> LoadedCheckpoint:
@@ -234,10 +253,11 @@ def _parse(path: Path, files: dict[str, bytes]) -> LoadedCheckpoint:
             opt = optimizer_from_files(st_load(files["optimizer.safetensors"]),
                                        json.loads(files["optimizer.json"]))
         ts = json.loads(files["trainer_state.json"]) if "trainer_state.json" in files else None
-        rng = st_load(files["rng.safetensors"]) if "rng.safetensors" in files else None
+        entries = {name[: -len(".safetensors")]: st_load(data) for name, data in files.items()
+                   if name.endswith(".safetensors") and "/" not in name and name not in _LAYOUT_FILES}
     except (KeyError, ValueError, OSError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
-    return LoadedCheckpoint(path, model_state, meta, opt, ts, rng)
+    return LoadedCheckpoint(path, model_state, meta, opt, ts, entries)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -303,56 +323,6 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """(model state_dict, meta) of the newest good checkpoint at `path`, manifest verified."""
     ck = load_latest(path)
     return ck.model_state, ck.meta
-
-
-class CheckpointManager:
-    """Saves step checkpoints under `root`, keeps the last K plus the best, tracks `best.json`."""
-
-    def __init__(self, root: str | Path, keep_last: int = 2):
-        self.root = Path(root)
-        self.keep_last = keep_last
-
-    def path_for(self, step: int) -> Path:
-        return self.root / step_dir_name(step)
-
-    def save(self, step: int, **parts: Any) -> Path:
-        """Write a single-file checkpoint of `step` (`write_checkpoint` arguments)."""
-        self.clean_temp()
-        return write_checkpoint(self.path_for(step), **parts)
-
-    def newest_verified(self) -> Path | None:
-        """The newest checkpoint whose manifest verifies (falling back with a warning), None if none."""
-        ckpts = list_checkpoints(self.root)
-        return newest_verified(ckpts, self.root) if ckpts else None
-
-    def mark_best(self, step: int, metric: str, value: float) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.root / "best.json", json_bytes(
-            {"name": step_dir_name(step), "step": step, "metric": metric, "value": value}))
-
-    def best_name(self) -> str | None:
-        try:
-            return json.loads((self.root / "best.json").read_text())["name"]
-        except (OSError, ValueError, KeyError):
-            return None
-
-    def prune(self) -> None:
-        """Delete all but the last `keep_last` checkpoints and the best one (rename, then remove)."""
-        ckpts = list_checkpoints(self.root)
-        keep = set(p.name for p in ckpts[-self.keep_last:]) if self.keep_last else {ckpts[-1].name} if ckpts else set()
-        best = self.best_name()
-        if best:
-            keep.add(best)
-        for p in ckpts:
-            if p.name not in keep:
-                remove_dir(p)
-
-    def clean_temp(self) -> None:
-        """Remove leftovers of interrupted writes/deletes (.tmp-*, .trash-*)."""
-        if self.root.is_dir():
-            for p in self.root.iterdir():
-                if p.name.startswith((".tmp-", ".trash-")) and p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
 
 
 def read_checkpoint(path: str | Path) -> LoadedCheckpoint:

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from torchgraft.checkpoint.files import LoadedCheckpoint, load_optimizer_state, model_files
+from torchgraft.checkpoint.layout import Collectives, SingleFileLayout, WriteShards
 from torchgraft.errors import CheckpointError
 from torchgraft.io import atomic_write_file, atomic_write_text
 
@@ -240,3 +242,70 @@ def export_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, s
     if _is_dist():
         dist.barrier()
     return out
+
+
+class DistributedLayout(SingleFileLayout):
+    """The checkpoint layout of a run on several processes (`CheckpointManager(layout=...)`).
+
+    `sharded` (FSDP2): every rank writes its DCP shards of model + optimizer into `dcp/`, and rank 0
+    the full `model.safetensors` (gathered) for inference and export. Otherwise (DDP) the single-file
+    layout, written by rank 0. Loading reads either kind into either kind of model: DCP shards
+    reshard by name; a single-file checkpoint is cut into shards locally by each rank."""
+
+    def __init__(self, comm: Collectives, sharded: bool):
+        super().__init__(comm)
+        self.sharded = sharded
+
+    def files(self, model: nn.Module | None, optimizer: torch.optim.Optimizer | None
+              ) -> tuple[dict[str, bytes], WriteShards | None]:
+        if not self.sharded or model is None:
+            return super().files(model, optimizer)
+        full = full_state_dict(model)  # a collective: every rank calls it
+
+        def write_shards(tmp: Path) -> None:
+            save_sharded(tmp / "dcp", model, optimizer)
+
+        return (model_files(full) if self.comm.is_main else {}), write_shards
+
+    def load(self, ck: LoadedCheckpoint, model: nn.Module | None,
+             optimizer: torch.optim.Optimizer | None) -> None:
+        if model is not None and is_sharded_checkpoint(ck.path / "dcp"):
+            load_sharded(ck.path / "dcp", model, optimizer)
+        elif model is not None and self.sharded:
+            if optimizer is None or ck.optimizer_state is None:
+                raise CheckpointError(f"{ck.path} holds weights only; it cannot resume a run")
+            _load_full_into_fsdp(model, optimizer, ck.model_state, ck.optimizer_state)
+        else:
+            super().load(ck, model, optimizer)
+
+
+def _load_full_into_fsdp(model: nn.Module, optimizer: torch.optim.Optimizer,
+                         model_state: dict[str, torch.Tensor], optim_state: dict[str, Any]) -> None:
+    """Load a single-file (unsharded) checkpoint into an FSDP-sharded model and its optimizer.
+
+    Every rank has read the whole file, so each cuts its own shards locally (no communication).
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    def local_piece(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if isinstance(like, DTensor):
+            return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+        return full.to(dtype=like.dtype, device=like.device)
+
+    expected = set(model.state_dict())
+    if set(model_state) != expected:
+        missing, extra = sorted(expected - set(model_state)), sorted(set(model_state) - expected)
+        raise CheckpointError(f"checkpoint weights do not fit the model (missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}); resume with the same model config")
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            piece = local_piece(model_state[name], t)
+            (t.to_local() if isinstance(t, DTensor) else t).copy_(
+                piece.to_local() if isinstance(piece, DTensor) else piece)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for pid, st in optim_state["state"].items():
+        p = params[int(pid)]
+        state[pid] = {k: local_piece(v, p) if isinstance(v, torch.Tensor) and v.shape == p.shape else v
+                      for k, v in st.items()}
+    load_optimizer_state(optimizer, {"state": state, "param_groups": optim_state["param_groups"]})

@@ -10,12 +10,12 @@
 - FSDP checkpoints hold the DCP shards of model + optimizer (`dcp/`) next to the usual files
   (a full `model.safetensors` gathered on rank 0, meta, trainer state, RNG, sha256 manifest), so
   they resume with any number of processes; DDP checkpoints are the single-file ones, written by
-  rank 0. Both go through the one writer, `torchgraft.checkpoint.files.write_checkpoint_dir`.
+  rank 0. The engine only supplies that layout (`checkpoint_layout`,
+  `torchgraft.distributed.checkpoint.DistributedLayout`); the `CheckpointManager` writes and reads.
 """
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 from typing import Any, ContextManager
@@ -25,14 +25,14 @@ import torch.distributed as dist
 from torch import nn
 
 from torchgraft.data.registry import DataBundle
-from torchgraft.distributed.checkpoint import full_state_dict, is_sharded_checkpoint, load_sharded, save_sharded
+from torchgraft.checkpoint.manager import CheckpointManager
+from torchgraft.distributed.checkpoint import DistributedLayout
 from torchgraft.distributed.config import DistributedConfig, distributed_config
 from torchgraft.distributed.env import DistInfo, barrier, init_distributed, launched_by_torchrun
-from torchgraft.distributed.parallel import find_blocks, grad_sync, parallelize, strategy_of, unwrap
-from torchgraft.errors import CheckpointError, ConfigError
-from torchgraft.checkpoint.files import list_checkpoints, load_optimizer_state
+from torchgraft.distributed.parallel import find_blocks, grad_sync, parallelize, unwrap
+from torchgraft.errors import ConfigError
 from torchgraft.train.config import RunConfig
-from torchgraft.train.engine import LocalEngine, LossFn, ModelBuilder, WriteShards, read_resumable, resolve_device
+from torchgraft.train.engine import LocalEngine, LossFn, ModelBuilder, resolve_device
 
 
 def wants_distributed(cfg: RunConfig, out_dir: str | Path | None = None, resume: bool = False) -> bool:
@@ -43,13 +43,12 @@ def wants_distributed(cfg: RunConfig, out_dir: str | Path | None = None, resume:
     if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
         return True
     if resume and out_dir is not None:
-        ckpts = list_checkpoints(Path(out_dir) / "checkpoints")
-        if ckpts:
-            try:
-                ts = json.loads((ckpts[-1] / "trainer_state.json").read_text())
-            except (OSError, ValueError):
-                return False
-            return "world_size" in ts or ts.get("loader", {}).get("world_size", 1) != 1
+        ckpts = CheckpointManager(Path(out_dir) / "checkpoints")
+        meta, ts = ckpts.peek("meta.json") or {}, ckpts.peek("trainer_state.json") or {}
+        if meta.get("engine") or "world_size" in ts:  # the engine's description (older checkpoints: in ts)
+            return True
+        if ts:
+            return (ts.get("loader") or {}).get("world_size", 1) != 1
     return False
 
 
@@ -112,7 +111,6 @@ class DistributedEngine(LocalEngine):
                     block.compile()
             else:
                 wrapped = torch.compile(wrapped)
-        self._wrapped = wrapped
         return unwrap(model), wrapped
 
     def training_loss(self, loss_sum: LossFn, compile: bool) -> LossFn:
@@ -145,29 +143,9 @@ class DistributedEngine(LocalEngine):
     def describe(self) -> dict[str, Any]:
         return {"world_size": self.world_size, "strategy": self.strategy}
 
-    def checkpoint_parts(self, model: nn.Module, optimizer: torch.optim.Optimizer
-                         ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, WriteShards | None]:
-        if self.strategy != "fsdp":
-            return super().checkpoint_parts(model, optimizer)
-
-        def write_shards(tmp: Path) -> None:
-            save_sharded(tmp / "dcp", model, optimizer)
-
-        return full_state_dict(model), None, write_shards
-
-    def load_checkpoint(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
-                        ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        if is_sharded_checkpoint(path / "dcp"):
-            ck = read_resumable(path)
-            load_sharded(path / "dcp", model, optimizer)
-            return ck.trainer_state, ck.rng_tensors
-        if strategy_of(self._wrapped) != "fsdp":
-            return super().load_checkpoint(path, model, optimizer)
-        ck = read_resumable(path)
-        if ck.optimizer_state is None:
-            raise CheckpointError(f"{path} holds weights only; it cannot resume a run")
-        _load_full_into_fsdp(model, optimizer, ck.model_state, ck.optimizer_state)
-        return ck.trainer_state, ck.rng_tensors
+    def checkpoint_layout(self) -> DistributedLayout:
+        """FSDP: DCP shards by every rank (+ the full weights); DDP: single files by rank 0."""
+        return DistributedLayout(self, sharded=self.strategy == "fsdp")
 
     def finish(self, model: nn.Module) -> nn.Module:
         """A model handed in and trained under FSDP comes back as a plain, full model on every rank,
@@ -193,35 +171,3 @@ def _meta_copy(model: nn.Module) -> nn.Module:
             meta = torch.empty_like(t, device="meta")
             memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
     return copy.deepcopy(model, memo)
-
-
-def _load_full_into_fsdp(model: nn.Module, optimizer: torch.optim.Optimizer,
-                         model_state: dict[str, torch.Tensor], optim_state: dict[str, Any]) -> None:
-    """Load a single-file (unsharded) checkpoint into an FSDP-sharded model and its optimizer.
-
-    Every rank has read the whole file, so each cuts its own shards locally (no communication).
-    """
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    def local_piece(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        if isinstance(like, DTensor):
-            return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
-        return full.to(dtype=like.dtype, device=like.device)
-
-    expected = set(model.state_dict())
-    if set(model_state) != expected:
-        missing, extra = sorted(expected - set(model_state)), sorted(set(model_state) - expected)
-        raise CheckpointError(f"checkpoint weights do not fit the model (missing {missing[:3]}, "
-                              f"unexpected {extra[:3]}); resume with the same model config")
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            piece = local_piece(model_state[name], t)
-            (t.to_local() if isinstance(t, DTensor) else t).copy_(
-                piece.to_local() if isinstance(piece, DTensor) else piece)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    state = {}
-    for pid, st in optim_state["state"].items():
-        p = params[int(pid)]
-        state[pid] = {k: local_piece(v, p) if isinstance(v, torch.Tensor) and v.shape == p.shape else v
-                      for k, v in st.items()}
-    load_optimizer_state(optimizer, {"state": state, "param_groups": optim_state["param_groups"]})

@@ -28,7 +28,7 @@ from torchgraft.interop.hf_spec import HFSpec, Rule
 from torchgraft.interop.safetensors_io import (
     CheckpointReader,
     PendingTensor,
-    write_checkpoint,
+    write_hf_weights,
     write_json,
 )
 
@@ -361,6 +361,6 @@ def save_hf(model: nn.Module, path: str | Path, *, max_shard_size: int | str = "
     hf_cfg.update(config_overrides or {})
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(d, pending, max_shard_size=max_shard_size)
+    write_hf_weights(d, pending, max_shard_size=max_shard_size)
     write_json(d / "config.json", hf_cfg)
     return d

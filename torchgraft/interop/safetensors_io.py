@@ -254,7 +254,7 @@ def write_file(path: str | Path, tensors: list[PendingTensor],
     atomic_write_file(path, write)
 
 
-def write_checkpoint(directory: str | Path, tensors: list[PendingTensor],
+def write_hf_weights(directory: str | Path, tensors: list[PendingTensor],
                      max_shard_size: int | str = "5GB",
                      metadata: dict[str, str] | None = None) -> list[Path]:
     """Write `model.safetensors`, or shards `model-0000i-of-0000n.safetensors` plus

@@ -63,10 +63,15 @@ class Identity:
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         return np.asarray(obs, dtype=np.float32)
 
-    def state_dict(self) -> None:
-        return None
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise CheckpointError("the checkpoint has observation-normaliser statistics but this run does not "
+                                  "normalise observations; resume with ppo.normalize_obs=true")
 
 
 def normalizer_from_state(state: dict[str, Any] | None) -> RunningNorm | Identity:
-    """The normaliser a checkpoint saved (`None` means none was used)."""
-    return Identity() if state is None else RunningNorm.from_state(state)
+    """The normaliser a checkpoint saved (`None` or empty means none was used)."""
+    return Identity() if not state else RunningNorm.from_state(state)

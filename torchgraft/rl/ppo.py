@@ -1,10 +1,12 @@
 """PPO (clipped surrogate objective, GAE, value loss, entropy bonus, KL early stop) on Gymnasium vector envs.
 
-Not a supervised loop, so it has its own, but it reuses the project's run machinery:
-`CheckpointManager` (atomic safetensors + sha256 manifest folders), `MetricsLogger`
-(metrics.jsonl + TensorBoard, so `torchgraft plot` draws episode return, length, KL, clip fraction
-and explained variance) and `capture_rng`/`restore_rng`. `step` in logs and checkpoint names is
-the number of environment steps.
+Not a supervised loop, so it has its own algorithm (`collect`, `learn_from`, GAE, the loss), but
+its run directory is the trainer's `torchgraft.train.run.Run`: one writer per `--out` (the lock),
+the trainer's resume rules (with PPO's fixed keys), config.yaml written only for what runs,
+metrics.jsonl + TensorBoard (so `torchgraft plot` draws episode return, length, KL, clip fraction
+and explained variance), result.json, and a `CheckpointManager` whose entries are the policy,
+the optimizer, the counters (`PPOState`), the RNG and the observation normaliser. `step` in logs
+and checkpoint names is the number of environment steps.
 
 Exact resume. Gymnasium environments cannot be saved, so the run makes its environment state a
 function of the update number instead: at every checkpoint boundary (update % checkpoint.every == 0,
@@ -31,19 +33,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from torchgraft.config import apply_overrides, from_dict, load_yaml, to_dict
-from torchgraft.errors import CheckpointError, ConfigError
+from torchgraft.errors import ConfigError
 from torchgraft.io import atomic_write_text
 from torchgraft.rl.envs import SpaceInfo, check_policy_fits, env_space_info, make_vector_env, to_env_action
 from torchgraft.rl.evaluate import evaluate
 from torchgraft.rl.experts import PolicyExpert
-from torchgraft.rl.normalize import Identity, RunningNorm, normalizer_from_state
-from torchgraft.checkpoint.files import (CheckpointManager, capture_rng, list_checkpoints, load_latest,
-                                         load_optimizer_state, restore_rng)
-from torchgraft.train.logging import MetricsLogger
+from torchgraft.rl.normalize import Identity, RunningNorm
+from torchgraft.checkpoint.layout import SingleFileLayout
+from torchgraft.checkpoint.manager import CheckpointManager, RNGState
+from torchgraft.train.cadence import every
+from torchgraft.train.run import ResumeRules, Run
 
 
 # ------------------------------------------------------------------------------------ config
@@ -252,6 +254,45 @@ def check_policy_section(section: dict[str, Any]) -> None:
 # sets the rollout's shape and the reset seeds), the seed and what each rollout holds
 PPO_FIXED_PREFIXES = ("model.", "env.")
 PPO_FIXED_KEYS = ("ppo.seed", "ppo.rollout_steps", "ppo.normalize_obs", "ppo.init_from")
+PPO_RESUME_RULES = ResumeRules(PPO_FIXED_PREFIXES, PPO_FIXED_KEYS, init_key="ppo.init_from")
+
+
+@dataclass
+class PPOState:
+    """PPO's counters (the `counters` entry of its checkpoints)."""
+
+    update: int = 0
+    env_steps: int = 0
+    recent_returns: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
+    recent_lengths: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
+    best_value: float | None = None
+    best_step: int | None = None
+    steps_to_target: int | None = None  # env steps when the eval mean return first reached the target
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"update": self.update, "env_steps": self.env_steps, "recent_returns": list(self.recent_returns),
+                "recent_lengths": list(self.recent_lengths), "best_value": self.best_value,
+                "best_step": self.best_step, "steps_to_target": self.steps_to_target, "last_eval": self.last_eval}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.update, self.env_steps = int(state["update"]), int(state["env_steps"])
+        self.recent_returns.clear()
+        self.recent_returns.extend(state["recent_returns"])
+        self.recent_lengths.clear()
+        self.recent_lengths.extend(state["recent_lengths"])
+        self.best_value, self.best_step = state["best_value"], state["best_step"]
+        self.steps_to_target, self.last_eval = state["steps_to_target"], dict(state["last_eval"])
+
+
+def upgrade_flat_state(ck: Any) -> dict[str, Any] | None:
+    """The entries of a PPO checkpoint of an earlier version, whose trainer_state.json held the
+    counters and the RNG's JSON part side by side and the normaliser only in meta.json."""
+    ts = ck.trainer_state or {}
+    if "counters" in ts or "update" not in ts:
+        return None
+    counters = {k: ts[k] for k in PPOState().state_dict()}
+    return {"counters": counters, "rng": ts["rng"], "obs_norm": (ck.meta.get("rl") or {}).get("obs_norm") or {}}
 
 
 def _env_seeds(seed: int, update: int, n: int) -> list[int]:
@@ -282,15 +323,22 @@ class PPOTrainer:
             self.normalizer.load_state_dict(self.init_norm_state)
         self.batch_size = c.env.num_envs * p.rollout_steps
         self.num_updates = max(1, p.total_steps // self.batch_size)
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=c.checkpoint.keep_last)
-        self.update = 0
-        self.env_steps = 0
-        self.recent_returns: collections.deque[float] = collections.deque(maxlen=20)
-        self.recent_lengths: collections.deque[int] = collections.deque(maxlen=20)
-        self.best_value: float | None = None
-        self.best_step: int | None = None
-        self.steps_to_target: int | None = None
-        self.last_eval: dict[str, float] = {}
+        self.state = PPOState()
+        # checkpoints at every `checkpoint.every` updates (named by env steps), where envs are re-seeded
+        self.ckpt = CheckpointManager(
+            self.run_dir / "checkpoints", {"model": self.policy, "optimizer": self.optimizer, "counters": self.state,
+                                           "rng": RNGState(), "obs_norm": self.normalizer},
+            SingleFileLayout(), every=c.checkpoint.every * self.batch_size, keep_last=c.checkpoint.keep_last,
+            meta=self.meta, upgrade=upgrade_flat_state)
+        self.run = Run(self.run_dir, c.to_dict(), self.ckpt, rules=PPO_RESUME_RULES)
+
+    @property
+    def update(self) -> int:
+        return self.state.update
+
+    @property
+    def env_steps(self) -> int:
+        return self.state.env_steps
 
     # ---- model
     init_norm_state: dict[str, Any] | None = None
@@ -328,61 +376,19 @@ class PPOTrainer:
 
     # ---- checkpoints
     def meta(self) -> dict[str, Any]:
+        """meta.json of a checkpoint: the policy, what it was trained on and how to feed it."""
         from torchgraft import __version__
         from torchgraft.train.trainer import model_meta
 
-        return {"model": model_meta(self.policy), "step": self.env_steps, "update": self.update,
-                "metrics": self.last_eval, "run_config": self.cfg.to_dict(), "task": "ppo",
+        return {"model": model_meta(self.policy), "update": self.state.update, "metrics": self.state.last_eval,
+                "run_config": self.cfg.to_dict(), "task": "ppo",
                 "rl": {"algo": "ppo", "env": self.cfg.env.id, "env_kwargs": self.cfg.env.kwargs,
-                       "obs_norm": self.normalizer.state_dict()},
+                       "obs_norm": self.normalizer.state_dict() or None},
                 "torchgraft_version": __version__}
 
-    def save_checkpoint(self, best: bool = False) -> Path:
-        rng_json, rng_tensors = capture_rng()
-        state = {"update": self.update, "env_steps": self.env_steps, "rng": rng_json,
-                 "recent_returns": list(self.recent_returns), "recent_lengths": list(self.recent_lengths),
-                 "best_value": self.best_value, "best_step": self.best_step,
-                 "steps_to_target": self.steps_to_target, "last_eval": self.last_eval}
-        path = self.ckpt.save(self.env_steps, model_state=self.policy.state_dict(), meta=self.meta(),
-                              optimizer_state=self.optimizer.state_dict(), trainer_state=state,
-                              rng_tensors=rng_tensors)
-        if best:
-            self.ckpt.mark_best(self.env_steps, "val_return", self.best_value)
-        self.ckpt.prune()
-        return path
-
     def restore(self) -> bool:
-        self.ckpt.clean_temp()
-        if not list_checkpoints(self.ckpt.root):
-            return False
-        ck = load_latest(self.ckpt.root)
-        if ck.optimizer_state is None or ck.trainer_state is None or ck.rng_tensors is None:
-            raise CheckpointError(f"{ck.path} holds weights only; it cannot resume a run")
-        if (ck.meta.get("rl") or {}).get("env") != self.cfg.env.id:
-            raise CheckpointError(f"cannot resume: {ck.path} was trained on {ck.meta.get('rl', {}).get('env')!r}, "
-                                  f"this config has env.id={self.cfg.env.id!r}")
-        from torchgraft.train.resume import check_resumable
-
-        self.resume_changes = check_resumable(ck.meta.get("run_config"), self.cfg.to_dict(), self.run_dir,
-                                              fixed_prefixes=PPO_FIXED_PREFIXES, fixed_keys=PPO_FIXED_KEYS,
-                                              init_key="ppo.init_from")
-        try:
-            self.policy.load_state_dict(ck.model_state)
-        except RuntimeError as e:
-            raise CheckpointError(f"cannot resume from {ck.path}: its weights do not fit this policy "
-                                  f"({str(e).splitlines()[0]})") from None
-        load_optimizer_state(self.optimizer, ck.optimizer_state)
-        norm_state = ck.meta["rl"].get("obs_norm")
-        if norm_state is not None:
-            self.normalizer = normalizer_from_state(norm_state)
-        ts = ck.trainer_state
-        self.update, self.env_steps = int(ts["update"]), int(ts["env_steps"])
-        self.recent_returns.extend(ts["recent_returns"])
-        self.recent_lengths.extend(ts["recent_lengths"])
-        self.best_value, self.best_step = ts["best_value"], ts["best_step"]
-        self.steps_to_target, self.last_eval = ts["steps_to_target"], ts["last_eval"]
-        restore_rng(ts["rng"], ck.rng_tensors)
-        return True
+        """Load the newest good checkpoint of the run (the trainer's resume rules); False when none."""
+        return self.run.restore(resume=True)
 
     # ---- evaluation
     def evaluate(self) -> dict[str, float]:
@@ -415,19 +421,20 @@ class PPOTrainer:
         if held >= self.cfg.eval.target_return:
             return True
         if self.cfg.logging.progress:
-            print(f"step {self.env_steps}: target {self.cfg.eval.target_return:g} reached on the evaluation seeds "
+            print(f"step {self.state.env_steps}: target {self.cfg.eval.target_return:g} reached on the evaluation seeds "
                   f"but not on the held-out seeds ({held:.1f}); training on", flush=True)
-        self.steps_to_target = None
+        self.state.steps_to_target = None
         return False
 
     def _after_eval(self, metrics: dict[str, float]) -> bool:
-        self.last_eval = metrics
+        s = self.state
+        s.last_eval = metrics
         value = metrics["val_return"]
         target = self.cfg.eval.target_return
-        if target is not None and self.steps_to_target is None and value >= target:
-            self.steps_to_target = self.env_steps
-        if self.best_value is None or value > self.best_value:
-            self.best_value, self.best_step = value, self.env_steps
+        if target is not None and s.steps_to_target is None and value >= target:
+            s.steps_to_target = s.env_steps
+        if s.best_value is None or value > s.best_value:
+            s.best_value, s.best_step = value, s.env_steps
             return True
         return False
 
@@ -472,8 +479,8 @@ class PPOTrainer:
         self._ep_ret += raw_reward
         self._ep_len += 1
         for i in np.nonzero(done)[0]:
-            self.recent_returns.append(float(self._ep_ret[i]))
-            self.recent_lengths.append(int(self._ep_len[i]))
+            self.state.recent_returns.append(float(self._ep_ret[i]))
+            self.state.recent_lengths.append(int(self._ep_len[i]))
             self._ep_ret[i], self._ep_len[i] = 0.0, 0
 
     def learn_from(self, roll: dict[str, torch.Tensor], value_only: bool) -> dict[str, float]:
@@ -518,91 +525,93 @@ class PPOTrainer:
 
     # ---- the loop
     def fit(self, resume: bool = False) -> PPOResult:
-        """Train (or, with `resume`, continue) the run; one writer per run directory (`RUN/.lock`)."""
-        from torchgraft.train.lock import RunLock, check_run_dir
-
-        check_run_dir(self.run_dir)
-        with RunLock(self.run_dir):
+        """Train (or, with `resume`, continue) the run; one writer per run directory (`Run.hold`)."""
+        with self.run.hold():
             return self._fit(resume)
 
     def _fit(self, resume: bool) -> PPOResult:
-        c, p = self.cfg, self.cfg.ppo
-        if not resume and list_checkpoints(self.ckpt.root):
-            raise ConfigError(f"{self.run_dir} already holds checkpoints of a run; pass --resume to continue "
-                              f"it, or choose another output directory")
-        resumed = self.restore() if resume else False  # refuses changes a run cannot take midway
-        import warnings
-
-        from torchgraft.train.validate import cadence_warnings
-
-        if resumed and getattr(self, "resume_changes", None):
-            warnings.warn(f"resuming with a changed config, applied: {', '.join(self.resume_changes)}",
-                          stacklevel=2)
-        for note in cadence_warnings(c.to_dict(), self.num_updates, f"the run's {self.num_updates} updates"):
-            warnings.warn(note, stacklevel=2)
-        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(c.to_dict(), sort_keys=False))
-        if self.init_report is not None and not resumed:
-            atomic_write_text(self.run_dir / "init_transfer.json", json.dumps(self.init_report.to_dict(), indent=1))
-        logger = MetricsLogger(self.run_dir, tensorboard=c.logging.tensorboard,
-                               resume_step=self.env_steps if resumed else None)
+        c, s = self.cfg, self.state
+        self._start(resume)
         envs = make_vector_env(c.env.id, c.env.num_envs, c.env.kwargs)
-        start = time.perf_counter()
-        obs = None
-        every = c.checkpoint.every
+        start, obs = time.perf_counter(), None
         try:
-            if not resumed and c.eval.every:  # the starting point (a cloned policy's return, or random)
-                m = self.evaluate()
-                self._after_eval(m)
-                logger.log({"step": 0, "update": 0, **m})
-            while self.update < self.num_updates:
-                if obs is None or (every and self.update % every == 0):
-                    obs, _ = envs.reset(seed=_env_seeds(p.seed, self.update, c.env.num_envs))
-                    self._ep_ret = np.zeros(c.env.num_envs)
-                    self._ep_len = np.zeros(c.env.num_envs, dtype=np.int64)
-                lr = p.lr * (1.0 - self.update / self.num_updates) if p.anneal_lr else p.lr
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
-                t0 = time.perf_counter()
+            while s.update < self.num_updates:
+                obs = self._reset_at_boundary(envs, obs)
+                t0, lr = time.perf_counter(), self._set_lr()
                 roll, obs = self.collect(envs, obs)
-                warm = self.update < p.value_warmup_updates
+                warm = s.update < self.cfg.ppo.value_warmup_updates
                 stats = self.learn_from(roll, value_only=warm)
-                self.update += 1
-                self.env_steps += self.batch_size
-                final = self.update >= self.num_updates
-                record: dict[str, Any] = {}
-                do_eval = final or (c.eval.every and self.update % c.eval.every == 0)
-                if do_eval or self.update % c.logging.every == 0:
-                    record = {"step": self.env_steps, "update": self.update, "lr": lr, **stats,
-                              "value_warmup": float(warm),
-                              "steps_per_s": self.batch_size / max(time.perf_counter() - t0, 1e-9),
-                              "elapsed_s": time.perf_counter() - start}
-                    if self.recent_returns:
-                        record["episode_return"] = float(np.mean(self.recent_returns))
-                        record["episode_length"] = float(np.mean(self.recent_lengths))
-                improved = False
-                if do_eval:
-                    metrics = self.evaluate()
-                    improved = self._after_eval(metrics)
-                    record.update(metrics)
-                    if c.logging.progress:
-                        print(f"step {self.env_steps}: val_return {metrics['val_return']:.1f} "
-                              f"(+- {metrics['val_return_std']:.1f})  episode_return "
-                              f"{record.get('episode_return', float('nan')):.1f}", flush=True)
-                if record:
-                    logger.log(record)
-                reached = self.steps_to_target is not None and do_eval and self._target_holds()
-                if final or reached or (every and self.update % every == 0):
-                    self.save_checkpoint(best=improved)
-                if reached:
+                s.update += 1
+                s.env_steps += self.batch_size
+                if self._after_update({"lr": lr, **stats, "value_warmup": float(warm)}, t0, start):
                     break
         finally:
             envs.close()
-            logger.close()
-        result = PPOResult(self.run_dir, self.update, self.env_steps, dict(self.last_eval), self.steps_to_target,
-                           {"metric": "val_return", "value": self.best_value, "step": self.best_step},
+            self.run.close()
+        result = PPOResult(self.run_dir, s.update, s.env_steps, dict(s.last_eval), s.steps_to_target,
+                           {"metric": "val_return", "value": s.best_value, "step": s.best_step},
                            time.perf_counter() - start, self.policy, heldout=self.heldout_evaluation())
-        atomic_write_text(self.run_dir / "result.json", json.dumps(result.to_dict(), indent=1))
+        self.run.write_result(result.to_dict())
         return result
+
+    def _start(self, resume: bool) -> None:
+        """Resume (the trainer's rules), config.yaml, logger; a fresh run evaluates its starting point."""
+        from torchgraft.train.validate import cadence_warnings
+
+        c, s = self.cfg, self.state
+        resumed = self.run.restore(resume)  # refuses changes a run cannot take midway
+        notes = cadence_warnings(c.to_dict(), self.num_updates, f"the run's {self.num_updates} updates")
+        self.run.start(s.update < self.num_updates, notes, tensorboard=c.logging.tensorboard,
+                       resume_step=s.env_steps)
+        if self.init_report is not None and not resumed:
+            atomic_write_text(self.run_dir / "init_transfer.json", json.dumps(self.init_report.to_dict(), indent=1))
+        if not resumed and c.eval.every:  # the starting point (a cloned policy's return, or random)
+            m = self.evaluate()
+            self._after_eval(m)
+            self.run.logger.log({"step": 0, "update": 0, **m})
+
+    def _reset_at_boundary(self, envs: Any, obs: np.ndarray | None) -> np.ndarray:
+        """Re-seed every environment at a checkpoint boundary (and at the start): exact resume."""
+        c, update = self.cfg, self.state.update
+        if obs is None or every(c.checkpoint.every, update):
+            obs, _ = envs.reset(seed=_env_seeds(c.ppo.seed, update, c.env.num_envs))
+            self._ep_ret = np.zeros(c.env.num_envs)
+            self._ep_len = np.zeros(c.env.num_envs, dtype=np.int64)
+        return obs
+
+    def _set_lr(self) -> float:
+        p = self.cfg.ppo
+        lr = p.lr * (1.0 - self.state.update / self.num_updates) if p.anneal_lr else p.lr
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def _after_update(self, stats: dict[str, float], t0: float, start: float) -> bool:
+        """Log, evaluate, checkpoint after one update; True when the target is reached (and holds)."""
+        c, s = self.cfg, self.state
+        final = s.update >= self.num_updates
+        do_eval = final or every(c.eval.every, s.update)
+        record: dict[str, Any] = {}
+        if do_eval or every(c.logging.every, s.update):
+            record = {"step": s.env_steps, "update": s.update, **stats,
+                      "steps_per_s": self.batch_size / max(time.perf_counter() - t0, 1e-9),
+                      "elapsed_s": time.perf_counter() - start}
+            if s.recent_returns:
+                record["episode_return"] = float(np.mean(s.recent_returns))
+                record["episode_length"] = float(np.mean(s.recent_lengths))
+        improved = False
+        if do_eval:
+            metrics = self.evaluate()
+            improved = self._after_eval(metrics)
+            record.update(metrics)
+            if c.logging.progress:
+                print(f"step {s.env_steps}: val_return {metrics['val_return']:.1f} (+- {metrics['val_return_std']:.1f})"
+                      f"  episode_return {record.get('episode_return', float('nan')):.1f}", flush=True)
+        if record:
+            self.run.logger.log(record)
+        reached = s.steps_to_target is not None and do_eval and self._target_holds()
+        self.ckpt.save(s.env_steps, last=final or reached, best=("val_return", s.best_value) if improved else None)
+        return reached
 
 
 def run_ppo(cfg: PPORunConfig | dict | str | Path, out_dir: str | Path, *, policy: nn.Module | None = None,

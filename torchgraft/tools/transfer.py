@@ -209,39 +209,6 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
                               "(is it a complete safetensors file?)") from None
 
 
-def _load_verified(ck: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors of a checkpoint folder whose manifest verifies (torchgraft.io.read_verified)."""
-    from safetensors.torch import load as st_load
-
-    from torchgraft.io import read_verified
-
-    files = read_verified(ck)
-    if "model.safetensors" not in files:
-        raise CheckpointError(f"checkpoint {ck} has no model.safetensors in its manifest")
-    return st_load(files["model.safetensors"])
-
-
-def _newest_verified_state(newest: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """The newest step folder whose manifest verifies, falling back to older ones with a warning
-    (as resume does); a folder without a manifest (an old layout) is read as is."""
-    import warnings
-
-    steps = sorted((d for d in newest.parent.glob("step_*") if step_of(d.name) is not None and d.is_dir()
-                    and step_of(d.name) <= step_of(newest.name)), key=lambda d: step_of(d.name))
-    errors = []
-    for ck in reversed(steps):
-        if not (ck / "manifest.json").is_file():
-            if (ck / "model.safetensors").is_file() and not errors:
-                return _load_safetensors(ck / "model.safetensors"), str(ck)
-            continue
-        try:
-            return _load_verified(ck), str(ck)
-        except CheckpointError as e:
-            errors.append(str(e))
-            warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=3)
-    raise CheckpointError(f"no good checkpoint under {newest.parent}: " + "; ".join(errors))
-
-
 def load_state(src: Source) -> tuple[dict[str, torch.Tensor], str]:
     """Read a source into a flat {name: tensor} dict plus a short description of where it came from.
 
@@ -269,7 +236,9 @@ def load_state(src: Source) -> tuple[dict[str, torch.Tensor], str]:
                                   "(convert it to .safetensors first)")
         return _load_safetensors(p), str(p)
     if (p / "manifest.json").is_file():  # a torchgraft checkpoint folder: its manifest is verified
-        return _load_verified(p), str(p)
+        from torchgraft.checkpoint.files import read_checkpoint
+
+        return read_checkpoint(p).model_state, str(p)
     if (p / "model.safetensors").is_file():
         return _load_safetensors(p / "model.safetensors"), str(p)
     index = p / "model.safetensors.index.json"
@@ -283,7 +252,12 @@ def load_state(src: Source) -> tuple[dict[str, torch.Tensor], str]:
             state.update(_load_safetensors(p / shard))
         return state, str(p)
     ck = newest_checkpoint(p)
-    return _newest_verified_state(ck)
+    if not (ck / "manifest.json").is_file():  # an older layout without a manifest: read as it is
+        return _load_safetensors(ck / "model.safetensors"), str(ck)
+    from torchgraft.checkpoint.files import load_latest
+
+    loaded = load_latest(ck)  # the newest that verifies, falling back with a warning (the one reader)
+    return loaded.model_state, str(loaded.path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """When the loop does its periodic work, each in one small object: validate (with best metric and
-early stopping), log (with throughput); saving is `torchgraft.train.checkpointer.Checkpointer`.
+early stopping), log (with throughput); saving is `torchgraft.checkpoint.manager.CheckpointManager`.
 The `Trainer` calls them in order after each step."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,16 @@ class TrainState:
     last_eval: dict[str, float] = field(default_factory=dict)
     should_stop: bool = False
     stop_reason: str = ""
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the saved counters in place (a resumed run does not inherit the old run's stop)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, state.get(f.name, f.default if f.default is not dataclasses.MISSING
+                                            else f.default_factory()))
+        self.should_stop, self.stop_reason = False, ""
 
 
 class Validator:

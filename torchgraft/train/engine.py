@@ -8,8 +8,8 @@ The `Trainer` runs the same loop everywhere and asks its engine for
 - the context of one micro-batch (`no_sync`: skip the gradient all-reduce but on the last one);
 - sums over processes (`all_reduce_sum`: target counts, logged loss, evaluation sums) and `broadcast`;
 - which process logs and writes run files (`is_main`);
-- the checkpoint layout (`checkpoint_parts` for writing, `load_checkpoint` for resuming):
-  single-file state on the main process, or DCP shards written by every rank.
+- the checkpoint layout (`checkpoint_layout`: single-file state on the main process, or DCP shards
+  written by every rank); the `torchgraft.checkpoint.manager.CheckpointManager` does the rest.
 
 `LocalEngine` is the one-process engine (this module); `torchgraft.distributed.engine.DistributedEngine`
 is the other. The choice is made above both packages (`torchgraft.recipes.training.make_engine`),
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
@@ -27,12 +26,11 @@ from torch import nn
 
 from torchgraft.data.loader import StatefulSampler
 from torchgraft.data.registry import DataBundle
-from torchgraft.errors import CheckpointError, ConfigError
-from torchgraft.checkpoint.files import load_optimizer_state, read_checkpoint
+from torchgraft.checkpoint.layout import SingleFileLayout
+from torchgraft.errors import ConfigError
 
 ModelBuilder = Callable[[str | None], nn.Module]  # device ("meta" or None) -> a new model
 LossFn = Callable[[nn.Module, dict[str, Any]], torch.Tensor]  # (model, batch) -> summed loss
-WriteShards = Callable[[Path], None]               # tmp checkpoint folder -> writes this rank's shards
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,37 +102,14 @@ class LocalEngine:
 
     # ---- checkpoints
     def describe(self) -> dict[str, Any]:
-        """What trainer_state.json records about the engine ({} for one process)."""
+        """What meta.json records about the engine ({} for one process)."""
         return {}
 
-    def checkpoint_parts(self, model: nn.Module, optimizer: torch.optim.Optimizer
-                         ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, WriteShards | None]:
-        """(full model state for model.safetensors, optimizer state for the single-file layout or None,
-        the shard writer for the sharded layout or None). Every process calls it."""
-        return model.state_dict(), optimizer.state_dict(), None
-
-    def load_checkpoint(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
-                        ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """Load weights and optimizer state of checkpoint folder `path`; return (trainer state, RNG tensors)."""
-        ck = read_resumable(path)
-        try:
-            model.load_state_dict(ck.model_state)
-        except RuntimeError as e:
-            raise CheckpointError(f"cannot resume from {path}: its weights do not fit this model "
-                                  f"({str(e).splitlines()[0]}); resume with the run's own config") from None
-        if ck.optimizer_state is None:
-            raise CheckpointError(f"{path} holds weights only; it cannot resume a run")
-        load_optimizer_state(optimizer, ck.optimizer_state)
-        return ck.trainer_state, ck.rng_tensors
+    def checkpoint_layout(self) -> SingleFileLayout:
+        """How the model and optimizer entries of a checkpoint are stored (single files here)."""
+        return SingleFileLayout(self)
 
     def finish(self, model: nn.Module) -> nn.Module:
         """The model a run returns (a plain module)."""
         return model
 
-
-def read_resumable(path: Path):
-    """A verified checkpoint that holds what resuming needs (trainer state and RNG), else CheckpointError."""
-    ck = read_checkpoint(path)
-    if ck.trainer_state is None or ck.rng_tensors is None:
-        raise CheckpointError(f"{path} holds weights only; it cannot resume a run")
-    return ck

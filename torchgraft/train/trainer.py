@@ -7,12 +7,9 @@ the small objects of `torchgraft.train.cadence`. The loop itself knows none of t
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
 import random
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from torchgraft.config import to_dict
@@ -28,12 +24,13 @@ from torchgraft.data.loader import StatefulLoader, iter_eval_batches
 from torchgraft.data.registry import DataBundle, build_data
 from torchgraft.errors import CheckpointError, ConfigError, TorchgraftError
 from torchgraft.train.cadence import LogCadence, Throughput, TrainState, Validator, eval_line
-from torchgraft.train.callbacks import Callback, CallbackList
-from torchgraft.checkpoint.files import capture_rng, list_checkpoints, restore_rng
-from torchgraft.train.checkpointer import Checkpointer
+from torchgraft.train.callbacks import Callback
+from torchgraft.checkpoint.files import list_checkpoints
+from torchgraft.checkpoint.manager import CheckpointManager, RNGState
 from torchgraft.train.config import RunConfig, load_run_config
 from torchgraft.train.engine import LocalEngine, resolve_device  # noqa: F401  (resolve_device: public here too)
 from torchgraft.train.logging import MetricsLogger, ProgressBar
+from torchgraft.train.run import Run
 from torchgraft.train.mfu import device_peak_flops, step_flops
 from torchgraft.train.optim import ParamGroupsFn, build_optimizer
 from torchgraft.train.precision import autocast, make_grad_scaler
@@ -163,6 +160,34 @@ def rescale_loader_state(saved: dict[str, Any], current: dict[str, Any]) -> dict
     return {**saved, "world_size": ws_new, "batch_size": current["batch_size"]}
 
 
+class LoaderState:
+    """The data position as a checkpoint entry; resumes on another number of processes when the
+    global batch is the same (`rescale_loader_state`)."""
+
+    def __init__(self, loader: StatefulLoader):
+        self.loader = loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(rescale_loader_state(state, self.loader.state_dict()))
+
+
+class ScalerState:
+    """The fp16 GradScaler as a checkpoint entry (empty without one: bf16 / fp32 runs)."""
+
+    def __init__(self, scaler: Any):
+        self.scaler = scaler
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scaler.state_dict() if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+
 @dataclass
 class StepOutput:
     loss: float
@@ -197,9 +222,9 @@ class Trainer:
     """Trains `cfg` into `out_dir` with `engine` (one process by default).
 
     `model` replaces the one named by cfg.model, `data` replaces cfg.data; `param_groups_fn(model)`
-    supplies custom optimizer groups. The trainer's resumable state is `state_dict()` /
-    `load_state_dict()` (counters, data position, RNG, loss scaler); model and optimizer state are
-    written by the engine's checkpoint layout."""
+    supplies custom optimizer groups. The run directory (lock, config.yaml, resume rules, logger,
+    result.json) is a `Run`; its `CheckpointManager` (`self.ckpt`) saves model, optimizer, counters,
+    data position, loss scaler and RNG, each as its own entry, in the engine's checkpoint layout."""
 
     def __init__(self, cfg: RunConfig | dict | str | Path, out_dir: str | Path, *,
                  model: nn.Module | None = None, data: DataBundle | None = None,
@@ -226,13 +251,18 @@ class Trainer:
         self.loader = StatefulLoader(self.data.train, self.engine.sampler(len(self.data.train), t.batch_size, t.seed),
                                      self.data.collate_fn, num_workers=self.data.num_workers)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.callbacks = CallbackList(callbacks)
         self.state = TrainState()
         metric = self.cfg.eval.best_metric or self.task.default_metric
         self.validator = Validator(self.cfg.eval, metric, self.task.higher_is_better(metric))
-        self.checkpoints = Checkpointer(self.run_dir / "checkpoints", self.cfg.checkpoint, self.cfg.eval.every,
-                                        self.engine)
-        self.ckpt = self.checkpoints.manager
+        c = self.cfg.checkpoint
+        self.ckpt = CheckpointManager(
+            self.run_dir / "checkpoints", {"model": self.model, "optimizer": self.optimizer, "state": self.state,
+                                           "loader": LoaderState(self.loader), "scaler": ScalerState(self.scaler),
+                                           "rng": RNGState()},
+            self.engine.checkpoint_layout(), every=c.every, keep_last=c.keep_last,
+            save_best=c.save_best and self.cfg.eval.every > 0, meta=self.checkpoint_meta)
+        self.run = Run(self.run_dir, self.cfg.to_dict(), self.ckpt, is_main=self.is_main, callbacks=callbacks)
+        self.callbacks = self.run.callbacks
         self.log_cadence = LogCadence(self.cfg.logging)
         self.flops_per_step: int | None = None
         self.peak_flops = device_peak_flops(self.device, t.precision)
@@ -320,77 +350,28 @@ class Trainer:
         metrics.update(self.engine.broadcast(extra) or {})
         return metrics
 
-    # ---- resumable state
-    def state_dict(self) -> dict[str, Any]:
-        """The trainer's own state: counters, data position, RNG (JSON part + `rng_tensors`), loss scaler."""
-        rng_json, rng_tensors = capture_rng()
-        return {"state": dataclasses.asdict(self.state), "loader": self.loader.state_dict(), "rng": rng_json,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                **self.engine.describe(), "rng_tensors": rng_tensors}
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.loader.load_state_dict(rescale_loader_state(sd["loader"], self.loader.state_dict()))
-        if self.scaler is not None and sd.get("scaler"):
-            self.scaler.load_state_dict(sd["scaler"])
-        self.state = TrainState(**sd["state"])
-        self.state.should_stop, self.state.stop_reason = False, ""
-        restore_rng(sd["rng"], sd["rng_tensors"])
-
     # ---- checkpoints
-    def save_checkpoint(self, best: bool = False) -> Path:
-        """Write the checkpoint of this step in the engine's layout (every process calls it)."""
-        s = self.state
-        trainer_state = meta = None
-        if self.is_main:
-            from torchgraft import __version__
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """meta.json of a checkpoint: the model, its metrics, the run config, task and engine."""
+        from torchgraft import __version__
 
-            trainer_state = self.state_dict()
-            meta = {"model": model_meta(self.model), "step": s.step, "metrics": s.last_eval,
-                    "run_config": self.cfg.to_dict(), "task": self.task.name, "torchgraft_version": __version__}
-        path = self.checkpoints.save(s.step, self.model, self.optimizer, trainer_state, meta,
-                                     best=(self.validator.metric, s.best_value) if best else None)
-        if self.is_main:
+        return {"model": model_meta(self.model), "metrics": self.state.last_eval, "run_config": self.cfg.to_dict(),
+                "task": self.task.name, "torchgraft_version": __version__, "engine": self.engine.describe()}
+
+    def save_checkpoint(self, last: bool = False, improved: bool = False) -> Path | None:
+        """Save this step when the manager's cadence says so (or `last`); every process calls it."""
+        s = self.state
+        path = self.ckpt.save(s.step, last, best=(self.validator.metric, s.best_value) if improved else None)
+        if path is not None and self.is_main:
             self.callbacks.on_checkpoint(self, path)
         return path
-
-    def restore(self) -> bool:
-        """Load the newest good checkpoint of the run directory; False when there is none."""
-        from torchgraft.train.resume import apply_hyperparameters, check_resumable, fresh_hyperparameters
-
-        ckpts = list_checkpoints(self.ckpt.root)
-        try:  # the config the run was trained with (the newest checkpoint's meta.json)
-            old = json.loads((ckpts[-1] / "meta.json").read_text()).get("run_config") if ckpts else None
-        except (OSError, ValueError):
-            old = None
-        applied = check_resumable(old, self.cfg.to_dict(), self.run_dir)  # model/data/split/optimizer refused
-        fresh = fresh_hyperparameters(self.optimizer)
-        sd = self.checkpoints.restore(self.model, self.optimizer)
-        if sd is not None:
-            self.load_state_dict(sd)
-            groups = apply_hyperparameters(self.optimizer, fresh)  # the current config's lr, betas, ...
-            self.resume_changes = applied + [f"param groups: {c}" for c in groups]
-            if self.resume_changes and self.is_main:  # logged whatever logging.progress says
-                warnings.warn("resuming with a changed config, applied: " + ", ".join(self.resume_changes),
-                              stacklevel=3)
-        return sd is not None
 
     # ---- the loop
     def fit(self, resume: bool = False) -> TrainResult:
         """Train to `trainer.max_steps` (or an early stop); `resume` continues the run in out_dir.
-        The main process holds the run directory's lock throughout (torchgraft.train.lock)."""
-        from torchgraft.train.lock import RunLock, check_run_dir
-
-        check_run_dir(self.run_dir)
-        created = not self.run_dir.exists()
-        try:
-            with RunLock(self.run_dir) if self.is_main else contextlib.nullcontext():
-                return self._fit(resume)
-        except ConfigError:  # refused by the config (e.g. the first forward): leave no empty run behind
-            if created and self.is_main and not list_checkpoints(self.ckpt.root):
-                import shutil
-
-                shutil.rmtree(self.run_dir, ignore_errors=True)
-            raise
+        The main process holds the run directory's lock throughout (`Run.hold`)."""
+        with self.run.hold():
+            return self._fit(resume)
 
     def _fit(self, resume: bool) -> TrainResult:
         self._start(resume)
@@ -404,37 +385,27 @@ class Trainer:
 
     def _start(self, resume: bool) -> None:
         """Run files, FLOP count, resume, logger and progress bar."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        from torchgraft.train.validate import inputs_must_fit
+        from torchgraft.train.validate import cadence_warnings, inputs_must_fit
 
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.cfg.logging.measure_flops:
             with inputs_must_fit(self.model, {}):  # the first forward: a shape error is the config's
                 self._measure_flops()
-        if not resume and list_checkpoints(self.ckpt.root):
-            raise ConfigError(f"{self.run_dir} already holds checkpoints of a run; pass --resume "
-                              f"(resume=True) to continue it, or choose another output directory")
-        resumed = self.restore() if resume else False
+        resumed = self.run.restore(resume)  # refuses what a run cannot change midway
         s, lg = self.state, self.cfg.logging
+        self.run.start(s.step < self.cfg.trainer.max_steps, cadence_warnings(self.cfg.to_dict()),
+                       tensorboard=lg.tensorboard, resume_step=s.step)
+        self.logger = self.run.logger
         if self.is_main:
-            from torchgraft.train.validate import cadence_warnings
-
-            for note in cadence_warnings(self.cfg.to_dict()):
-                warnings.warn(note, stacklevel=3)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
             save_run_tokenizer(self.run_dir, self.data.info)
             write_run_files(self.run_dir, self.data.files)
-        self.logger = MetricsLogger(self.run_dir, tensorboard=lg.tensorboard, enabled=self.is_main,
-                                    resume_step=s.step if resumed else None)
         self.bar = ProgressBar(self.cfg.trainer.max_steps, s.step, enabled=lg.progress and self.is_main,
                                unit=self.task.unit)
         if resumed:
-            changes = getattr(self, "resume_changes", [])
+            changes = self.run.resume_changes
             self.bar.print(f"resumed from step {s.step}" + (f"; applied: {', '.join(changes)}" if changes else ""))
-        elif resume and self.is_main:
-            warnings.warn(f"no checkpoint in {self.ckpt.root} to resume from: starting a new run", stacklevel=3)
         self.callbacks.on_train_start(self)
         self.throughput = Throughput(s, self.task.unit, self.flops_per_step, self.peak_flops)
-        self.checkpoints.last_saved = s.step if resumed else -1
         self._first_step, self._last = s.step, StepOutput(float("nan"), float("nan"), True, torch.zeros(()))
 
     def _step(self) -> StepOutput:
@@ -477,8 +448,8 @@ class Trainer:
             if evaluated and "val_loss" in record:
                 self.bar.print(eval_line(s.step, record))
         self.callbacks.on_step_end(self, record or {"step": s.step, "loss": out.loss, "lr": out.lr})
-        if self.checkpoints.due(s, final, improved):
-            self.save_checkpoint(best=improved)
+        if not s.consecutive_bad:  # never inside a streak of non-finite steps
+            self.save_checkpoint(last=final or s.should_stop, improved=improved)
 
     def _record(self, out: StepOutput) -> dict[str, Any]:
         s = self.state
@@ -507,12 +478,12 @@ class Trainer:
             self._validate(record)
             if len(record) > 2:  # there were metrics
                 self.logger.log(record)
-        if self.checkpoints.last_saved != s.step and s.consecutive_bad == 0:
-            self.save_checkpoint(best=s.best_step == s.step)
+        if self.ckpt.last_saved != s.step and s.consecutive_bad == 0:
+            self.save_checkpoint(last=True, improved=s.best_step == s.step)
 
     def _close(self) -> None:
         self.bar.close()
-        self.logger.close()
+        self.run.close()
         self.engine.barrier()
 
     def _result(self) -> TrainResult:
@@ -526,8 +497,7 @@ class Trainer:
             best_checkpoint=(self.ckpt.root / best_name) if best_name else None,
             stop_reason=s.stop_reason or ("max_steps" if s.step >= t.max_steps else ""),
             model=self.engine.finish(self.model), elapsed_s=self.throughput.elapsed())
-        if self.is_main:
-            (self.run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
+        self.run.write_result(result.to_dict())
         self.callbacks.on_train_end(self, result)
         return result
 
