@@ -55,6 +55,24 @@ class SoftmaxTopK(nn.Module):
         return f"top_k={self.top_k}, renormalize={self.renormalize}"
 
 
+class RouterJitter(nn.Module):
+    """Mixtral's `router_jitter_noise`: in training mode the block's input is multiplied by noise
+    drawn uniformly from [1 - eps, 1 + eps] (one draw per element), seen by the router and the
+    experts alike, as transformers' `MixtralSparseMoeBlock`; in eval mode it is the identity."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.eps == 0:
+            return x
+        return x * torch.empty_like(x).uniform_(1.0 - self.eps, 1.0 + self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
 class ExpertLinear(nn.Module):
     """E bias-free linear maps `in_features -> out_features` stored as one (E, out, in) weight
     (the layout of E stacked `nn.Linear` weights); initialised like a Linear by `normal_init_`."""
@@ -157,18 +175,21 @@ class GroupedExperts(nn.Module):
 class MoE(nn.Module):
     """Sparse mixture-of-experts MLP: router `gate` (Linear C -> E), a `routing` rule (e.g.
     `SoftmaxTopK`), `experts` (`GroupedExperts`), and optionally a dense `shared_expert` added to
-    every token, scaled by `sigmoid(shared_gate(x))` when a `shared_gate` (Linear C -> 1) is given."""
+    every token, scaled by `sigmoid(shared_gate(x))` when a `shared_gate` (Linear C -> 1) is given.
+    `jitter` (e.g. `RouterJitter`) transforms the input of router and experts (train-time noise)."""
 
     output_projection = "experts.down_proj"  # the layer writing into the residual stream
 
     def __init__(self, gate: nn.Module, routing: nn.Module, experts: GroupedExperts,
-                 shared_expert: nn.Module | None = None, shared_gate: nn.Module | None = None):
+                 shared_expert: nn.Module | None = None, shared_gate: nn.Module | None = None,
+                 jitter: nn.Module | None = None):
         super().__init__()
         self.gate = gate
         self.routing = routing
         self.experts = experts
         self.shared_expert = shared_expert
         self.shared_gate = shared_gate
+        self.jitter = jitter
         self.router_logits: torch.Tensor | None = None  # (N, E) of the last forward
 
     @property
@@ -182,6 +203,8 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
         h = x.reshape(b * t, c)                                    # (N, C)
+        if self.jitter is not None:
+            h = self.jitter(h)                                     # (N, C), noisy in training only
         logits = self.gate(h)                                      # (N, E)
         self.router_logits = logits
         weights, experts = self.routing(logits)                    # (N, k), (N, k)
