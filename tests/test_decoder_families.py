@@ -100,6 +100,7 @@ CASES: dict[str, FamilySpec] = {
         rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}), ATTN_MLP),
     # mixture of experts (tests/test_moe.py checks the expert compute itself); PEFT targets attention
+    # (PEFT 0.21 rewrites `mlp.down_proj` targets of these models into their 3-D expert parameters)
     "mixtral-window": FamilySpec("mixtral", "mixtral", _cfg("MixtralConfig", num_local_experts=4, num_experts_per_tok=2,
                                                             sliding_window=4), ("q_proj", "v_proj", "o_proj")),
     "qwen3-moe": FamilySpec("qwen3_moe", "qwen3_moe", _cfg("Qwen3MoeConfig", head_dim=16, num_experts=4,
@@ -108,6 +109,21 @@ CASES: dict[str, FamilySpec] = {
     "qwen3-moe-unnormalized": FamilySpec("qwen3_moe", "qwen3_moe", _cfg(
         "Qwen3MoeConfig", head_dim=8, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16,
         norm_topk_prob=False, tie_word_embeddings=True), ("q_proj", "v_proj")),
+    # layer 0 dense (off the decoder_sparse_step=2 grid), layer 1 sparse
+    "qwen3-moe-dense-layer": FamilySpec("qwen3_moe", "qwen3_moe", _cfg(
+        "Qwen3MoeConfig", head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+        decoder_sparse_step=2, norm_topk_prob=True), ("q_proj", "o_proj")),
+    # the noise is train-time only: eval logits and generation are unchanged (tests/test_moe.py: train mode)
+    "mixtral-jitter": FamilySpec("mixtral", "mixtral", _cfg("MixtralConfig", num_local_experts=4, num_experts_per_tok=2,
+                                                            router_jitter_noise=0.1), ("q_proj", "v_proj")),
+    # shared expert with its sigmoid gate; layer 1 dense through mlp_only_layers
+    "qwen2-moe-dense-layer": FamilySpec("qwen2_moe", "qwen2_moe", _cfg(
+        "Qwen2MoeConfig", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, mlp_only_layers=[1]), ("q_proj", "v_proj")),
+    "qwen2-moe-window": FamilySpec("qwen2_moe", "qwen2_moe", _cfg(
+        "Qwen2MoeConfig", num_experts=6, num_experts_per_tok=3, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, norm_topk_prob=True, use_sliding_window=True, sliding_window=4,
+        max_window_layers=2, tie_word_embeddings=True), ("k_proj", "o_proj")),
 }
 FAST_ONNX = {"qwen3"}
 

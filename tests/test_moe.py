@@ -179,11 +179,12 @@ def test_lm_task_adds_router_aux_loss():
         build_task({"name": "lm", "router_aux_coef": -1})
 
 
-@pytest.mark.parametrize("preset", ["mixtral-tiny", "qwen3-moe-tiny"])
-def test_flops_report_counts_active_parameters(preset):
+# qwen2-moe without its q/k/v biases: a bias is a parameter of the analytic 6N but an add, not a matmul
+@pytest.mark.parametrize("preset,kw", [("mixtral-tiny", {}), ("qwen3-moe-tiny", {}), ("qwen2-moe-tiny", {"bias": False})])
+def test_flops_report_counts_active_parameters(preset, kw):
     from torchgraft.tools.flops import flops_report
 
-    meta = torchgraft.build(preset, device="meta")
+    meta = torchgraft.build(preset, device="meta", **kw)
     c = meta.config
     rep = flops_report(meta, seq_len=8)
     expert_params = sum(p.numel() for n, p in meta.named_parameters() if ".experts." in n)
@@ -194,9 +195,11 @@ def test_flops_report_counts_active_parameters(preset):
 
 
 @pytest.mark.parametrize("preset,total,active", [("mixtral-8x7b", 46_702_792_704, 12_879_925_248),
-                                                 ("qwen3-30b-a3b", 30_532_122_624, 3_353_032_704)])
+                                                 ("qwen3-30b-a3b", 30_532_122_624, 3_353_032_704),
+                                                 ("qwen1.5-moe-a2.7b", 14_315_784_192, 2_689_173_504)])
 def test_presets_have_published_sizes(preset, total, active):
-    """Mixtral-8x7B: 46.7B (12.9B active); Qwen3-30B-A3B: 30.5B (3.3B active), embeddings included."""
+    """Mixtral-8x7B: 46.7B (12.9B active); Qwen3-30B-A3B: 30.5B (3.3B active); Qwen1.5-MoE-A2.7B:
+    14.3B (2.7B active, the shared expert counted as active), embeddings included."""
     from torchgraft.nn.moe import inactive_expert_params
 
     m = torchgraft.build(preset, device="meta")
@@ -205,7 +208,7 @@ def test_presets_have_published_sizes(preset, total, active):
     assert n - inactive_expert_params(m) == active
 
 
-@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b"])
 def test_inspect_reports_memory_and_active_flops(name, capsys):
     import json
 
@@ -263,3 +266,142 @@ def test_training_with_router_aux_loss_lowers_the_loss(tmp_path):
            "logging": {"progress": False, "tensorboard": False, "measure_flops": False, "every": 10}}
     res = run_training(cfg, tmp_path / "run")
     assert res.metrics["val_loss"] < 0.8 * math.log(res.model.config.vocab_size)  # 3.13 vs 0.8 * 4.6
+
+
+def test_qwen2_moe_preset_equals_transformers_defaults_on_meta():
+    """transformers' `Qwen2MoeConfig()` defaults are Qwen1.5-MoE-A2.7B: same parameter count on meta."""
+    with torch.device("meta"):
+        hf = T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig())
+    ours = torchgraft.build("qwen1.5-moe-a2.7b", device="meta")
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters())
+
+
+def test_dense_layers_of_the_qwen_moe_families():
+    from torchgraft.errors import ConfigError
+    from torchgraft.nn.mlp import GatedMLP
+
+    m = torchgraft.build("qwen3-moe-tiny", device="meta", n_layer=4, decoder_sparse_step=2, mlp_only_layers=[3])
+    assert [type(b.mlp) for b in m.blocks] == [GatedMLP, MoE, GatedMLP, GatedMLP]
+    assert m.blocks[0].mlp.up_proj.weight.shape == (96, 64)  # dense layers: intermediate_size wide
+    q2 = torchgraft.build("qwen2-moe-tiny", device="meta", mlp_only_layers=[0])
+    assert isinstance(q2.blocks[0].mlp, GatedMLP) and q2.blocks[1].mlp.shared_expert is not None
+    with pytest.raises(ConfigError, match="decoder_sparse_step"):
+        torchgraft.build("qwen3-moe-tiny", device="meta", decoder_sparse_step=0)
+    with pytest.raises(ConfigError, match="mlp_only_layers"):
+        torchgraft.build("qwen2-moe-tiny", device="meta", mlp_only_layers=[2])
+
+
+def test_router_jitter_is_train_time_noise_as_transformers(tmp_path):
+    """Mixtral's `router_jitter_noise`: eval logits ignore it; in training mode, from the same seed,
+    torchgraft draws the same noise as transformers (one uniform per element of each block's input)
+    and gives the same logits, which differ from the eval ones."""
+    from test_hf_parity import _randomize
+
+    cfg = T.MixtralConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=48, vocab_size=97, num_local_experts=4, num_experts_per_tok=2,
+                          router_jitter_noise=0.3)
+    torch.manual_seed(0)
+    hf = _randomize(T.MixtralForCausalLM(cfg))
+    hf.save_pretrained(tmp_path)
+    ours = torchgraft.load_hf(tmp_path)
+    assert ours.config.router_jitter == pytest.approx(0.3)
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        # fp32, width 32, 2 layers: differences are rounding (~1e-6); 1e-4 as the family checks
+        evals = ours(ids)
+        assert_close(evals, hf(ids).logits, rtol=1e-4, atol=1e-4)
+        hf.train(), ours.train()
+        torch.manual_seed(11)
+        want = hf(ids).logits
+        torch.manual_seed(11)
+        got = ours(ids)
+    assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got - evals).abs().max() > 1e-2  # the noise changes the routing / outputs
+    with torch.no_grad():
+        again = ours(ids)  # the next draw is other noise
+    assert (again - got).abs().max() > 1e-3
+
+
+def test_unaligned_sizes_take_the_per_expert_fallback():
+    """Widths whose strides are not 16-byte multiples (C=6, H=5) cannot use torch._grouped_mm; the
+    per-expert fallback gives the reference values and gradients."""
+    torch.manual_seed(0)
+    m = MoE(Linear(6, 4, bias=False), SoftmaxTopK(2), GroupedExperts(4, 6, 5))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.3)
+    x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(9), requires_grad=True)
+    got = m(x)
+    got.square().sum().backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+    x.grad = None
+    m.zero_grad()
+    out = []  # naive, widths of this block
+    for tok in x.reshape(-1, 6):
+        w, idx = (m.gate.weight @ tok).softmax(-1).topk(2)
+        w = w / w.sum()
+        y = 0
+        for wj, e in zip(w, idx):
+            g, u = (m.experts.gate_up_proj.weight[e] @ tok).chunk(2)
+            y = y + wj * (m.experts.down_proj.weight[e] @ (F.silu(g) * u))
+        out.append(y)
+    want = torch.stack(out).view_as(x)
+    want.square().sum().backward()
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, [x.grad] + [p.grad for p in m.parameters()]):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu", "quick_gelu"])
+def test_written_out_backward_of_each_activation(activation):
+    """The operator's hand-written backward against autograd through `traced` (plain ops)."""
+    torch.manual_seed(0)
+    ex = GroupedExperts(E, C, H, activation)
+    x = torch.randn(9, C, generator=torch.Generator().manual_seed(10), requires_grad=True)
+    w = torch.rand(9, 2, generator=torch.Generator().manual_seed(11), requires_grad=True)
+    idx = torch.randint(0, E, (9, 2), generator=torch.Generator().manual_seed(12))
+    results = []
+    for fn in (ex, ex.traced):
+        x.grad = w.grad = None
+        ex.zero_grad()
+        y = fn(x, w, idx)
+        y.square().sum().backward()
+        results.append([y, x.grad, w.grad, ex.gate_up_proj.weight.grad, ex.down_proj.weight.grad])
+    for a, b in zip(*results):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _graphs_of(fn, *args):
+    """The FX graphs dynamo hands its backend when compiling `fn(*args)` (aot_eager runs them)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, _inputs):  # noqa: ANN001, ANN202
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    return compiled(*args), graphs
+
+
+def test_compiled_block_stays_sparse_and_matches_eager():
+    """Under torch.compile the experts run as the sparse operator (not the dense E/k path), forward
+    and backward, with eager's values and gradients."""
+    m = _moe(2)
+    x = torch.randn(2, 7, C, generator=torch.Generator().manual_seed(13), requires_grad=True)
+    want = m(x)
+    want.square().sum().backward()
+    want_grads = [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+    x.grad = None
+    m.zero_grad()
+    got, graphs = _graphs_of(m, x)
+    got.square().sum().backward()
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip([x.grad] + [p.grad for p in m.parameters()], want_grads):
+        assert_close(a, b, rtol=1e-5, atol=1e-6)
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert "torchgraft.grouped_experts.default" in targets
+    assert "torchgraft.grouped_experts_backward.default" in targets
+    assert not any("einsum" in t or "bmm" in t for t in targets)  # no dense all-experts compute

@@ -36,10 +36,11 @@ log = logging.getLogger(__name__)
 
 
 def _specs() -> list[HFSpec]:
-    from torchgraft.interop import hf_bert, hf_decoders, hf_gpt2, hf_llama, hf_moe
+    from torchgraft.interop import hf_bert, hf_decoders, hf_gemma3_vlm, hf_gpt2, hf_llama, hf_moe
 
     return [hf_gpt2.SPEC, hf_llama.SPEC, hf_bert.SPEC,
-            *hf_decoders.SPECS, *hf_moe.SPECS]
+            *hf_decoders.SPECS, *hf_moe.SPECS,
+            hf_gemma3_vlm.SPEC]  # after the text-only gemma3 spec, which save_hf uses
 
 
 def supported_architectures() -> list[str]:

@@ -229,15 +229,19 @@ BlockBuilder = Callable[[Any, nn.Module, nn.Module, Callable[[Any], nn.Module]],
 def decoder_lm(cls: type[DecoderLM], c, *, mlp: Callable[[Any], nn.Module], norm: Callable[[Any], nn.Module],
                rotary: RotaryEmbedding | None, learned_positions: bool, head_dim: int | None = None,
                attention: Callable[[Any, int], nn.Module] | None = None, block: BlockBuilder = pre_norm_block,
-               embed_scale: float = 1.0, logit_softcap: float | None = None) -> DecoderLM:
+               embed_scale: float = 1.0, logit_softcap: float | None = None,
+               layer_mlp: Callable[[Any, int], nn.Module] | None = None) -> DecoderLM:
     """Assemble `cls` from a config and the chosen parts: `n_layer` blocks `block(c, attention(c, i),
-    mlp(c), norm)` (default: pre-norm, `decoder_attention(c, rotary, head_dim)` in every layer),
-    then a final `norm(c)`."""
+    layer_mlp(c, i), norm)` (default: pre-norm, `decoder_attention(c, rotary, head_dim)` and `mlp(c)`
+    in every layer), then a final `norm(c)`."""
     _check_transformer_config(c, head_dim)
     if attention is None:
         def attention(c, i: int) -> nn.Module:
             return decoder_attention(c, rotary, head_dim)
-    blocks = [block(c, attention(c, i), mlp(c), norm) for i in range(c.n_layer)]
+    if layer_mlp is None:
+        def layer_mlp(c, i: int) -> nn.Module:
+            return mlp(c)
+    blocks = [block(c, attention(c, i), layer_mlp(c, i), norm) for i in range(c.n_layer)]
     return cls(c, tok_emb=Embedding(c.vocab_size, c.n_embd), blocks=blocks, norm=norm(c),
                pos_emb=Embedding(c.block_size, c.n_embd) if learned_positions else None, rotary=rotary,
                lm_head=None if c.tie_embeddings else Linear(c.n_embd, c.vocab_size, bias=False),

@@ -1,5 +1,6 @@
 """Mixtral family: Mistral's decoder with a sparse mixture-of-experts MLP in every layer (8 SwiGLU
-experts, the top 2 per token, their softmax weights renormalised to sum to 1)."""
+experts, the top 2 per token, their softmax weights renormalised to sum to 1; optionally a
+train-time multiplicative noise on the block's input, `router_jitter`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ class MixtralConfig(DecoderConfig):
     rope_base: float = 1_000_000.0
     n_experts: int = 8
     top_k: int = 2
+    router_jitter: float = 0.0  # config.json's router_jitter_noise: train-time input noise of each MoE block
 
     def __post_init__(self):
         super().__post_init__()
@@ -36,7 +38,8 @@ class Mixtral(DecoderLM):
 def mixtral(c: MixtralConfig) -> Mixtral:
     """Builder of the "mixtral" family."""
     rope = rotary(c)
-    return decoder_lm(Mixtral, c, mlp=lambda c: sparse_moe(c, c.intermediate_size, renormalize=True),
+    return decoder_lm(Mixtral, c, mlp=lambda c: sparse_moe(c, c.intermediate_size, renormalize=True,
+                                                                      jitter=c.router_jitter),
                       norm=rms_norm, rotary=rope, learned_positions=False, head_dim=c.head_dim,
                       attention=lambda c, i: attention(c, i, rope=rope))
 

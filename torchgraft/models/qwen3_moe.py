@@ -1,14 +1,15 @@
 """Qwen3-MoE family: Qwen3's decoder (per-head q/k RMSNorm) with a sparse mixture-of-experts MLP in
-every layer: many narrow SwiGLU experts, top-k per token, renormalised when `norm_topk_prob`."""
+its layers: many narrow SwiGLU experts, top-k per token, renormalised when `norm_topk_prob`. Layers
+listed in `mlp_only_layers`, or off the `decoder_sparse_step` grid, keep a dense SwiGLU MLP."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
-from torchgraft.models.decoder import DecoderConfig, attention, head_rms_norm, rotary
+from torchgraft.models.decoder import DecoderConfig, attention, gated_mlp, head_rms_norm, rotary
 from torchgraft.models.gpt import DecoderLM, decoder_lm, rms_norm
-from torchgraft.models.moe import check_moe_config, sparse_moe
+from torchgraft.models.moe import check_moe_config, sparse_moe, sparse_or_dense
 from torchgraft.models.registry import register_family, register_preset
 
 
@@ -16,7 +17,7 @@ from torchgraft.models.registry import register_family, register_preset
 class Qwen3MoeConfig(DecoderConfig):
     vocab_size: int = 151936
     n_embd: int = 2048
-    intermediate_size: int = 6144  # a dense layer's width (config.json's; every layer here is sparse)
+    intermediate_size: int = 6144  # width of the dense layers' MLP (none in the published models)
     n_layer: int = 48
     n_head: int = 32
     n_kv_head: int | None = 4
@@ -27,6 +28,8 @@ class Qwen3MoeConfig(DecoderConfig):
     top_k: int = 8
     expert_size: int = 768  # width of each expert (config.json's moe_intermediate_size)
     norm_topk_prob: bool = True
+    mlp_only_layers: list[int] = field(default_factory=list)  # layers with a dense MLP instead
+    decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 (and not in mlp_only_layers)
 
     def __post_init__(self):
         super().__post_init__()
@@ -44,8 +47,9 @@ def qwen3_moe(c: Qwen3MoeConfig) -> Qwen3Moe:
     def qk_norm(_width: int) -> nn.Module:  # per head, so the projection width does not matter
         return head_rms_norm(c)
 
-    return decoder_lm(Qwen3Moe, c, mlp=lambda c: sparse_moe(c, c.expert_size, renormalize=c.norm_topk_prob),
-                      norm=rms_norm, rotary=rope, learned_positions=False, head_dim=c.head_dim,
+    sparse = sparse_or_dense(lambda c: sparse_moe(c, c.expert_size, renormalize=c.norm_topk_prob), gated_mlp)
+    return decoder_lm(Qwen3Moe, c, mlp=gated_mlp, layer_mlp=sparse, norm=rms_norm, rotary=rope,
+                      learned_positions=False, head_dim=c.head_dim,
                       attention=lambda c, i: attention(c, i, rope=rope, qk_norm=qk_norm))
 
 

@@ -8,12 +8,15 @@
     y      += sigmoid(shared_gate(x)) * shared_expert(x)      (only when given)
 
 The expert compute never loops over tokens: the N*k (token, expert) assignments are sorted by
-expert, each expert runs one matmul over its contiguous slice of the sorted batch (a loop over
-the E experts, not over tokens), and the outputs are put back in token order and summed over k.
-Graphs with static shapes (torch.export / ONNX, torch.compile) take `GroupedExperts.dense` instead:
-every expert on every token, weighted 0 where not chosen (same result, E / k times the FLOPs).
+expert, each expert's contiguous slice of the sorted batch is multiplied by its weights (one
+grouped matmul over all experts, `torch._grouped_mm`), and the outputs are added back into token
+order. This runs as one custom operator (`torchgraft/nn/moe_ops.py`, with a written-out backward),
+in eager mode and inside `torch.compile` alike (opaque there, with its static (N, C) output shape).
+Exported graphs (torch.export / ONNX) take `GroupedExperts.dense` instead: every expert on every
+token, weighted 0 where not chosen (same result, E / k times the FLOPs; see docs/moe.md for why).
 On meta tensors (FLOP counting, memory tracing) routing is data-dependent and unknown, so every
-expert is given an equal share of the assignments: the counts are the *active* compute.
+expert is given an equal share of the assignments (`GroupedExperts.traced`): the counts are the
+*active* compute.
 
 State-dict names (the layout of transformers 5.x): `gate.weight` (E, C),
 `experts.gate_up_proj.weight` (E, 2H, C) with [gate; up] stacked, `experts.down_proj.weight` (E, C, H),
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchgraft.nn.mlp import activation_fn
+from torchgraft.nn.moe_ops import grouped_experts
 
 
 class SoftmaxTopK(nn.Module):
@@ -55,6 +59,24 @@ class SoftmaxTopK(nn.Module):
         return f"top_k={self.top_k}, renormalize={self.renormalize}"
 
 
+class RouterJitter(nn.Module):
+    """Mixtral's `router_jitter_noise`: in training mode the block's input is multiplied by noise
+    drawn uniformly from [1 - eps, 1 + eps] (one draw per element), seen by the router and the
+    experts alike, as transformers' `MixtralSparseMoeBlock`; in eval mode it is the identity."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.eps == 0:
+            return x
+        return x * torch.empty_like(x).uniform_(1.0 - self.eps, 1.0 + self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
 class ExpertLinear(nn.Module):
     """E bias-free linear maps `in_features -> out_features` stored as one (E, out, in) weight
     (the layout of E stacked `nn.Linear` weights); initialised like a Linear by `normal_init_`."""
@@ -72,10 +94,8 @@ class ExpertLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """x (S, in), rows grouped by expert (`sizes[e]` consecutive rows for expert e) -> (S, out).
-        (Plain `F.linear`: torchgraft's few-row `linear` was 10-15% slower here, measured at decode.)"""
-        if _grouped_mm_ok(x, self.weight):  # inference: one kernel over all groups
-            offs = torch.tensor(sizes, device=x.device).cumsum(0).to(torch.int32)
-            return torch._grouped_mm(x, self.weight.transpose(-2, -1), offs=offs)
+        One `F.linear` per expert that got rows: the differentiable path of meta/fake tensors
+        (FLOP and memory tracing); real tensors go through `torchgraft::grouped_experts`."""
         active = [e for e, n in enumerate(sizes) if n]
         # for autograd unbind, not weight[e]: the backward of E selects adds E full-size zero gradients
         weights = self.weight.unbind(0) if torch.is_grad_enabled() and self.weight.requires_grad else self.weight
@@ -86,16 +106,6 @@ class ExpertLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, in_features={self.in_features}, out_features={self.out_features}"
-
-
-def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """`torch._grouped_mm` for a forward without autograd on real CPU tensors (its CPU backward
-    needs contiguous gradients, and its meta kernel takes bf16 only): 10-25% faster than one
-    `F.linear` per expert at 64 experts (benchmarks/bench_moe.py)."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    return (hasattr(torch, "_grouped_mm") and not torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dtype == weight.dtype and not x.is_meta and not is_fake(x) and x.shape[0] > 0)
 
 
 def group_sizes(expert_ids: torch.Tensor, n_experts: int) -> list[int]:
@@ -125,8 +135,19 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x (N, C), weights (N, k), experts (N, k) -> (N, C) = sum_j weights[:, j] * expert_j(x)."""
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            return self.dense(x, weights, experts)  # static shapes: export, torch.compile
+        from torch._subclasses.fake_tensor import is_fake
+
+        if torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return self.dense(x, weights, experts)  # exported graphs: no data-dependent shapes
+        if not torch.compiler.is_compiling() and (x.is_meta or is_fake(x)):
+            return self.traced(x, weights, experts)  # FLOP / memory tracing: routing unknown
+        # eager and torch.compile (an opaque operator of static output shape): sparse
+        return grouped_experts(x, weights, experts, self.gate_up_proj.weight, self.down_proj.weight,
+                               self.activation)
+
+    def traced(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """The same sorted compute in plain differentiable ops, one matmul per expert (for meta and
+        fake tensors, where `group_sizes` spreads the assignments evenly)."""
         n, k = experts.shape
         flat = experts.reshape(-1)                                 # (N*k,) assignment -> expert
         order = flat.argsort(stable=True)                          # assignments grouped by expert
@@ -157,18 +178,21 @@ class GroupedExperts(nn.Module):
 class MoE(nn.Module):
     """Sparse mixture-of-experts MLP: router `gate` (Linear C -> E), a `routing` rule (e.g.
     `SoftmaxTopK`), `experts` (`GroupedExperts`), and optionally a dense `shared_expert` added to
-    every token, scaled by `sigmoid(shared_gate(x))` when a `shared_gate` (Linear C -> 1) is given."""
+    every token, scaled by `sigmoid(shared_gate(x))` when a `shared_gate` (Linear C -> 1) is given.
+    `jitter` (e.g. `RouterJitter`) transforms the input of router and experts (train-time noise)."""
 
     output_projection = "experts.down_proj"  # the layer writing into the residual stream
 
     def __init__(self, gate: nn.Module, routing: nn.Module, experts: GroupedExperts,
-                 shared_expert: nn.Module | None = None, shared_gate: nn.Module | None = None):
+                 shared_expert: nn.Module | None = None, shared_gate: nn.Module | None = None,
+                 jitter: nn.Module | None = None):
         super().__init__()
         self.gate = gate
         self.routing = routing
         self.experts = experts
         self.shared_expert = shared_expert
         self.shared_gate = shared_gate
+        self.jitter = jitter
         self.router_logits: torch.Tensor | None = None  # (N, E) of the last forward
 
     @property
@@ -182,6 +206,8 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
         h = x.reshape(b * t, c)                                    # (N, C)
+        if self.jitter is not None:
+            h = self.jitter(h)                                     # (N, C), noisy in training only
         logits = self.gate(h)                                      # (N, E)
         self.router_logits = logits
         weights, experts = self.routing(logits)                    # (N, k), (N, k)

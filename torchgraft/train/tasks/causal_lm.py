@@ -91,7 +91,7 @@ class CausalLMTask(Task):
         """The load-balancing loss of the forward just run (its MoE blocks kept their router logits)."""
         blocks = moe_blocks(model)
         if not blocks:
-            raise ConfigError(f"task.router_aux_coef needs a mixture-of-experts model (mixtral, qwen3_moe); "
+            raise ConfigError(f"task.router_aux_coef needs a mixture-of-experts model (mixtral, qwen3_moe, qwen2_moe); "
                               f"{type(model).__name__} has no MoE block: remove task.router_aux_coef")
         return load_balancing_loss(router_logits_of(model), blocks[0].top_k, batch.get("attention_mask"))
 
