@@ -62,7 +62,7 @@ class Artifact:
     run_dir: Path | None = None
     tokenizer: Path | None = None            # the folder holding tokenizer.json
     labels_file: Path | None = None          # a classification run's labels.json
-    labels: list[str] | None = None          # class names from meta / config.json / the run's data section
+    labels: list[Any] | None = None          # class names from meta / config.json / the run's data section
     task: str | None = None                  # the training task (lm, classification, ppo, ...), when known
     adapters: dict[str, Any] | None = None   # adapter spec (meta.json's, a legacy finetune.json's, PEFT's)
     base: Path | None = None                 # a PEFT adapter's local base model, when it names one
@@ -195,7 +195,7 @@ def _with_run_info(a: Artifact) -> Artifact:
     run_cfg = a.run_config or {}
     data = run_cfg.get("data") if isinstance(run_cfg.get("data"), dict) else {}
     labels = a.meta.get("labels") or data.get("labels")
-    a.labels = [str(x) for x in labels] if isinstance(labels, (list, tuple)) else None
+    a.labels = list(labels) if isinstance(labels, (list, tuple)) else None
     task = a.meta.get("task") or run_cfg.get("task")
     a.task = task.get("name") if isinstance(task, dict) else task
     a.adapters = adapter_spec_of(a.meta, a.run_dir)
