@@ -243,11 +243,9 @@ def _adapter(p: Path) -> Artifact:
     cfg = _read_json(p / "adapter_config.json")
     base_name = cfg.get("base_model_name_or_path")
     base = Path(base_name).expanduser() if base_name else None
-    run_dir = p.parent if (p.parent / "config.yaml").is_file() else None
-    if base is None or not base.exists():  # a torchgraft fine-tune's adapter/: the base is its source
-        source = (_read_json(run_dir / "finetune.json").get("finetune_config") or {}).get("source") \
-            if run_dir is not None else None
-        base = Path(source) if source and Path(source).exists() else None
+    run_dir = p.parent if (p.parent / "config.yaml").is_file() else None  # a fine-tune run's adapter/
+    if base is not None and not base.exists():  # a hub id or a path on another machine
+        base = None
     return Artifact(p, "peft-adapter", weights=p, meta=cfg, run_dir=run_dir,
                     tokenizer=_tokenizer_dir([p, run_dir, base]), adapters=spec_of_peft_config(cfg), base=base)
 

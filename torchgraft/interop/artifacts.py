@@ -7,8 +7,9 @@ has one loader, chosen from a plain dict (`LOADERS`), so adding a kind is one fu
   manifest verified, falling back past bad ones), rebuilt by `checkpoint.model.model_from_checkpoint`
   (the LoRA/DoRA adapters of a fine-tune re-created from meta.json's spec, merged unless `merge=False`);
 - Hugging Face directory: `interop.hf.load_hf`;
-- PEFT adapter directory: its base model (the local `base_model_name_or_path`, or the fine-tune source
-  of the run it belongs to) loaded the same way, then `peft.load_adapter`;
+- PEFT adapter directory: its base model (the local `base_model_name_or_path` of adapter_config.json)
+  loaded the same way, then `peft.load_adapter` (a fine-tune run's `adapter/` names no base: the error
+  points to the run directory, whose checkpoints hold the whole model);
 - ONNX / pt2 / bare safetensors files: a one-line error naming what the file is and what to give.
 
 This lives in interop/ (not checkpoint/) because the Hugging Face loader does; checkpoint/ stays below
@@ -52,9 +53,12 @@ def _hf(a: Artifact, device: str | torch.device, merge: bool) -> nn.Module:
 def _adapter(a: Artifact, device: str | torch.device, merge: bool) -> nn.Module:
     from torchgraft.peft import load_adapter, unload
 
+    if a.base is None and a.run_dir is not None:  # torchgraft's adapter/ of a fine-tune run
+        raise CheckpointError(f"{a.what} without a base model; give its run directory {a.run_dir} instead "
+                              "(its checkpoints hold the whole fine-tuned model)")
     if a.base is None:
         raise a.missing("a base model", "set base_model_name_or_path in its adapter_config.json to a local "
-                        "model directory (or give the fine-tune run it came from)")
+                        "model directory (a Hugging Face or torchgraft one)")
     base = resolve(a.base)
     if base.kind == "peft-adapter":
         raise CheckpointError(f"{a.what} whose base {base.what}; the base must hold full weights")
