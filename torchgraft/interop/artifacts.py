@@ -100,3 +100,24 @@ LOADERS: dict[str, Loader] = {
     "run": _checkpoint, "checkpoint": _checkpoint, "merged": _checkpoint, "hf": _hf,
     "peft-adapter": _adapter, "onnx": _exported, "pt2": _exported, "safetensors": _bare_weights,
 }
+
+
+def model_spec(source: str | Path | Artifact) -> object:
+    """What `build` needs to make the model of `source` without reading its weights (for `inspect`):
+    a `{"family": ..., **config}` mapping from a checkpoint's meta.json, an HF directory's translated
+    config, a PEFT adapter's base model's spec; the one-line error for kinds that name no model."""
+    a = source if isinstance(source, Artifact) else resolve(source)
+    if a.kind in ("run", "checkpoint", "merged"):
+        require_weights(a)
+        m = a.model_section
+        if not m.get("family"):
+            raise a.missing("a registered model family in meta.json", "inspect the model in Python "
+                            "(torchgraft.summary(model))")
+        return {"family": m["family"], **(m.get("config") or {})}
+    if a.kind == "hf":
+        from torchgraft.interop.hf import config_from_hf
+
+        return config_from_hf(a.meta)[0]
+    if a.kind == "peft-adapter" and a.base is not None:
+        return model_spec(a.base)
+    return LOADERS[a.kind](a, "meta", False)  # raises the kind's one-line error

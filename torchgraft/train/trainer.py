@@ -247,7 +247,8 @@ class Trainer:
 
     def load_initial_weights(self, model: nn.Module) -> None:
         """`trainer.init_from`: load weights (manifest verified) into the model before training."""
-        from torchgraft.checkpoint.artifact import resolve
+        from torchgraft.checkpoint.artifact import read_artifact_checkpoint, resolve
+        from torchgraft.checkpoint.model import adapter_layers_in, model_from_checkpoint
         from torchgraft.tools.transfer import load_state
 
         path = self.cfg.trainer.init_from
@@ -256,7 +257,13 @@ class Trainer:
             raise CheckpointError(f"trainer.init_from: {a.what}; it loads torchgraft weights (a run, checkpoint "
                                   f"or merged folder, a .safetensors file): fine-tune from it with "
                                   f"finetune.source={path} instead")
-        state, _ = load_state(a.path)
+        if a.kind == "safetensors":
+            state, _ = load_state(a.path)
+        else:
+            ck = read_artifact_checkpoint(a)  # newest good checkpoint, manifest verified
+            state = ck.model_state  # a LoRA/DoRA fine-tune: start from its merged weights
+            if adapter_layers_in(state):
+                state = model_from_checkpoint(ck).state_dict()
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
