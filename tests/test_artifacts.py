@@ -250,3 +250,14 @@ def test_finetune_source_and_init_from(kinds, label, capsys, tmp_path, one_threa
         assert code == 0, err
     else:
         _one_line_naming(code, err, label)
+
+
+def test_checkpoint_package_stays_below_train_and_interop():
+    """checkpoint/ (resolve, the format, the rebuild) imports neither train/, interop/ nor recipes/, so
+    every package can read paths and checkpoints through it."""
+    from test_layering import import_graph
+
+    g = import_graph()
+    bad = sorted(f"{m} -> {t}" for m, ts in g.items() if m.startswith("torchgraft.checkpoint")
+                 for t in ts if t.startswith(("torchgraft.train", "torchgraft.interop", "torchgraft.recipes")))
+    assert not bad, "\n".join(bad)
