@@ -77,9 +77,14 @@ class Artifact:
         return self.kind in ("onnx", "pt2")
 
     @property
+    def is_checkpoint(self) -> bool:
+        """A torchgraft checkpoint: a run directory, a checkpoint folder or a merged folder."""
+        return self.kind in ("run", "checkpoint", "merged")
+
+    @property
     def model_section(self) -> dict[str, Any]:
         """meta.json's `model` entry (family, name, config, adapters) of a torchgraft checkpoint."""
-        m = self.meta.get("model") if self.kind in ("run", "checkpoint", "merged") else None
+        m = self.meta.get("model") if self.is_checkpoint else None
         return m if isinstance(m, dict) else {}
 
     @property
@@ -100,7 +105,7 @@ class Artifact:
 
     def require_checkpoint(self, command: str) -> None:
         """Raise unless this is a torchgraft checkpoint (run, checkpoint or merged folder)."""
-        if self.kind in ("run", "checkpoint", "merged"):
+        if self.is_checkpoint:
             return
         raise CheckpointError(f"{self.what}; {command} needs a torchgraft run directory or checkpoint folder"
                               + (f" ({EXPORTED_HINT})" if self.exported else ""))

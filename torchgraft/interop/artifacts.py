@@ -107,7 +107,7 @@ def model_spec(source: str | Path | Artifact) -> object:
     a `{"family": ..., **config}` mapping from a checkpoint's meta.json, an HF directory's translated
     config, a PEFT adapter's base model's spec; the one-line error for kinds that name no model."""
     a = source if isinstance(source, Artifact) else resolve(source)
-    if a.kind in ("run", "checkpoint", "merged"):
+    if a.is_checkpoint:
         require_weights(a)
         m = a.model_section
         if not m.get("family"):

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from torchgraft.errors import CheckpointError, ConfigError
+from torchgraft.errors import ConfigError
 
 Layout = Literal["hf", "torchgraft"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",

@@ -34,7 +34,7 @@ def load_export_source(source: str | Path) -> ExportSource:
     notes: list[str] = []
     meta: dict[str, Any] = {"source": str(a.path.resolve()), "labels": a.labels,
                             "tokenizer": str(a.tokenizer.resolve()) if a.tokenizer is not None else None}
-    if a.kind in ("run", "checkpoint", "merged"):
+    if a.is_checkpoint:
         from torchgraft.checkpoint.model import model_from_checkpoint
 
         ck = read_artifact_checkpoint(a)  # newest good checkpoint: its name goes into the metadata

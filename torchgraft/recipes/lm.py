@@ -20,7 +20,7 @@ from torch import nn
 
 from torchgraft.data.run_tokenizer import run_data_section, tokenizer_from_data
 from torchgraft.data.tokenizers import Tokenizer, load_tokenizer
-from torchgraft.errors import CheckpointError, ConfigError
+from torchgraft.errors import ConfigError
 
 LM_TASKS = ("lm", "distill", "dpo", "simpo", "orpo")  # training tasks whose checkpoints hold a plain next-token LM
 
@@ -40,7 +40,7 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LoadedLM:
     from torchgraft.interop.artifacts import load_model
 
     a = resolve(path)
-    if a.kind in ("run", "checkpoint", "merged"):
+    if a.is_checkpoint:
         m = a.model_section
         if a.weights is not None and ("vocab_size" not in (m.get("config") or {})
                                       or (a.task or "lm") not in LM_TASKS):
@@ -53,7 +53,7 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LoadedLM:
                           "eval need a GPT/Llama run or a decoder's Hugging Face directory")
     tok = load_tokenizer(a.tokenizer / "tokenizer.json") if a.tokenizer is not None else None
     data = None
-    if a.kind in ("run", "checkpoint", "merged"):
+    if a.is_checkpoint:
         data = run_data_section(a.run_dir, a.meta)
         tok = tok or tokenizer_from_data(data)  # runs saved before the trainer wrote tokenizer.json
     return LoadedLM(model.eval(), tok, data, a.weights or a.path)

@@ -68,7 +68,7 @@ def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu") -> 
 
     a = resolve(run_dir)  # what the path is, as for every command
     run = a.run_dir
-    if a.kind not in ("run", "checkpoint", "merged") or run is None or a.labels_file is None:
+    if not a.is_checkpoint or run is None or a.labels_file is None:
         raise CheckpointError(f"{a.what} without labels.json (the class names a classification run saves); "
                               "predict needs the run directory of a classification run on images or "
                               "textclass data")

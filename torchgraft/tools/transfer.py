@@ -233,7 +233,7 @@ def load_state(src: Source) -> tuple[dict[str, torch.Tensor], str]:
         return _load_safetensors(a.path), str(a.path)
     if a.kind == "hf":
         return _hf_state(require_weights(a)), str(a.path)
-    if a.kind not in ("run", "checkpoint", "merged"):
+    if not a.is_checkpoint:
         raise CheckpointError(f"{a.what}; transfer needs full weights: give a run directory, checkpoint "
                               "folder, Hugging Face directory or .safetensors file (a PEFT adapter: load it "
                               "on its base with torchgraft.load_model first)")

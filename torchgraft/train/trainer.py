@@ -253,7 +253,7 @@ class Trainer:
 
         path = self.cfg.trainer.init_from
         a = resolve(path)  # what the path is, as for every command
-        if a.kind not in ("run", "checkpoint", "merged", "safetensors"):
+        if not (a.is_checkpoint or a.kind == "safetensors"):
             raise CheckpointError(f"trainer.init_from: {a.what}; it loads torchgraft weights (a run, checkpoint "
                                   f"or merged folder, a .safetensors file): fine-tune from it with "
                                   f"finetune.source={path} instead")
