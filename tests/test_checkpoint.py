@@ -7,7 +7,8 @@ import torch
 
 import torchgraft
 from torchgraft.errors import CheckpointError
-from torchgraft.train import CheckpointFallbackWarning, load_checkpoint, load_model, run_training
+from torchgraft import load_model
+from torchgraft.train import CheckpointFallbackWarning, load_checkpoint, run_training
 from torchgraft.checkpoint.files import list_checkpoints, load_latest, load_optimizer_state, write_checkpoint
 from torchgraft.checkpoint.manager import CheckpointManager
 

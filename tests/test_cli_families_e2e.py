@@ -117,7 +117,7 @@ def test_convert_finetune_lora_generate_eval_convert_back(family, tmp_path, caps
     hf = T.AutoModelForCausalLM.from_pretrained(back).eval()
     assert hf.config.model_type == T.AutoConfig.from_pretrained(hf_dir).model_type
     import torchgraft
-    from torchgraft.checkpoint.model import load_model
+    from torchgraft import load_model
 
     ours = load_model(run / "merged").eval()
     ids = torch.tensor([hf_tok.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"]])

@@ -253,7 +253,7 @@ def test_save_hf_loads_back_in_transformers(case, hf_dirs, tmp_path, one_thread)
 def test_convert_cli_both_ways(case, hf_dirs, tmp_path, one_thread):
     """`torchgraft convert` HF -> torchgraft checkpoint -> HF; both read back with transformers' logits."""
     from torchgraft.cli import main
-    from torchgraft.checkpoint.model import load_model
+    from torchgraft import load_model
 
     path, hf = hf_dirs(case)
     assert main(["convert", str(path), str(tmp_path / "tg")]) in (0, None)

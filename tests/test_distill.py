@@ -150,7 +150,7 @@ def _batch(tmp: Path):
 
 def test_task_loss_is_the_loss_of_teacher_and_student_logits(teacher_dir):
     from torchgraft.models.registry import build
-    from torchgraft.checkpoint.model import load_model
+    from torchgraft import load_model
 
     batch, vocab = _batch(teacher_dir)
     task = build_task({"name": "distill", "teacher": str(teacher_dir / "run"), "loss": "reverse_kl",

@@ -24,7 +24,7 @@ from torchgraft.errors import ConfigError
 from torchgraft.recipes.finetune import run_finetune
 from torchgraft.train import run_training
 from torchgraft.checkpoint.files import list_checkpoints
-from torchgraft.checkpoint.model import load_model
+from torchgraft import load_model
 from torchgraft.train.tasks import build_task
 from torchgraft.train.tasks.pairwise import pair_logps
 

@@ -293,7 +293,7 @@ def test_cli_export_check_and_int8_on_a_trained_run(lenet_run, tmp_path, capsys)
     assert code == 0, err
     assert "check (onnxruntime, inputs (2, 1, 32, 32), (3, 1, 32, 32)): max abs diff vs eager PyTorch" in stdout
     diff = float(stdout.split("vs eager PyTorch ")[1].split()[0])
-    from torchgraft.train import load_model
+    from torchgraft import load_model
 
     trained = load_model(lenet_run).eval()
     assert diff <= _bound(trained, torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0)))

@@ -30,7 +30,7 @@ def _hf_llama(path):
 
 def test_convert_hf_to_torchgraft_and_back(tmp_path):
     from torchgraft.cli import main
-    from torchgraft.checkpoint.model import load_model
+    from torchgraft import load_model
 
     src, ck, out = tmp_path / "hf", tmp_path / "tg", tmp_path / "hf2"
     src.mkdir()

@@ -64,7 +64,7 @@ def test_generate_eval_convert_accept_lora_run_and_merged(lora_run, tmp_path, ca
 
 
 def test_run_dir_and_merged_give_the_same_model(lora_run, one_thread):
-    from torchgraft.train import load_model
+    from torchgraft import load_model
 
     a, b = load_model(lora_run / "ft").eval(), load_model(lora_run / "ft" / "merged").eval()
     assert set(a.state_dict()) == set(b.state_dict())  # plain names: the adapters are merged

@@ -30,6 +30,8 @@ _LAZY: dict[str, str] = {
     "measure_flops": "torchgraft.tools.flops",
     "estimate_memory": "torchgraft.tools.memory",
     "apply_lora": "torchgraft.peft.lora",
+    "load_model": "torchgraft.interop.artifacts",
+    "resolve": "torchgraft.checkpoint.artifact",
 }
 __all__ += list(_LAZY)
 

@@ -69,7 +69,8 @@ def models_cmd() -> None:
 # -- inspection: summary, FLOPs, memory (torchgraft/tools/summary.py, flops.py, memory.py)
 @app.command("inspect")
 def inspect_cmd(
-    model: str = typer.Argument(..., help="preset name (see `torchgraft models`) or model YAML"),
+    model: str = typer.Argument(..., help="preset name (see `torchgraft models`), model YAML, or a run / "
+                                "checkpoint / Hugging Face directory"),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value config overrides, e.g. n_layer=4"),
     batch: int = typer.Option(1, "--batch", help="per-device micro-batch for the memory estimate"),
     seq: Optional[int] = typer.Option(None, "--seq", help="sequence length (default: block_size)"),
@@ -91,6 +92,7 @@ def inspect_cmd(
 
     ov = {k.removeprefix("model."): v for k, v in parse_overrides(overrides or []).items()}
     target = _finetuned_on_meta(model, ov)  # a fine-tune config: trainable set as the method leaves it
+    target = target if target is not None else _artifact_spec(model)  # a run / checkpoint / HF dir ...
     report = inspect_model(target if target is not None else model, ov, batch=batch, seq_len=seq,
                            precision=precision, optimizer=optimizer, sharding=shards,
                            activation_checkpointing="selective" if selective else checkpointing,
@@ -99,6 +101,16 @@ def inspect_cmd(
         typer.echo(json.dumps(report.to_dict()))
     else:
         report.print()
+
+
+def _artifact_spec(spec: str) -> object:
+    """For a path that is not a YAML config (run dir, checkpoint, HF or adapter directory, ...), the
+    model spec its files describe (`interop.artifacts.model_spec`); else None (a preset name)."""
+    if spec.endswith((".yaml", ".yml")) or not Path(spec).exists():
+        return None
+    from torchgraft.interop.artifacts import model_spec
+
+    return model_spec(spec)
 
 
 def _finetuned_on_meta(spec: str, overrides: dict) -> object:

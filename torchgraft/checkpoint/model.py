@@ -1,14 +1,15 @@
 """Rebuild a model from a checkpoint, including one saved mid-LoRA/DoRA fine-tune.
 
 A LoRA run's checkpoints hold the wrapped state dict (`<layer>.base_layer.weight`,
-`<layer>.lora_A.default.weight`, ...). Rank and alpha are not recoverable from the tensors alone, so
-the fine-tune recipe writes its `finetune:` section to `<run>/finetune.json` before training; here the
-same adapters are injected, the weights loaded strictly, and (by default) the adapters merged, so
-`generate`, `eval`, `convert`, `export` and `load_model` all get a plain model with the original names.
+`<layer>.lora_A.default.weight`, ...) and, in meta.json, the adapter spec the model wrote
+(`model.adapters`, see `torchgraft.peft.spec`); runs written before that are read through their
+`finetune.json` (`checkpoint.artifact.adapter_spec_of`). Here the same adapters are injected, the
+weights loaded strictly, and (by default) the adapters merged. `model_from_checkpoint` is the one
+"build, rebuild adapters, load weights" path; `torchgraft.interop.artifacts.load_model` calls it for
+every torchgraft checkpoint kind.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,73 +31,39 @@ def adapter_layers_in(state: dict[str, torch.Tensor]) -> list[str]:
     return sorted(names)
 
 
-def run_dir_of(ck_path: Path) -> Path | None:
-    """The run directory of `<run>/checkpoints/step_X`, else None."""
-    ck_path = Path(ck_path)
-    if ck_path.parent.name == "checkpoints":
-        return ck_path.parent.parent
-    return None
-
-
-def adapter_spec(meta: dict[str, Any], ck_path: Path) -> dict[str, Any]:
-    """The `finetune:` section that made the adapters: meta.json's `finetune`, else the run's finetune.json."""
-    if isinstance(meta.get("finetune"), dict):
-        return meta["finetune"]
-    run = run_dir_of(ck_path) or (Path(ck_path).parent if (Path(ck_path).parent / "config.yaml").is_file()
-                                  else None)
-    path = run / "finetune.json" if run is not None else None
-    if path is not None and not path.is_file() and (run / "adapter" / "adapter_config.json").is_file():
-        return _spec_of_peft_config(run / "adapter" / "adapter_config.json")
-    if path is None or not path.is_file():
-        raise CheckpointError(f"{ck_path} holds LoRA adapter tensors but no finetune.json was found next to "
-                              "it to give their rank and alpha; load the base model, apply_lora as in "
-                              "training, then load_state_dict")
-    try:
-        spec = json.loads(path.read_text())["finetune_config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{path} is unreadable or lacks finetune_config; cannot rebuild the adapters "
-                              f"of {ck_path}") from None
-    return spec
-
-
-def _spec_of_peft_config(path: Path) -> dict[str, Any]:
-    """A `finetune:`-like spec from a PEFT `adapter_config.json` (what `save_adapter` writes)."""
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise CheckpointError(f"{path} is unreadable; cannot rebuild the adapters next to it") from None
-    return {"method": "dora" if cfg.get("use_dora") else "lora",
-            "lora": {"rank": cfg.get("r", 8), "alpha": cfg.get("lora_alpha", 16.0),
-                     "use_rslora": cfg.get("use_rslora", False)}}
-
-
 def attach_saved_adapters(model: nn.Module, state: dict[str, torch.Tensor], meta: dict[str, Any],
                           ck_path: Path) -> bool:
-    """Wrap the layers of `model` that carry adapters in `state`, as the fine-tune did. False when
-    `state` is a plain state dict (nothing to do)."""
+    """Wrap the layers of `model` that carry adapters in `state`, as the fine-tune did (the spec in
+    meta.json, or a legacy run's finetune.json). False when `state` is a plain state dict."""
+    from torchgraft.checkpoint.artifact import adapter_spec_of, checkpoint_run_dir
+    from torchgraft.peft.spec import apply_adapter_spec
+
     layers = adapter_layers_in(state)
     if not layers:
         return False
-    from torchgraft.peft import apply_lora
-
-    spec = adapter_spec(meta, ck_path)
-    lora = spec.get("lora") or {}
-    method = spec.get("method", "lora")
-    rank = int(lora.get("rank", 8))
-    for name in layers:  # the tensors say the rank, whatever the YAML said
-        key = next((k for k in (f"{name}.lora_A.default.weight", f"{name}.lora_embedding_A.default")
-                    if k in state), None)
-        if key is not None:
-            rank = int(state[key].shape[0])
-            break
+    spec = adapter_spec_of(meta, checkpoint_run_dir(Path(ck_path)))
+    if spec is None:
+        raise CheckpointError(f"{ck_path} holds LoRA adapter tensors but its meta.json has no adapter spec "
+                              "(model.adapters) and no finetune.json lies next to it to give their rank and "
+                              "alpha; load the base model, apply_lora as in training, then load_state_dict")
+    spec = {"groups": [_legacy_group(g, layers, state) if not g.get("layers") else g
+                       for g in spec.get("groups") or []]}
     try:
-        apply_lora(model, layers, rank=rank, alpha=float(lora.get("alpha", 16.0)),
-                   dropout=0.0, dora=method == "dora" or any(".lora_magnitude_vector." in k for k in state),
-                   use_rslora=bool(lora.get("use_rslora", False)))
+        apply_adapter_spec(model, spec, layers)
     except Exception as e:  # a ConfigError from apply_lora: the adapters do not fit this model
         raise CheckpointError(f"{ck_path}: cannot rebuild its LoRA adapters on {type(model).__name__} "
                               f"({str(e).splitlines()[0]})") from None
     return True
+
+
+def _legacy_group(group: dict[str, Any], layers: list[str], state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A spec group of a run written before meta.json held the spec: the tensors say the layers, the
+    rank (whatever the YAML said) and whether it is DoRA."""
+    rank = next((int(state[k].shape[0]) for name in layers
+                 for k in (f"{name}.lora_A.default.weight", f"{name}.lora_embedding_A.default") if k in state),
+                int(group.get("rank", 8)))
+    dora = bool(group.get("dora")) or any(".lora_magnitude_vector." in k for k in state)
+    return {**group, "layers": layers, "rank": rank, "dora": dora}
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: Path, *,
@@ -138,10 +105,3 @@ def model_from_checkpoint(ck: Any, device: str | torch.device = "cpu", *, merge:
         unload(model, merge=True)
     return model.eval()
 
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a registered model from the newest good checkpoint at `path` (manifest verified); a
-    LoRA/DoRA fine-tune's adapters are re-applied and merged."""
-    from torchgraft.checkpoint.files import load_latest
-
-    return model_from_checkpoint(load_latest(path), device).train()

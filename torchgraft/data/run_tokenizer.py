@@ -1,12 +1,13 @@
-"""The tokenizer of a trained run or checkpoint: the saved tokenizer.json, else rebuilt from the
-run's `data:` section. Here (in data/) because both `interop.convert` and `recipes.lm` need it.
+"""A run's tokenizer rebuilt from its `data:` section, for runs saved before the trainer wrote
+tokenizer.json (where a saved one lies is `checkpoint.artifact.resolve`'s `Artifact.tokenizer`).
+Here (in data/) because both `interop.convert` and `recipes.lm` need it.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from torchgraft.data.tokenizers import Tokenizer, load_tokenizer
+from torchgraft.data.tokenizers import Tokenizer
 
 
 def run_data_section(run_dir: Path | None, meta: dict[str, Any]) -> dict[str, Any] | None:
@@ -33,22 +34,3 @@ def tokenizer_from_data(data: dict[str, Any] | None) -> Tokenizer | None:
                                str(data.get("field", "text")), int(data.get("vocab_size", 4096)),
                                data.get("cache_dir"))
     return tok
-
-
-def find_tokenizer(*dirs: Path | None) -> Tokenizer | None:
-    """The first tokenizer.json in `dirs` (or their `tokenizer/` subfolder), else None."""
-    for d in dirs:
-        if d is None:
-            continue
-        for cand in (d / "tokenizer.json", d / "tokenizer" / "tokenizer.json"):
-            if cand.is_file():
-                return load_tokenizer(cand)
-    return None
-
-
-def checkpoint_tokenizer(ck_dir: Path, meta: dict[str, Any]) -> Tokenizer | None:
-    """The tokenizer of a trainer checkpoint folder: a saved tokenizer.json (the checkpoint folder, then
-    its run directory's root or `tokenizer/`, where the trainer saves it), else one rebuilt from the
-    run's `data:` section (runs saved before the trainer wrote it), else None."""
-    run_dir = ck_dir.parent.parent if ck_dir.parent.name == "checkpoints" else None
-    return find_tokenizer(ck_dir, run_dir) or tokenizer_from_data(run_data_section(run_dir, meta))

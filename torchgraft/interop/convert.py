@@ -2,12 +2,12 @@
 
 - HF -> torchgraft: `load_hf` (lazy, meta-device build), then a checkpoint folder in the trainer's
   format (`model.safetensors` under our state-dict names, `meta.json` with model family/name/config,
-  `manifest.json`), so `torchgraft.checkpoint.files.load_model(DST)` rebuilds it.
+  `manifest.json`), so `torchgraft.load_model(DST)` rebuilds it.
 - torchgraft -> HF: a checkpoint folder or run directory (its newest good checkpoint) -> `save_hf`.
 
-Tokenizer files found next to the source (for a run: the checkpoint folder, the run root or
-`<run>/tokenizer/`, where the trainer saves it) are copied along; a run without one gets the tokenizer
-rebuilt from its config's `data:` section (`torchgraft.data.run_tokenizer.checkpoint_tokenizer`).
+SRC is resolved by `torchgraft.checkpoint.artifact.resolve`; its tokenizer files (`Artifact.tokenizer`:
+the checkpoint folder, the run root or `<run>/tokenizer/`, where the trainer saves it) are copied along; a run without one gets the tokenizer
+rebuilt from its config's `data:` section (`torchgraft.data.run_tokenizer.tokenizer_from_data`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from torchgraft.errors import CheckpointError, ConfigError
+from torchgraft.errors import ConfigError
 
 Layout = Literal["hf", "torchgraft"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -37,17 +37,15 @@ class ConvertResult:
 
 
 def detect_layout(path: str | Path) -> Layout:
-    """'hf' for a Hugging Face model directory, 'torchgraft' for a checkpoint folder or run dir."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p} does not exist")
-    if (p / "meta.json").is_file() or (p / "manifest.json").is_file() or (p / "checkpoints").is_dir() \
-            or any(c.name.startswith("step_") for c in p.iterdir() if c.is_dir()):
-        return "torchgraft"
-    if (p / "config.json").is_file():
+    """'hf' for a Hugging Face model directory, 'torchgraft' for a checkpoint folder or run dir
+    (`checkpoint.artifact.resolve`); any other artifact is a one-line error naming what it is."""
+    from torchgraft.checkpoint.artifact import resolve
+
+    a = resolve(path)
+    if a.kind == "hf":
         return "hf"
-    raise CheckpointError(f"{p} is neither a Hugging Face model directory (config.json) nor a "
-                          "torchgraft checkpoint (meta.json / checkpoints/)")
+    a.require_checkpoint("convert")
+    return "torchgraft"
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -88,52 +86,27 @@ def hf_to_torchgraft(src: str | Path, dst: str | Path, *, dtype: torch.dtype | N
     return ConvertResult(src, dst, "torchgraft", report.summary() + extra)
 
 
-def _tokenizer_dirs(src: Path, ckpt: Path) -> list[Path]:
-    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else src
-    dirs = [ckpt, src, src / "tokenizer", run, run / "tokenizer"]
-    return list(dict.fromkeys(d for d in dirs if d.is_dir()))
-
-
-def _build_from_checkpoint(meta: dict, state: dict[str, torch.Tensor], where: Path) -> torch.nn.Module:
-    """Meta-device build from meta.json, then the checkpoint's tensors assigned (no init, no copy)."""
-    from torchgraft.interop.hf import LoadReport, rebuild_meta_buffers
-    from torchgraft.models.registry import build
-
-    m = meta.get("model") or {}
-    if not m.get("family"):
-        raise CheckpointError(f"{where}/meta.json does not name a registered model family")
-    from torchgraft.peft import unload
-    from torchgraft.checkpoint.model import attach_saved_adapters, load_weights
-
-    model = build({"family": m["family"], **m.get("config", {})}, device="meta")
-    model.model_name = m.get("name", m["family"])
-    adapted = attach_saved_adapters(model, state, meta, where)  # a LoRA/DoRA fine-tune's checkpoint
-    load_weights(model, state, where, assign=True)
-    if adapted:
-        unload(model, merge=True)  # Hugging Face layout: the adapters folded into the base weights
-    rebuild_meta_buffers(model, torch.device("cpu"), LoadReport("", m["family"]))
-    return model.eval()
-
-
 def torchgraft_to_hf(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = None,
                      max_shard_size: int | str = "5GB") -> ConvertResult:
+    from torchgraft.checkpoint.artifact import read_artifact_checkpoint, resolve
+    from torchgraft.checkpoint.model import model_from_checkpoint
     from torchgraft.interop.hf import hf_config_for, save_hf
-    from torchgraft.checkpoint.files import load_latest
 
     src, dst = Path(src), Path(dst)
-    loaded = load_latest(src)  # newest checkpoint whose manifest verifies
-    ckpt = loaded.path
-    model = _build_from_checkpoint(loaded.meta, loaded.model_state, ckpt)
+    a = resolve(src)
+    loaded = read_artifact_checkpoint(a)  # newest checkpoint whose manifest verifies
+    ckpt = Path(loaded.path)
+    model = model_from_checkpoint(loaded)  # a LoRA/DoRA fine-tune's adapters folded into the base weights
     _, arch, _ = hf_config_for(model)
     special = (loaded.meta.get("source") or {}).get("special_tokens") or {}
     save_hf(model, dst, max_shard_size=max_shard_size, dtype=dtype,
             config_overrides={k: v for k, v in special.items() if k in SPECIAL_TOKEN_FIELDS})
-    copied = _copy_tokenizer(_tokenizer_dirs(src, ckpt), dst)
+    copied = _copy_tokenizer([a.tokenizer] if a.tokenizer is not None else [], dst)
     if not copied:  # a run saved before the trainer wrote its tokenizer: rebuild it from the config
-        from torchgraft.data.run_tokenizer import checkpoint_tokenizer
+        from torchgraft.data.run_tokenizer import run_data_section, tokenizer_from_data
 
         try:
-            tok = checkpoint_tokenizer(ckpt, loaded.meta)
+            tok = tokenizer_from_data(run_data_section(a.run_dir, loaded.meta))
         except ConfigError:  # e.g. the run's text source is gone: convert the weights alone
             tok = None
         if tok is not None:

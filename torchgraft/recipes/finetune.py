@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from torchgraft.config import apply_overrides, from_dict, load_yaml, parse_overrides, to_dict
-from torchgraft.errors import ConfigError
+from torchgraft.errors import CheckpointError, ConfigError
 from torchgraft.train.config import RunConfig, load_run_config
 
 if TYPE_CHECKING:  # the config half of this module is read before torch is imported (config errors: instant)
@@ -84,15 +84,20 @@ def load_finetune_config(source: str | Path | dict[str, Any],
 
 
 def load_source(path: str) -> Any:
-    """A torchgraft checkpoint / safetensors path as is, or an HF-layout directory via load_hf."""
-    p = Path(path)
-    if p.is_dir() and (p / "config.json").is_file() and not (p / "meta.json").is_file() \
-            and not (p / "checkpoints").is_dir():
-        try:
-            from torchgraft.interop.hf import load_hf
-        except ImportError:  # interop not available: read its safetensors directly
-            return path
-        return load_hf(p, strict=False)
+    """What `transfer` reads for `finetune.source` (`checkpoint.artifact.resolve` says what it is): a
+    torchgraft checkpoint or safetensors file as its path (transfer reads the tensors, manifest
+    verified), a Hugging Face directory or a PEFT adapter on its base as the loaded model
+    (`torchgraft.load_model`: our names, the adapter merged)."""
+    from torchgraft.checkpoint.artifact import resolve
+
+    a = resolve(path)
+    if a.kind in ("hf", "peft-adapter"):
+        from torchgraft.interop.artifacts import load_model
+
+        return load_model(a)
+    if a.exported:
+        raise CheckpointError(f"finetune.source: {a.what}; fine-tune from the run or checkpoint it was "
+                              "exported from")
     return path
 
 
@@ -171,7 +176,7 @@ def run_finetune(config: str | Path | dict[str, Any] | FinetuneRun, out_dir: str
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "transfer.json").write_text(json.dumps(report.to_dict(), indent=1))
-    # written before training so that checkpoints of a LoRA run can be rebuilt (torchgraft.checkpoint.model)
+    # the run's status while it trains (checkpoints describe their adapters in meta.json themselves)
     (out / "finetune.json").write_text(json.dumps({"method": ft.method, "finetune_config": to_dict(ft),
                                                    "status": "training"}, indent=1, default=str))
     result = run_training(cfg, out, model=model, data=data, callbacks=callbacks, param_groups_fn=groups_fn,
@@ -221,14 +226,11 @@ def write_merged(model: nn.Module, path: Path, meta_fn, *, run_config: dict[str,
 
 
 def source_tokenizer(source: str) -> tuple[Path, Any] | None:
-    """(path, tokenizer) saved with a fine-tune source (run dir, checkpoint folder or HF dir), or None."""
+    """(path, tokenizer) saved with a fine-tune source (`Artifact.tokenizer`), or None."""
+    from torchgraft.checkpoint.artifact import resolve
     from torchgraft.data.tokenizers import load_tokenizer
 
-    p = Path(source)
-    if p.is_file():
-        p = p.parent
-    run = p.parent.parent if p.parent.name == "checkpoints" else p
-    for cand in (p / "tokenizer.json", p / "tokenizer" / "tokenizer.json", run / "tokenizer" / "tokenizer.json"):
-        if cand.is_file():
-            return cand, load_tokenizer(cand)
-    return None
+    where = resolve(source).tokenizer
+    if where is None:
+        return None
+    return where / "tokenizer.json", load_tokenizer(where / "tokenizer.json")

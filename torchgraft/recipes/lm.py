@@ -1,13 +1,10 @@
 """Language-model recipes: load a trained LM with its tokenizer, and measure perplexity.
 
-`load_lm(path)` accepts
-- a run directory (`config.yaml`, `checkpoints/step_*/`): its newest good checkpoint;
-- a checkpoint folder (`model.safetensors` + `meta.json` + `manifest.json`);
-- a Hugging Face layout directory (`config.json` + `model.safetensors`), via `torchgraft.load_hf`.
-The tokenizer is the first `tokenizer.json` found in the checkpoint folder, the run directory (root or
-`tokenizer/`, where the trainer saves it) or the HF directory; failing that (runs saved before the
-trainer wrote it) it is rebuilt from the run's `data:` section (tokenizer spec and source), which gives
-the same tokenizer because char/byte/bpe tokenizers are deterministic.
+`load_lm(path)` accepts any artifact `torchgraft.checkpoint.artifact.resolve` recognises and loads it
+with `torchgraft.interop.artifacts.load_model`. The tokenizer is the artifact's (`Artifact.tokenizer`:
+the checkpoint folder, the run directory's root or `tokenizer/`, the HF directory); failing that (runs
+saved before the trainer wrote it) it is rebuilt from the run's `data:` section (tokenizer spec and
+source), which gives the same tokenizer because char/byte/bpe tokenizers are deterministic.
 """
 from __future__ import annotations
 
@@ -21,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchgraft.data.run_tokenizer import checkpoint_tokenizer, find_tokenizer, run_data_section
-from torchgraft.data.tokenizers import Tokenizer
-from torchgraft.errors import CheckpointError, ConfigError
+from torchgraft.data.run_tokenizer import run_data_section, tokenizer_from_data
+from torchgraft.data.tokenizers import Tokenizer, load_tokenizer
+from torchgraft.errors import ConfigError
 
 LM_TASKS = ("lm", "distill", "dpo", "simpo", "orpo")  # training tasks whose checkpoints hold a plain next-token LM
 
@@ -36,39 +33,30 @@ class LoadedLM:
     path: Path                   # the directory the weights came from
 
 
-def _is_hf_dir(p: Path) -> bool:
-    return p.is_dir() and (p / "config.json").is_file() and (
-        (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()) \
-        and not (p / "meta.json").is_file()
-
-
 def load_lm(path: str | Path, device: str | torch.device = "cpu") -> LoadedLM:
-    """Load a decoder LM and its tokenizer from a run dir, checkpoint folder or HF directory."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CheckpointError(f"model path not found: {p} (give a run directory, a checkpoint folder "
-                              "or a Hugging Face model directory)")
-    if _is_hf_dir(p):
-        import torchgraft
+    """Load a decoder LM and its tokenizer from any artifact (`torchgraft.checkpoint.artifact.resolve`):
+    a run dir, checkpoint or merged folder, Hugging Face directory or PEFT adapter directory."""
+    from torchgraft.checkpoint.artifact import resolve
+    from torchgraft.interop.artifacts import load_model
 
-        model = torchgraft.load_hf(p).to(device)
-        return LoadedLM(model.eval(), find_tokenizer(p), None, p)
-
-    from torchgraft.checkpoint.model import model_from_checkpoint
-    from torchgraft.checkpoint.files import load_latest
-
-    ck = load_latest(p)
-    m = ck.meta.get("model") or {}
-    if "vocab_size" not in (m.get("config") or {}) or ck.meta.get("task", "lm") not in LM_TASKS:
-        raise ConfigError(f"{p} holds a {m.get('name') or m.get('family') or 'non-language'} model "
-                          f"(task {ck.meta.get('task', 'unknown')}), not a language model; generate and "
-                          "eval need a GPT/Llama run")
-    model = model_from_checkpoint(ck, device)  # a LoRA run's adapters re-applied and merged
-    ck_dir = Path(ck.path)
-    run_dir = ck_dir.parent.parent if ck_dir.parent.name == "checkpoints" else None
-    data = run_data_section(run_dir, ck.meta)
-    tok = checkpoint_tokenizer(ck_dir, ck.meta)
-    return LoadedLM(model.eval(), tok, data, ck_dir)
+    a = resolve(path)
+    if a.is_checkpoint:
+        m = a.model_section
+        if a.weights is not None and ("vocab_size" not in (m.get("config") or {})
+                                      or (a.task or "lm") not in LM_TASKS):
+            raise ConfigError(f"{a.what} of a {m.get('name') or m.get('family') or 'non-language'} model "
+                              f"(task {a.task or 'unknown'}), not a language model; generate and eval need "
+                              "a GPT/Llama run")
+    model = load_model(a, device)  # a LoRA run's adapters re-applied and merged
+    if not hasattr(getattr(model, "config", None), "vocab_size"):
+        raise ConfigError(f"{a.what} holding a {type(model).__name__}, not a language model; generate and "
+                          "eval need a GPT/Llama run or a decoder's Hugging Face directory")
+    tok = load_tokenizer(a.tokenizer / "tokenizer.json") if a.tokenizer is not None else None
+    data = None
+    if a.is_checkpoint:
+        data = run_data_section(a.run_dir, a.meta)
+        tok = tok or tokenizer_from_data(data)  # runs saved before the trainer wrote tokenizer.json
+    return LoadedLM(model.eval(), tok, data, a.weights or a.path)
 
 
 def check_tokenizer_fits(lm: LoadedLM) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchgraft.errors import ConfigError
+from torchgraft.errors import CheckpointError, ConfigError
 
 
 @dataclass
@@ -63,23 +63,22 @@ def _checkpoint_dir(run_dir: Path) -> Path:
 def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu") -> Classifier:
     """Model, class names, input encoder and task of a classification run directory."""
     from torchgraft.data.registry import build_encoder, read_labels
-    from torchgraft.checkpoint.files import load_latest
+    from torchgraft.checkpoint.artifact import read_artifact_checkpoint, resolve
     from torchgraft.train.tasks import build_task
 
-    run = Path(run_dir).expanduser()
-    if not run.is_dir():
-        raise ConfigError(f"run directory not found: {run}")
+    a = resolve(run_dir)  # what the path is, as for every command
+    run = a.run_dir
+    if not a.is_checkpoint or run is None or a.labels_file is None:
+        raise CheckpointError(f"{a.what} without labels.json (the class names a classification run saves); "
+                              "predict needs the run directory of a classification run on images or "
+                              "textclass data")
     labels = read_labels(run)
-    ck = load_latest(_checkpoint_dir(run))
+    target = resolve(_checkpoint_dir(run)) if a.kind == "run" else a  # a run: its best checkpoint
+    ck = read_artifact_checkpoint(target)
     from torchgraft.checkpoint.model import model_from_checkpoint
 
     model = model_from_checkpoint(ck, "cpu")  # a LoRA/DoRA fine-tune: adapters rebuilt and merged
-    run_cfg = ck.meta.get("run_config") or {}
-    data = run_cfg.get("data")
-    if not isinstance(data, dict):
-        from torchgraft.config import load_yaml
-
-        data = load_yaml(run / "config.yaml").get("data") if (run / "config.yaml").is_file() else None
+    data = (ck.meta.get("run_config") or a.run_config or {}).get("data")
     if not isinstance(data, dict):
         raise ConfigError(f"{run} has no run config with a data: section (config.yaml)")
     encode, task_name = build_encoder(data, run)

@@ -39,18 +39,20 @@ def rl_meta(meta: dict[str, Any]) -> dict[str, Any]:
 
 def load_policy_run(path: str | Path, device: str | torch.device = "cpu") -> PolicyRun:
     """Rebuild the policy of a run directory or checkpoint folder (manifest verified)."""
-    from torchgraft.models.registry import build
-    from torchgraft.checkpoint.files import load_latest
+    from torchgraft.checkpoint.artifact import read_artifact_checkpoint, resolve
+    from torchgraft.checkpoint.model import model_from_checkpoint
 
-    ck = load_latest(path)
+    a = resolve(path)  # what the path is, as for every command
+    if a.kind not in ("run", "checkpoint"):
+        raise CheckpointError(f"{a.what}; rl commands need the run directory or checkpoint of a policy "
+                              "(rl bc / rl ppo)")
+    ck = read_artifact_checkpoint(a)
     m = ck.meta.get("model") or {}
     if m.get("family") != "policy":
-        raise CheckpointError(f"{ck.path} does not hold a registered policy (model family "
-                              f"{m.get('family')!r}); load your own ActorCritic and pass it in Python")
-    policy = build({"family": "policy", **(m.get("config") or {})}, device=device)
-    policy.model_name = m.get("name", "policy")
-    policy.load_state_dict(ck.model_state)
-    policy.eval()
+        raise CheckpointError(f"{a.what} of a {m.get('name') or m.get('family') or 'unregistered'} model, not "
+                              "a registered policy; rl commands need a policy run (rl bc / rl ppo), or load "
+                              "your own ActorCritic and pass it in Python")
+    policy = model_from_checkpoint(ck, device)
     rl = rl_meta(ck.meta)
     return PolicyRun(policy, rl.get("env"), dict(rl.get("env_kwargs") or {}),
                      normalizer_from_state(rl.get("obs_norm")), ck.path, ck.meta)

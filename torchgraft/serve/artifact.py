@@ -63,12 +63,15 @@ def artifact_name(path: Path) -> str:
 def load_artifact(path: str | Path, device: str = "cpu", name: str | None = None,
                   context: int | None = None) -> DecoderArtifact | EncoderArtifact:
     """Load what `path` holds (see the module docstring); `context` caps a decoder's window."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CheckpointError(f"artifact not found: {p} (give a run directory, a checkpoint folder or a "
+    from torchgraft.checkpoint.artifact import resolve
+
+    if not Path(path).expanduser().exists():
+        raise CheckpointError(f"artifact not found: {path} (give a run directory, a checkpoint folder or a "
                               "Hugging Face model directory)")
+    a = resolve(path)  # what the path is, as for every command
+    p = a.path
     name = name or artifact_name(p)
-    if (p / "labels.json").is_file():
+    if a.labels_file is not None:
         return _classifier(p, device, name)
     from torchgraft.recipes.lm import lm_chat_template, load_lm
 

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from torchgraft.errors import CheckpointError, TransferError
-from torchgraft.io import step_of
 from torchgraft.models.parts import parts_of
 from torchgraft.tools.adapt import POLICIES, PolicyFn, PolicyMismatch, auto_policy, declared_auto_policy
 from torchgraft.tools.console import recording_console
@@ -183,21 +182,6 @@ def _fmt_shape(s: tuple[int, ...] | None) -> str:
 # loading sources
 
 
-def newest_checkpoint(path: str | Path) -> Path:
-    """A run dir or its `checkpoints/` dir -> the `step_XXXXXXXX` folder with the highest step."""
-    p = Path(path)
-    ckdir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    steps = []
-    for d in ckdir.glob("step_*"):
-        step = step_of(d.name)
-        if step is not None and d.is_dir() and (d / "model.safetensors").is_file():
-            steps.append((step, d))
-    if not steps:
-        raise CheckpointError(f"no checkpoint in {p}: expected model.safetensors or "
-                              "checkpoints/step_XXXXXXXX/model.safetensors (check the path)")
-    return max(steps)[1]
-
-
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -209,12 +193,27 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
                               "(is it a complete safetensors file?)") from None
 
 
+def _hf_state(p: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a Hugging Face directory under its own names (single file or sharded index)."""
+    if (p / "model.safetensors").is_file():
+        return _load_safetensors(p / "model.safetensors")
+    index = p / "model.safetensors.index.json"
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot read {index}: {e}") from None
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        state.update(_load_safetensors(p / shard))
+    return state
+
+
 def load_state(src: Source) -> tuple[dict[str, torch.Tensor], str]:
     """Read a source into a flat {name: tensor} dict plus a short description of where it came from.
 
-    Accepts an nn.Module, a mapping of tensors, a `.safetensors` file, a directory holding
-    `model.safetensors` (a checkpoint step folder or an HF-layout folder, sharded index included),
-    or a run directory (its newest checkpoint). Pickle files (.bin/.pt/.pth) are refused.
+    Accepts an nn.Module, a mapping of tensors, or a path that `checkpoint.artifact.resolve` names:
+    a `.safetensors` file, a run directory (its newest good checkpoint), a checkpoint or merged
+    folder, or a Hugging Face directory (sharded index included). Pickle files are refused.
     """
     if isinstance(src, nn.Module):
         return dict(src.state_dict()), type(src).__name__
@@ -227,37 +226,19 @@ def load_state(src: Source) -> tuple[dict[str, torch.Tensor], str]:
     if not isinstance(src, (str, Path)):
         raise TransferError(f"cannot transfer from a {type(src).__name__}: pass an nn.Module, a state dict, "
                             "a .safetensors file or a checkpoint directory")
-    p = Path(src)
-    if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p} (check the path)")
-    if p.is_file():
-        if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"):
-            raise CheckpointError(f"{p} is a pickle file; torchgraft never unpickles weights "
-                                  "(convert it to .safetensors first)")
-        return _load_safetensors(p), str(p)
-    if (p / "manifest.json").is_file():  # a torchgraft checkpoint folder: its manifest is verified
-        from torchgraft.checkpoint.files import read_checkpoint
+    from torchgraft.checkpoint.artifact import read_artifact_checkpoint, require_weights, resolve
 
-        return read_checkpoint(p).model_state, str(p)
-    if (p / "model.safetensors").is_file():
-        return _load_safetensors(p / "model.safetensors"), str(p)
-    index = p / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"cannot read {index}: {e}") from None
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            state.update(_load_safetensors(p / shard))
-        return state, str(p)
-    ck = newest_checkpoint(p)
-    if not (ck / "manifest.json").is_file():  # an older layout without a manifest: read as it is
-        return _load_safetensors(ck / "model.safetensors"), str(ck)
-    from torchgraft.checkpoint.files import load_latest
-
-    loaded = load_latest(ck)  # the newest that verifies, falling back with a warning (the one reader)
-    return loaded.model_state, str(loaded.path)
+    a = resolve(src)  # what the path is: one rule for every command (checkpoint/artifact.py)
+    if a.kind == "safetensors":
+        return _load_safetensors(a.path), str(a.path)
+    if a.kind == "hf":
+        return _hf_state(require_weights(a)), str(a.path)
+    if not a.is_checkpoint:
+        raise CheckpointError(f"{a.what}; transfer needs full weights: give a run directory, checkpoint "
+                              "folder, Hugging Face directory or .safetensors file (a PEFT adapter: load it "
+                              "on its base with torchgraft.load_model first)")
+    ck = read_artifact_checkpoint(a)  # newest good checkpoint, manifest verified (LoRA runs: as saved)
+    return ck.model_state, str(ck.path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ engine, so it lives above this package and `torchgraft.distributed`); it is re-e
 # CLI) must not import torch, so that a config error costs well under a second.
 _LAZY: dict[str, str] = {
     "Callback": "callbacks", "CheckpointFallbackWarning": "torchgraft.checkpoint.files",
-    "load_checkpoint": "torchgraft.checkpoint.files", "load_model": "torchgraft.checkpoint.model", "CheckpointConfig": "config", "EvalConfig": "config", "LoggingConfig": "config",
+    "load_checkpoint": "torchgraft.checkpoint.files", "CheckpointConfig": "config", "EvalConfig": "config", "LoggingConfig": "config",
     "OptimConfig": "config", "RunConfig": "config", "ScheduleConfig": "config", "TrainerConfig": "config",
     "load_run_config": "config", "LocalEngine": "engine", "Task": "tasks", "build_task": "tasks",
     "register_task": "tasks", "NonFiniteError": "trainer", "Trainer": "trainer", "TrainResult": "trainer",
@@ -28,5 +28,5 @@ def __getattr__(name: str):
 
 __all__ = ["Callback", "CheckpointConfig", "CheckpointFallbackWarning", "EvalConfig", "LocalEngine",
            "LoggingConfig", "NonFiniteError", "OptimConfig", "RunConfig", "ScheduleConfig", "Task",
-           "TrainResult", "Trainer", "TrainerConfig", "build_task", "load_checkpoint", "load_model",
+           "TrainResult", "Trainer", "TrainerConfig", "build_task", "load_checkpoint",
            "load_run_config", "register_task", "run_training"]

@@ -87,7 +87,7 @@ def build_model_for(section: dict[str, Any], info: dict[str, Any], device: str |
 
 
 def model_meta(model: nn.Module) -> dict[str, Any]:
-    """Name, family and config of a model for meta.json (family None for unregistered modules)."""
+    """Name, family, config (and adapter spec) of a model for meta.json (family None for unregistered modules)."""
     mcfg = getattr(model, "config", None)
     family = None
     if dataclasses.is_dataclass(mcfg):
@@ -97,8 +97,14 @@ def model_meta(model: nn.Module) -> dict[str, Any]:
             family = family_of_config(mcfg).name
         except TorchgraftError:
             family = None
-    return {"name": getattr(model, "model_name", type(model).__name__), "family": family,
+    from torchgraft.peft.spec import adapter_spec
+
+    meta = {"name": getattr(model, "model_name", type(model).__name__), "family": family,
             "config": to_dict(mcfg) if dataclasses.is_dataclass(mcfg) else None}
+    spec = adapter_spec(model)  # a LoRA/DoRA model describes its adapters (checkpoint.model rebuilds them)
+    if spec is not None:
+        meta["adapters"] = spec
+    return meta
 
 
 def save_run_tokenizer(run_dir: Path, info: dict[str, Any]) -> Path | None:
@@ -271,10 +277,23 @@ class Trainer:
 
     def load_initial_weights(self, model: nn.Module) -> None:
         """`trainer.init_from`: load weights (manifest verified) into the model before training."""
-        from torchgraft.checkpoint.files import load_checkpoint
+        from torchgraft.checkpoint.artifact import read_artifact_checkpoint, resolve
+        from torchgraft.checkpoint.model import adapter_layers_in, model_from_checkpoint
+        from torchgraft.tools.transfer import load_state
 
         path = self.cfg.trainer.init_from
-        state, _ = load_checkpoint(path)
+        a = resolve(path)  # what the path is, as for every command
+        if not (a.is_checkpoint or a.kind == "safetensors"):
+            raise CheckpointError(f"trainer.init_from: {a.what}; it loads torchgraft weights (a run, checkpoint "
+                                  f"or merged folder, a .safetensors file): fine-tune from it with "
+                                  f"finetune.source={path} instead")
+        if a.kind == "safetensors":
+            state, _ = load_state(a.path)
+        else:
+            ck = read_artifact_checkpoint(a)  # newest good checkpoint, manifest verified
+            state = ck.model_state  # a LoRA/DoRA fine-tune: start from its merged weights
+            if adapter_layers_in(state):
+                state = model_from_checkpoint(ck).state_dict()
         try:
             model.load_state_dict(state)
         except RuntimeError as e:

@@ -40,17 +40,12 @@ def load_teacher(path: str | Path) -> nn.Module:
     if not p.exists():
         raise ConfigError(f"task.teacher: {p} not found (give a run directory, a checkpoint folder or a "
                           "Hugging Face model directory)")
-    if (p / "config.json").is_file() and not (p / "meta.json").is_file() and not (p / "checkpoints").is_dir():
-        from torchgraft.interop.hf import load_hf  # an HF directory (deferred: only for HF teachers)
+    from torchgraft.interop.artifacts import load_model  # deferred: any artifact kind, HF included
 
-        model = load_hf(p)
-    else:
-        from torchgraft.checkpoint.model import load_model
-
-        try:
-            model = load_model(p)
-        except CheckpointError as e:
-            raise ConfigError(f"task.teacher: {e}") from None
+    try:
+        model = load_model(p)
+    except CheckpointError as e:
+        raise ConfigError(f"task.teacher: {e}") from None
     if not hasattr(getattr(model, "config", None), "vocab_size"):
         raise ConfigError(f"task.teacher: {p} holds a {type(model).__name__}, not a decoder language model")
     return model.requires_grad_(False).eval()

@@ -104,7 +104,7 @@ class DPOTask(PairwiseTask):
         """(the module that gives reference log-probs, the context to call it in)."""
         if self.reference_path is not None:
             if self._reference is None:
-                from torchgraft.checkpoint.model import load_model
+                from torchgraft.interop.artifacts import load_model  # deferred: any artifact kind
 
                 param = next(unwrapped(model).parameters())
                 ref = load_model(self.reference_path, param.device).eval()
