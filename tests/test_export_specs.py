@@ -198,3 +198,29 @@ def test_registering_a_taken_name_is_refused():
 
     with pytest.raises(ConfigError, match="Nameless needs a `name`"):
         register_export_spec(Nameless)
+
+
+def test_cli_spec_option(tmp_path, capsys, one_thread):
+    from torchgraft.cli import main
+    from torchgraft.interop.hf import save_hf
+
+    hf = tmp_path / "hf_bert"
+    save_hf(torchgraft.build("bert-tiny", vocab_size=64), hf)
+
+    def run(*argv):
+        try:
+            main(list(argv))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    out = tmp_path / "pair.onnx"
+    code, stdout, err = run("export", str(hf), "--out", str(out), "--spec", "text-pair", "--check")
+    assert code == 0, err
+    assert "inputs input_ids[0:batch, 1:seq], attention_mask[0:batch, 1:seq], token_type_ids[0:batch, 1:seq]" in stdout
+    assert "check (onnxruntime, inputs (2, 8), (3, 11))" in stdout
+    assert read_metadata(out)["spec"] == "text-pair"
+    code, _, err = run("export", str(hf), "--out", str(tmp_path / "x.onnx"), "--spec", "audio")
+    assert code == 2 and err.startswith("error: unknown export spec 'audio'") and err.count("\n") == 1
