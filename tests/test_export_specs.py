@@ -79,7 +79,7 @@ def test_a_registered_input_kind_exports_checks_and_runs(tmp_path, one_thread, w
     model = Keyword().eval()
     path = tmp_path / "kws.onnx"
     x = torch.randn(2, 400, generator=torch.Generator().manual_seed(0))
-    res = torchgraft.export(model, x, format="onnx", path=path, check=True)  # chosen by accepts(), newest first
+    res = torchgraft.export(model, x, format="onnx", path=path, check=True)  # chosen by accepts(), before the built-ins
     assert res.spec == "waveform" and res.kind == "logits"
     assert res.input_names == ["waveform"] and res.dynamic_axes == {"waveform": {0: "batch", 1: "samples"}}
     assert res.checked_shapes == [[(2, 400)], [(3, 807)]]  # its example and its more_examples
@@ -120,6 +120,19 @@ def test_a_registered_kind_is_chosen_by_name_and_its_axes_follow_dynamic(tmp_pat
     assert prog(torch.randn(5, 400)).shape == (5, 3)  # batch stays dynamic
     with pytest.raises(Exception, match="400"):  # the length is fixed to the example's now
         prog(torch.randn(2, 401))
+
+
+def test_a_new_kind_is_asked_before_the_built_ins_whatever_the_import_order():
+    builtins = dict(EXPORT_SPECS)
+    EXPORT_SPECS.clear()
+    EXPORT_SPECS[WaveformSpec.name] = WaveformSpec  # registered before the built-ins were imported
+    EXPORT_SPECS.update(builtins)
+    try:
+        assert build_spec(Keyword(), torch.randn(2, 50)).name == "waveform"
+        assert build_spec(torchgraft.build("lenet")).name == "image"  # not claimed by the toy: unchanged
+    finally:
+        EXPORT_SPECS.clear()
+        EXPORT_SPECS.update(builtins)
 
 
 # ---- text pairs ------------------------------------------------------------------------------------

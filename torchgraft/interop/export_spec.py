@@ -9,8 +9,9 @@ writes the file and checks it; it never tests what kind of model it has.
 The built-in kinds live in `torchgraft/interop/export_specs/` (tensors, image, tokens, text-pair,
 decode-step). A new input kind is a new `ExportSpec` subclass plus `register_export_spec` (see
 docs/architecture.md, "Adding an export input kind"); `export(spec=NAME)` / `--spec NAME` picks one
-by name, otherwise the newest registered spec whose `accepts(model, example)` is true is used (the
-lookups are in `export_specs/__init__.py`, which registers the built-ins first).
+by name, otherwise the first registered spec, highest `priority` first, whose `accepts(model,
+example)` is true (the built-ins are below 0, so a new kind is tried before them; the lookups are in
+`export_specs/__init__.py`, which imports the built-ins).
 """
 from __future__ import annotations
 
@@ -147,6 +148,7 @@ class ExportSpec:
 
     name: ClassVar[str]                  # registry key, `export(spec=NAME)`, metadata `spec`
     kind: ClassVar[str] = "logits"       # what the file computes: metadata `kind`
+    priority: ClassVar[int] = 0          # automatic choice tries higher first (the built-ins are < 0)
     inputs: tuple[torch.Tensor, ...]
     input_names: list[str]
     dynamic_axes: dict[str, dict[int, str]]
@@ -197,7 +199,8 @@ EXPORT_SPECS: dict[str, type[ExportSpec]] = {}
 
 def register_export_spec(cls: type[ExportSpec]) -> type[ExportSpec]:
     """Register an input kind under `cls.name` (usable as a class decorator). Automatic choice tries
-    the newest registration first, so a new kind can claim inputs before the built-ins."""
+    higher `priority` first, then the newest registration: a new kind (priority 0) can claim inputs
+    before the built-ins, whichever was imported first."""
     name = getattr(cls, "name", None)
     if not name:
         raise ConfigError(f"{cls.__name__} needs a `name` to be registered as an export spec")

@@ -1,6 +1,5 @@
-"""The built-in export input kinds, one file each, registered in order from the most general to the
-most specific (automatic choice tries the newest first): tensors, image, tokens, text-pair, and the
-decode step (chosen by `kv_cache=True` / `--kv-cache` or `spec="decode-step"`, never automatically).
+"""The built-in export input kinds, one file each, with priorities below a new kind's 0, from the most
+specific to the most general: text-pair, tokens, image, tensors (accepts anything), and the decode step (chosen by `kv_cache=True` / `--kv-cache` or `spec="decode-step"`, never automatically).
 The lookups by name, by inputs and by file kind are here, so they always see the built-ins."""
 from __future__ import annotations
 
@@ -29,11 +28,12 @@ def get_spec(spec: str | type[ExportSpec]) -> type[ExportSpec]:
 
 
 def choose_spec(model: nn.Module, example: tuple[Any, ...]) -> type[ExportSpec]:
-    """The newest registered spec that accepts `model` traced on `example` (the `tensors` spec
-    accepts any tuple of tensors)."""
+    """The first registered spec, highest `priority` first and then the newest, that accepts `model`
+    traced on `example` (the `tensors` spec accepts any tuple of tensors)."""
     if not example or not all(torch.is_tensor(x) for x in example):
         raise ConfigError("example must be a tensor or a tuple of tensors (the positional inputs of forward)")
-    for cls in reversed(list(EXPORT_SPECS.values())):
+    order = sorted(reversed(list(EXPORT_SPECS.values())), key=lambda c: -c.priority)  # stable: newest first
+    for cls in order:
         if cls.accepts(model, example):
             return cls
     raise ConfigError(f"no export spec accepts the inputs of {type(model).__name__}; pass spec=NAME")

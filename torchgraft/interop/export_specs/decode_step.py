@@ -101,6 +101,7 @@ class DecodeStep(nn.Module):
 @register_export_spec
 class DecodeStepSpec(ExportSpec):
     name = "decode-step"
+    priority = -50
     kind = "decode_step"
 
     def __init__(self, model: nn.Module, example: tuple[torch.Tensor, ...], axes: set[str]):

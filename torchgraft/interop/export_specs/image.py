@@ -12,6 +12,7 @@ from torchgraft.interop.export_specs.tensors import TensorsSpec
 @register_export_spec
 class ImageSpec(TensorsSpec):
     name = "image"
+    priority = -30
     first_name = "images"
 
     @classmethod

@@ -16,6 +16,7 @@ from torchgraft.interop.export_spec import ExportSpec, register_export_spec
 @register_export_spec
 class TensorsSpec(ExportSpec):
     name = "tensors"
+    priority = -100  # the fallback: tried last
     first_name = "input_0"  # the name of the first input (subclasses: "images", ...)
 
     def __init__(self, model: nn.Module, example: tuple[torch.Tensor, ...], axes: set[str]):

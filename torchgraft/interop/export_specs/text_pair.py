@@ -29,6 +29,7 @@ def pair_types(ids: torch.Tensor) -> torch.Tensor:
 @register_export_spec
 class TextPairSpec(ExportSpec):
     name = "text-pair"
+    priority = -10
 
     def __init__(self, model: nn.Module, example: tuple[torch.Tensor, ...], axes: set[str]):
         super().__init__(model, example, axes)

@@ -31,6 +31,7 @@ def longer_ids(model: nn.Module, ids: torch.Tensor, axes: dict[int, str], max_se
 @register_export_spec
 class TokenSpec(ExportSpec):
     name = "tokens"
+    priority = -20
 
     def __init__(self, model: nn.Module, example: tuple[torch.Tensor, ...], axes: set[str]):
         super().__init__(model, example, axes)
