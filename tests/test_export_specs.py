@@ -237,3 +237,17 @@ def test_cli_spec_option(tmp_path, capsys, one_thread):
     assert read_metadata(out)["spec"] == "text-pair"
     code, _, err = run("export", str(hf), "--out", str(tmp_path / "x.onnx"), "--spec", "audio")
     assert code == 2 and err.startswith("error: unknown export spec 'audio'") and err.count("\n") == 1
+
+
+def test_check_export_after_the_fact(tmp_path, one_thread):
+    from torchgraft.interop.export import check_export
+
+    m = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3)).eval()
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    res = torchgraft.export(m, x, format="pt2", path=tmp_path / "m.pt2")
+    assert res.max_abs_diff is None and res.spec == "tensors"
+    bigger = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    check_export(res, m, [(x,), (bigger,)])
+    with torch.no_grad():
+        scale = float(m(bigger).abs().max())
+    assert res.checked_shapes == [[(2, 6)], [(5, 6)]] and res.max_abs_diff <= model_tol(m) * scale

@@ -71,7 +71,10 @@ def check_files(result: ExportResult, module: nn.Module, examples: Sequence[Sequ
 
 
 def check_export(result: ExportResult, model: nn.Module, examples: Sequence[Sequence[torch.Tensor]]) -> ExportResult:
-    """`check_files` against `model` wrapped as the file's kind says (`eager_module`)."""
-    from torchgraft.interop.export_specs import eager_module
+    """`check_files` against `model` wrapped as the file's spec (or, for a result without one, its
+    kind) says."""
+    from torchgraft.interop.export_specs import eager_module, get_spec
 
-    return check_files(result, eager_module(model, result.kind, result.input_names), examples)
+    module = (get_spec(result.spec).module_for(model, result.input_names) if result.spec
+              else eager_module(model, result.kind, result.input_names))
+    return check_files(result, module, examples)
