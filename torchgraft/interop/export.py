@@ -58,11 +58,13 @@ def build_spec(model: nn.Module, example: Any = None, *, spec: str | type[Export
                kv_cache: bool = False, dynamic: Any = True,
                output_names: Sequence[str] | None = None) -> ExportSpec:
     """The spec `export` traces: `spec` by name (or class), the decode step for `kv_cache=True`, else
-    the newest registered spec that accepts `example` (default: the model's own example inputs);
-    its dynamic axes as `dynamic` asks, `output_names` if given."""
-    if kv_cache and spec not in (None, "decode-step"):
-        raise ConfigError(f"kv_cache=True exports the decode step; it cannot be combined with spec={spec!r}")
-    cls = get_spec("decode-step" if kv_cache else spec) if (kv_cache or spec is not None) else None
+    the first registered spec (by priority) that accepts `example` (default: the model's own example
+    inputs); its dynamic axes as `dynamic` asks, `output_names` if given."""
+    if kv_cache:
+        if spec not in (None, "decode-step"):
+            raise ConfigError(f"kv_cache=True exports the decode step; it cannot be combined with spec={spec!r}")
+        spec = "decode-step"
+    cls = get_spec(spec) if spec is not None else None
     if example is None:
         example = (cls or ExportSpec).default_example(model)
     example = (example,) if torch.is_tensor(example) else tuple(example or ())
