@@ -414,6 +414,8 @@ def export_cmd(
     seq: int = typer.Option(8, "--seq", help="sequence length of the example (token models)"),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: torchgraft's, see docs/export.md)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing OUT file"),
+    spec: Optional[str] = typer.Option(None, "--spec", help="input kind: image, tokens, text-pair, tensors, "
+                                       "decode-step or a registered one (default: chosen from the model)"),
 ) -> None:
     """Export a trained model to ONNX or a torch.export program, optionally checked and int8-quantised."""
     _require(fmt in ("onnx", "pt2"), f"unknown export format {fmt!r}; use onnx or pt2")
@@ -434,7 +436,7 @@ def export_cmd(
         warnings.simplefilter("ignore", UserWarning)  # the LoRA note is printed from result.notes
         res = export(src.model, example, format=fmt, path=out, dynamic=dynamic, kv_cache=kv_cache,
                      opset=opset or ONNX_OPSET, metadata=src.metadata, check=check, quantize=quantize,
-                     overwrite=overwrite)
+                     overwrite=overwrite, spec=spec)
     for note in res.notes:
         typer.echo(f"note: {note}")
     typer.echo(f"wrote {res.summary()}")
