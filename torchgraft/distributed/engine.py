@@ -32,7 +32,7 @@ from torchgraft.distributed.parallel import find_blocks, grad_sync, parallelize,
 from torchgraft.errors import CheckpointError, ConfigError
 from torchgraft.checkpoint.files import list_checkpoints, load_optimizer_state
 from torchgraft.train.config import RunConfig
-from torchgraft.train.engine import LocalEngine, LossFn, ModelBuilder, WriteShards, read_resumable, resolve_device
+from torchgraft.train.engine import LocalEngine, LossFn, apply_kernel_converters, ModelBuilder, WriteShards, read_resumable, resolve_device
 
 
 def wants_distributed(cfg: RunConfig, out_dir: str | Path | None = None, resume: bool = False) -> bool:
@@ -100,6 +100,8 @@ class DistributedEngine(LocalEngine):
         if not on_meta:
             model.to(self.device)
         model.train()
+        if compile:
+            apply_kernel_converters(model, self.device)
         # A model handed in by a recipe is used again after training (adapters, merging, reports):
         # keep a free meta-device copy of it to return unsharded (see `finish`).
         self._skeleton = _meta_copy(model) if given and self.strategy == "fsdp" else None

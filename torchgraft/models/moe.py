@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from torchgraft.nn.linear import Linear
+from torch import nn
+
 from torchgraft.nn.moe import MoE, GroupedExperts, SoftmaxTopK
 
 
 def sparse_moe(c: Any, expert_size: int, renormalize: bool) -> MoE:
     """`c.n_experts` SwiGLU experts of width `expert_size`, `c.top_k` of them per token, chosen by a
     bias-free router; `renormalize`: the k weights are rescaled to sum to 1."""
-    return MoE(Linear(c.n_embd, c.n_experts, bias=False), SoftmaxTopK(c.top_k, renormalize),
+    return MoE(nn.Linear(c.n_embd, c.n_experts, bias=False), SoftmaxTopK(c.top_k, renormalize),
                GroupedExperts(c.n_experts, c.n_embd, expert_size, c.activation))
 
 
