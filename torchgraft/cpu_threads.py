@@ -9,7 +9,8 @@ one (`benchmarks/bench_generation.py --contend 1`, docs/performance.md). So deco
 
 `free_cpus()` = the CPUs this process may run on minus the threads of *other* processes that are
 runnable right now (`/proc/loadavg`'s running count less this process's own running threads, the
-median of a few readings). Where `/proc` is not there (not Linux), nothing changes.
+median of a few readings). Where `/proc` is not there (not Linux), or the process may use only some
+of the machine's CPUs (that count is machine-wide), nothing changes.
 """
 from __future__ import annotations
 
@@ -47,7 +48,10 @@ def available_cpus() -> int:
 
 
 def free_cpus() -> int | None:
-    """CPUs not busy with other processes (at least 1), or None where that cannot be read."""
+    """CPUs not busy with other processes (at least 1), or None where that cannot be read: no
+    /proc, or a process pinned to some of the machine's CPUs (the running count is machine-wide)."""
+    if available_cpus() != (os.cpu_count() or 0):
+        return None
     readings = [r for r in (_others_running() for _ in range(_SAMPLES)) if r is not None]
     if not readings:
         return None
