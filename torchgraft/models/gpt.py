@@ -78,7 +78,7 @@ class DecoderLM(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = norm
         self.lm_head = lm_head
-        self.tied_head = TiedLinear() if lm_head is None else None  # logits = tied_head(h, tok_emb.weight)
+        self.tied_head = TiedLinear() if lm_head is None else None  # logits = tied_head(h, tok_emb)
         if not self.tok_emb.weight.is_meta:
             self.init_weights()
 
@@ -154,7 +154,7 @@ class DecoderLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, T, V), soft-capped when the family caps them."""
-        out = self.tied_head(hidden, self.tok_emb.weight) if self.lm_head is None else self.lm_head(hidden)
+        out = self.tied_head(hidden, self.tok_emb) if self.lm_head is None else self.lm_head(hidden)
         if self.logit_softcap is not None:
             out = torch.tanh(out / self.logit_softcap) * self.logit_softcap
         return out

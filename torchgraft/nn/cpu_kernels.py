@@ -70,8 +70,8 @@ class DecodeLinear(nn.Linear):
 class DecodeTiedLinear(TiedLinear):
     """`TiedLinear` (the tied output head) by `linear` above."""
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return linear(x, weight)
+    def forward(self, x: torch.Tensor, embedding: nn.Embedding) -> torch.Tensor:
+        return linear(x, embedding.weight)
 
 
 @torch.library.custom_op("torchgraft::embedding_backward", mutates_args=())

@@ -15,9 +15,12 @@ Linear = nn.Linear
 
 
 class TiedLinear(nn.Module):
-    """`F.linear(x, weight)` with a weight another module owns (a tied output embedding):
-    (..., in) -> (..., out). It holds no parameter, so state dicts do not change; it is a module so
-    that converters can swap the product like any `nn.Linear`."""
+    """`F.linear(x, embedding.weight)`: the output head of a model whose head shares the input
+    embedding's weight, (..., dim) -> (..., vocab). It holds no parameter (state dicts do not
+    change) and takes the embedding module at each call (not its weight: a weight passed as a
+    forward input would be a leaf input that autograd-hooking tools such as FLOP counters refuse,
+    and a stored reference would go stale when the embedding is replaced). It is a module so that
+    converters can swap the product like any `nn.Linear`."""
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight)
+    def forward(self, x: torch.Tensor, embedding: nn.Embedding) -> torch.Tensor:
+        return F.linear(x, embedding.weight)
