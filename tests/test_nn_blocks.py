@@ -309,19 +309,3 @@ def test_basic_block_shapes():
     b = BasicBlock(8, 16, stride=2, downsample=downsample(8, 16, 2))
     assert b(torch.randn(2, 8, 16, 16)).shape == (2, 16, 8, 8)
     assert "downsample.0.weight" in b.state_dict() and "downsample.1.running_mean" in b.state_dict()
-
-
-def test_compiled_gelu_tanh_equals_f_gelu_in_values_and_gradients():
-    import torch.nn.functional as F
-
-    from torchgraft.nn.mlp import gelu_tanh
-
-    x = (torch.randn(4, 64) * 3).requires_grad_()
-    compiled = torch.compile(gelu_tanh, fullgraph=True)
-    ours, ref = compiled(x), F.gelu(x, approximate="tanh")
-    # x * sigmoid(2u) vs tanh's formula: a few elementwise roundings (u's cubic, the exp, the division)
-    assert_close_computed(ours, ref, tolerance(reduction=1, depth=6))
-    (g_ours,) = torch.autograd.grad(ours.square().sum(), x)
-    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
-    assert_close_computed(g_ours, g_ref, tolerance(reduction=1, depth=12))  # and their derivatives
-    assert torch.equal(gelu_tanh(x), ref)  # eager is F.gelu itself

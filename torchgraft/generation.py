@@ -22,17 +22,22 @@ cache alike, so the two stay equal), like nanoGPT's cropping but without re-enco
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ContextManager
 
 import torch
 from torch import nn
 
+from torchgraft.cpu_threads import DecodeThreads
 from torchgraft.errors import ConfigError
 from torchgraft.nn.kv_cache import StaticKVCache, static_attention_mask
+
+if TYPE_CHECKING:
+    from torchgraft.tools.converters import ConversionReport
 
 _DEFAULT = object()
 
@@ -200,7 +205,10 @@ class StaticDecoder:
                  mode: str | None = None):
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.cache = StaticKVCache.from_cache(model.make_kv_cache(batch_size, max_seq_len))
+        self.conversions = apply_decode_converters(model, self.cache.device)
         device = self.cache.device
+        # CPU: each step runs on the cores other processes leave free (torchgraft/cpu_threads.py)
+        self.threads: ContextManager = DecodeThreads() if device.type == "cpu" else contextlib.nullcontext()
         self.slot_mask = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self._decode_index = self.cache.index
@@ -216,8 +224,12 @@ class StaticDecoder:
             mode = "reduce-overhead" if self.cache.device.type == "cuda" else "default"
         for t in [*self.cache.k, *self.cache.v, self.slot_mask, self.positions, self._decode_index]:
             torch._dynamo.mark_static_address(t)
+        # on CPU, kernels that read torch's thread count when they run (not when compiled), so
+        # that `DecodeThreads` can lower it under load
+        options = {"cpp.dynamic_threads": True} if self.cache.device.type == "cpu" and mode == "default" else None
         try:
-            step = torch.compile(_decode_step, fullgraph=True, dynamic=False, mode=mode)
+            step = torch.compile(_decode_step, fullgraph=True, dynamic=False,
+                                 **({"options": options} if options else {"mode": mode}))
         except RuntimeError as e:  # e.g. dynamo does not support this Python
             warnings.warn(f"torch.compile is unavailable ({e}); decoding eagerly", stacklevel=3)
             return _decode_step
@@ -233,8 +245,9 @@ class StaticDecoder:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T), 0 at each row's first real token
         self.cache.index = torch.arange(t, device=ids.device)
         try:
-            logits = last_logits(model, ids, attention_mask=static_attention_mask(self.slot_mask, 0, t),
-                                  position_ids=positions, kv_cache=self.cache)
+            with self.threads:
+                logits = last_logits(model, ids, attention_mask=static_attention_mask(self.slot_mask, 0, t),
+                                      position_ids=positions, kv_cache=self.cache)
         finally:
             self.cache.index = self._decode_index
         self.positions.copy_(mask.sum(-1, keepdim=True))
@@ -243,16 +256,27 @@ class StaticDecoder:
 
     def step(self, model: nn.Module, tok: torch.Tensor) -> torch.Tensor:
         """Decode one token per row, tok (B,) -> logits (B, V) of the next one."""
-        if self.compiled:
-            try:
-                return self._step(model, self, tok)
-            except Exception as e:  # no compiler toolchain, an unsupported op...: decode eagerly
-                if not compile_failure(e):
-                    raise
-                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); decoding eagerly", stacklevel=3)
-                self.compiled, self._step = False, _decode_step
-        return self._step(model, self, tok)
+        with self.threads:
+            if self.compiled:
+                try:
+                    return self._step(model, self, tok)
+                except Exception as e:  # no compiler toolchain, an unsupported op...: decode eagerly
+                    if not compile_failure(e):
+                        raise
+                    warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}); decoding eagerly", stacklevel=3)
+                    self.compiled, self._step = False, _decode_step
+            return self._step(model, self, tok)
+
+
+def apply_decode_converters(model: nn.Module, device: torch.device) -> list[ConversionReport]:
+    """Swap the model's layers, in place, for the kernel rewrites that decode faster on `device`
+    (`torchgraft.tools.cpu_kernels`: equal results up to float rounding, same state dict); their
+    `ConversionReport`s. Already converted layers are left as they are."""
+    from torchgraft.tools.cpu_kernels import kernel_converters  # the tools package: only when decoding
+    from torchgraft.tools.converters import apply_converters
+
+    return apply_converters(model, kernel_converters(device))
 
 
 def compile_failure(e: Exception) -> bool:

@@ -32,7 +32,7 @@ from torchgraft.distributed.env import DistInfo, barrier, init_distributed, laun
 from torchgraft.distributed.parallel import find_blocks, grad_sync, parallelize, unwrap
 from torchgraft.errors import ConfigError
 from torchgraft.train.config import RunConfig
-from torchgraft.train.engine import LocalEngine, LossFn, ModelBuilder, resolve_device
+from torchgraft.train.engine import LocalEngine, LossFn, ModelBuilder, apply_kernel_converters, resolve_device
 
 
 def wants_distributed(cfg: RunConfig, out_dir: str | Path | None = None, resume: bool = False) -> bool:
@@ -99,6 +99,8 @@ class DistributedEngine(LocalEngine):
         if not on_meta:
             model.to(self.device)
         model.train()
+        if compile:
+            apply_kernel_converters(model, self.device)
         # A model handed in by a recipe is used again after training (adapters, merging, reports):
         # keep a free meta-device copy of it to return unsharded (see `finish`).
         self._skeleton = _meta_copy(model) if given and self.strategy == "fsdp" else None

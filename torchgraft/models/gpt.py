@@ -20,10 +20,9 @@ from torchgraft.errors import ConfigError
 from torchgraft.models.parts import ModelParts, token_inputs
 from torchgraft.models.registry import register_family, register_preset
 from torchgraft.nn.attention import Attention, make_attention_mask
-from torchgraft.nn.embedding import Embedding
 from torchgraft.nn.init import normal_init_
 from torchgraft.nn.kv_cache import KVCache
-from torchgraft.nn.linear import Linear, linear
+from torchgraft.nn.linear import TiedLinear
 from torchgraft.nn.mlp import MLP, GatedMLP
 from torchgraft.nn.norm import LayerNorm, RMSNorm
 from torchgraft.nn.rope import RotaryEmbedding
@@ -79,6 +78,7 @@ class DecoderLM(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = norm
         self.lm_head = lm_head
+        self.tied_head = TiedLinear() if lm_head is None else None  # logits = tied_head(h, tok_emb)
         if not self.tok_emb.weight.is_meta:
             self.init_weights()
 
@@ -154,7 +154,7 @@ class DecoderLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, T, V), soft-capped when the family caps them."""
-        out = linear(hidden, self.tok_emb.weight) if self.lm_head is None else self.lm_head(hidden)
+        out = self.tied_head(hidden, self.tok_emb) if self.lm_head is None else self.lm_head(hidden)
         if self.logit_softcap is not None:
             out = torch.tanh(out / self.logit_softcap) * self.logit_softcap
         return out
@@ -242,9 +242,9 @@ def decoder_lm(cls: type[DecoderLM], c, *, mlp: Callable[[Any], nn.Module], norm
         def layer_mlp(c, i: int) -> nn.Module:
             return mlp(c)
     blocks = [block(c, attention(c, i), layer_mlp(c, i), norm) for i in range(c.n_layer)]
-    return cls(c, tok_emb=Embedding(c.vocab_size, c.n_embd), blocks=blocks, norm=norm(c),
-               pos_emb=Embedding(c.block_size, c.n_embd) if learned_positions else None, rotary=rotary,
-               lm_head=None if c.tie_embeddings else Linear(c.n_embd, c.vocab_size, bias=False),
+    return cls(c, tok_emb=nn.Embedding(c.vocab_size, c.n_embd), blocks=blocks, norm=norm(c),
+               pos_emb=nn.Embedding(c.block_size, c.n_embd) if learned_positions else None, rotary=rotary,
+               lm_head=None if c.tie_embeddings else nn.Linear(c.n_embd, c.vocab_size, bias=False),
                dropout=c.dropout, head_dim=head_dim, embed_scale=embed_scale, logit_softcap=logit_softcap)
 
 

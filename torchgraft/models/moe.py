@@ -7,7 +7,6 @@ from typing import Any
 
 from torch import nn
 
-from torchgraft.nn.linear import Linear
 from torchgraft.nn.mlp import GatedMLP
 from torchgraft.nn.moe import MoE, GroupedExperts, RouterJitter, SoftmaxTopK
 
@@ -19,9 +18,9 @@ def sparse_moe(c: Any, expert_size: int, renormalize: bool, *, shared_size: int 
     SwiGLU shared expert of that width added to every token, scaled by a sigmoid gate (Qwen2-MoE).
     `jitter` > 0: Mixtral's train-time multiplicative router noise."""
     shared = GatedMLP(c.n_embd, shared_size, bias=False, activation=c.activation) if shared_size else None
-    return MoE(Linear(c.n_embd, c.n_experts, bias=False), SoftmaxTopK(c.top_k, renormalize),
+    return MoE(nn.Linear(c.n_embd, c.n_experts, bias=False), SoftmaxTopK(c.top_k, renormalize),
                GroupedExperts(c.n_experts, c.n_embd, expert_size, c.activation),
-               shared_expert=shared, shared_gate=Linear(c.n_embd, 1, bias=False) if shared_size else None,
+               shared_expert=shared, shared_gate=nn.Linear(c.n_embd, 1, bias=False) if shared_size else None,
                jitter=RouterJitter(jitter) if jitter > 0 else None)
 
 

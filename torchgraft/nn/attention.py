@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchgraft.nn.kv_cache import LayerKVCache
-from torchgraft.nn.linear import Linear
 from torchgraft.nn.rope import RotaryEmbedding, apply_rope
 
 
@@ -146,16 +145,16 @@ class Attention(nn.Module):
         self.make_qkv(dim, bias)
         self.q_norm = q_norm
         self.k_norm = k_norm
-        self.o_proj = Linear(n_head * head_dim, dim, bias=bias if out_bias is None else out_bias)
+        self.o_proj = nn.Linear(n_head * head_dim, dim, bias=bias if out_bias is None else out_bias)
         if rotary is not None and rotary.head_dim > head_dim:
             raise ValueError(f"rotary head_dim ({rotary.head_dim}) must not exceed the attention head_dim ({head_dim})")
         self.rotary = rotary
 
     def make_qkv(self, dim: int, bias: bool) -> None:
         """The input projections: separate `q_proj`, `k_proj`, `v_proj`."""
-        self.q_proj = Linear(dim, self.n_head * self.head_dim, bias=bias)
-        self.k_proj = Linear(dim, self.n_kv_head * self.head_dim, bias=bias)
-        self.v_proj = Linear(dim, self.n_kv_head * self.head_dim, bias=bias)
+        self.q_proj = nn.Linear(dim, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_head * self.head_dim, bias=bias)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> q (B, T, H * D), k, v (B, T, H_kv * D)."""
@@ -219,7 +218,7 @@ class FusedQKVAttention(Attention):
     """`Attention` whose q, k, v come from one `qkv_proj` (Phi-3 / Phi-4 checkpoints and PEFT targets)."""
 
     def make_qkv(self, dim: int, bias: bool) -> None:
-        self.qkv_proj = Linear(dim, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=bias)
+        self.qkv_proj = nn.Linear(dim, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=bias)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from torchgraft.generation import compile_failure, last_logits
+from torchgraft.generation import apply_decode_converters, compile_failure, last_logits
 from torchgraft.nn.kv_cache import static_attention_mask
 from torchgraft.nn.slot_kv_cache import SlotKVCache
 
@@ -33,6 +33,7 @@ class SlotDecoder:
         self.n_slots, self.max_len = n_slots, max_len
         self.scratch = max_len  # the extra slot inactive rows write to
         self.cache = SlotKVCache.from_cache(model.make_kv_cache(n_slots, max_len + 1))
+        self.conversions = apply_decode_converters(model, self.cache.device)
         device = self.cache.device
         self.slot_mask = torch.zeros(n_slots, max_len + 1, dtype=torch.bool, device=device)
         self.positions = torch.zeros(n_slots, 1, dtype=torch.long, device=device)

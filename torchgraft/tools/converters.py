@@ -62,6 +62,21 @@ def skip(reason: str) -> Skip:
 SwapFn = Callable[[str, nn.Module], "nn.Module | Skip | None"]
 
 
+def has_hooks(m: nn.Module) -> bool:
+    """Whether `m` carries its own forward/backward hooks (a swap would drop them: skip such modules)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def take_state(new: nn.Module, old: nn.Module) -> nn.Module:
+    """`new` (built empty, e.g. on meta) holding `old`'s very parameters and buffers (shared, not
+    copied, so optimizers and tied weights still see them) and its train/eval mode; returns `new`."""
+    for name, p in old.named_parameters(recurse=False):
+        setattr(new, name, p)
+    for name, b in old.named_buffers(recurse=False):
+        new.register_buffer(name, b, persistent=name not in old._non_persistent_buffers_set)
+    return new.train(old.training)
+
+
 def swap_modules(model: nn.Module, swap: SwapFn, report: ConversionReport) -> nn.Module:
     """Replace, in place, every submodule for which `swap(name, module)` returns a module; replaced
     modules are not descended into. The root itself is never replaced. Returns `model`."""

@@ -43,6 +43,14 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def apply_kernel_converters(model: nn.Module, device: torch.device) -> None:
+    """Swap in the measured kernel rewrites for compiled training on `device` (in place)."""
+    from torchgraft.tools.cpu_kernels import kernel_converters  # the tools package: only when compiling
+    from torchgraft.tools.converters import apply_converters
+
+    apply_converters(model, kernel_converters(device))
+
+
 class LocalEngine:
     """Training in this one process: no wrapping but `torch.compile`, no reductions, single-file
     checkpoints. Also the base of the distributed engine, whose methods override these."""
@@ -70,12 +78,15 @@ class LocalEngine:
     # ---- model
     def setup_model(self, model: nn.Module | None, build: ModelBuilder,
                     load_init: Callable[[nn.Module], None] | None, compile: bool) -> tuple[nn.Module, nn.Module]:
-        """(the model, the module the loop calls). `compile` is applied in `training_loss`."""
+        """(the model, the module the loop calls). `compile` is applied in `training_loss`, after
+        the kernel converters for this device (`torchgraft.tools.cpu_kernels`)."""
         model = model if model is not None else build(None)
         if load_init is not None:
             load_init(model)
         model.to(self.device)
         model.train()
+        if compile:
+            apply_kernel_converters(model, self.device)
         return model, model
 
     def training_loss(self, loss_sum: LossFn, compile: bool) -> LossFn:
