@@ -209,3 +209,26 @@ def test_subclass_tensors_round_trip_through_a_checkpoint(tmp_path):
     fresh.load_state_dict(ck.model_state)
     ids = torch.randint(0, 256, (1, 8))
     torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_layer_by_layer_load_equals_quantising_the_loaded_model(tmp_path, fmt):
+    """`load_quantized` into a meta-built model gives bitwise the model that a full bf16 load followed
+    by `quantize_linears` gives, holding at most one float layer (the largest linear) at a time."""
+    import torchgraft
+    from safetensors.torch import save_file
+
+    from torchgraft.quant import load_quantized, quantize_linears
+
+    torch.manual_seed(0)
+    src = torchgraft.build("llama-tiny", n_layer=2)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in src.state_dict().items()}, tmp_path / "w.safetensors")
+    ref = torchgraft.build("llama-tiny", n_layer=2).to(torch.bfloat16)
+    ref.load_state_dict(src.state_dict())
+    quantize_linears(ref, fmt, ["*_proj"])
+    model = torchgraft.build("llama-tiny", n_layer=2, device="meta")
+    report = load_quantized(model, tmp_path / "w.safetensors", fmt, ["*_proj"], dtype=torch.bfloat16)
+    assert len(report.quantized) == 14 and report.loaded_tensors == len(src.state_dict())
+    assert report.high_precision_peak_bytes == 160 * 64 * 2  # one bf16 MLP projection
+    ids = torch.randint(0, 256, (2, 8))
+    torch.testing.assert_close(model(ids), ref(ids), rtol=0, atol=0)

@@ -2,5 +2,6 @@
 from torchgraft.quant.base import QuantizedLinear, require_torchao
 from torchgraft.quant.converters import dequantize_model, quantize_linears
 from torchgraft.quant.formats import quantizer
+from torchgraft.quant.load import LoadReport, load_quantized
 
-__all__ = ["QuantizedLinear", "dequantize_model", "quantize_linears", "quantizer", "require_torchao"]
+__all__ = ["LoadReport", "QuantizedLinear", "load_quantized", "dequantize_model", "quantize_linears", "quantizer", "require_torchao"]

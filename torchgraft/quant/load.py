@@ -1,0 +1,111 @@
+"""Load a bf16 / fp32 checkpoint straight into a quantised model, one layer at a time.
+
+    model = torchgraft.build("llama3-8b", device="meta")
+    report = load_quantized(model, "ckpt/model.safetensors", fmt="nf4", targets=["*_proj"])
+
+The model is built on the meta device (no memory); for every module in turn its own tensors are
+allocated, read from the safetensors file(s) (memory-mapped, one tensor at a time) and, for a target
+nn.Linear, quantised at once, so at most one layer is ever held in high precision. Tensors the file
+does not hold (RoPE tables, other non-persistent buffers) come from the module's `reset_parameters`.
+The report gives the peak resident memory seen during the load.
+"""
+from __future__ import annotations
+
+import resource
+from collections.abc import Iterable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from torchgraft.errors import CheckpointError
+from torchgraft.peft.lora import target_matches
+from torchgraft.quant.formats import quantizer
+
+
+@dataclass
+class LoadReport:
+    quantized: list[str] = field(default_factory=list)
+    loaded_tensors: int = 0
+    peak_rss_bytes: int = 0          # the process's peak resident set size at the end of the load
+    high_precision_peak_bytes: int = 0  # the largest one-layer float weight held while quantising
+
+    def __str__(self) -> str:
+        return (f"loaded {self.loaded_tensors} tensors, quantised {len(self.quantized)} linear layers; peak RSS "
+                f"{self.peak_rss_bytes / 2**30:.2f} GiB (largest float layer {self.high_precision_peak_bytes / 2**20:.0f} MiB)")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        files = [f for f in files if f.name not in ("optimizer.safetensors", "rng.safetensors")]
+        if files:
+            return files
+    elif path.is_file():
+        return [path]
+    raise CheckpointError(f"no model safetensors at {path} (give a .safetensors file or a checkpoint folder)")
+
+
+def _materialize(m: nn.Module, memo: dict[int, torch.Tensor], dtype: torch.dtype | None) -> bool:
+    """Allocate `m`'s own meta tensors on the CPU (tied tensors once, via `memo`); True if any was."""
+    done = False
+    for store, is_param in ((m._parameters, True), (m._buffers, False)):
+        for name, t in list(store.items()):
+            if t is None or not t.is_meta:
+                continue
+            if id(t) not in memo:
+                dt = dtype if dtype is not None and is_param and t.is_floating_point() else t.dtype
+                new = torch.empty(t.shape, dtype=dt, device="cpu")
+                memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if is_param else new
+            store[name] = memo[id(t)]
+            done = True
+    return done
+
+
+def load_quantized(model: nn.Module, weights: str | Path, fmt: str = "nf4", targets: Iterable[str] | None = None,
+                   dtype: torch.dtype | None = None) -> LoadReport:
+    """Fill the meta-device `model` from `weights` (a .safetensors file or a folder of them, under the
+    model's own names), quantising the target nn.Linear layers (default all) to `fmt` as they load;
+    floating parameters are cast to `dtype` (default: as built; buffers keep theirs). Returns what was done."""
+    from safetensors import safe_open
+
+    make = quantizer(fmt)
+    pats = list(targets) if targets is not None else None
+    report = LoadReport()
+    memo: dict[int, torch.Tensor] = {}
+    with ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in _files(Path(weights))]
+        where = {k: h for h in handles for k in h.keys()}
+        for name, m in list(model.named_modules()):
+            meta_names = [n for n, t in list(m._parameters.items()) + list(m._buffers.items())
+                          if t is not None and t.is_meta]
+            if not _materialize(m, memo, dtype):
+                continue
+            prefix = f"{name}." if name else ""
+            missing = [n for n in meta_names if prefix + n not in where]
+            if missing and hasattr(m, "reset_parameters"):
+                m.reset_parameters()  # buffers the file lacks (e.g. RoPE tables)
+            with torch.no_grad():
+                for n in meta_names:
+                    if prefix + n in where:
+                        t = getattr(m, n)
+                        t.copy_(where[prefix + n].get_tensor(prefix + n))  # cast to the model's dtype
+                        report.loaded_tensors += 1
+            if isinstance(m, nn.Linear) and name and (pats is None or any(target_matches(name, p) for p in pats)):
+                report.high_precision_peak_bytes = max(report.high_precision_peak_bytes,
+                                                       m.weight.numel() * m.weight.element_size())
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, make(m, name))
+                report.quantized.append(name)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{weights} lacks {len(left)} tensor(s) of the model, e.g. {left[0]!r}")
+    report.peak_rss_bytes = peak_rss_bytes()
+    return report
