@@ -46,7 +46,7 @@ def linear_swap(model: nn.Module, fmt: str, match: Callable[[str], bool]):
 def quantize_linears(model: nn.Module, fmt: str = "nf4", targets: Iterable[str] | None = None) -> ConversionReport:
     """Quantise, in place, the nn.Linear layers whose names match `targets` (PEFT-style patterns,
     default all) to `fmt`, frozen. Raises ConfigError when nothing was quantised."""
-    from torchgraft.peft.lora import target_matches
+    from torchgraft.peft.lora import target_matches  # deferred: peft.lora imports quant.base
 
     pats = list(targets) if targets is not None else None
     match = (lambda n: True) if pats is None else (lambda n: any(target_matches(n, t) for t in pats))

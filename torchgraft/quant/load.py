@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from torchgraft.errors import CheckpointError
-from torchgraft.peft.lora import target_matches
 from torchgraft.quant.formats import quantizer
 
 
@@ -75,6 +74,8 @@ def load_quantized(model: nn.Module, weights: str | Path, fmt: str = "nf4", targ
     model's own names), quantising the target nn.Linear layers (default all) to `fmt` as they load;
     floating parameters are cast to `dtype` (default: as built; buffers keep theirs). Returns what was done."""
     from safetensors import safe_open
+
+    from torchgraft.peft.lora import target_matches  # deferred: peft.lora imports quant.base
 
     make = quantizer(fmt)
     pats = list(targets) if targets is not None else None
