@@ -11,6 +11,25 @@ from torch import nn
 from torchgraft.errors import ConfigError
 
 
+class DequantMatmul(torch.autograd.Function):
+    """`x @ layer.dequantize().T`, dequantising again in backward instead of saving a float copy.
+
+    Backward computes `grad @ W` with W laid out transposed (a (out, in) view of an (in, out)
+    buffer): for bf16 on CPUs without AVX-512, PyTorch's matmul with a plain row-major right-hand
+    side takes a scalar path ~70x slower (measured: 11 s vs 0.17 s for 16 x 5632 @ 5632 x 2048).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
+        ctx.layer = layer
+        return torch.nn.functional.linear(x, layer.dequantize().to(x.dtype))  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w = ctx.layer.dequantize().to(grad.dtype).t().contiguous().t()  # (out, in), column-major
+        return grad @ w, None  # (..., in)
+
+
 def require_torchao(what: str) -> None:
     """Raise a one-line ConfigError when torchao is not importable."""
     try:

@@ -2,16 +2,15 @@
 (`choose_qparams_affine` / `quantize_affine` / `dequantize_affine` with per-row blocks, used here).
 
 Half the memory of bf16 and a smaller error than NF4; the weight is stored as plain int8 + scale
-tensors (`weight`, `weight_scale`), dequantised per call by a custom autograd function so that
-backward recomputes it instead of keeping a float copy for every layer.
+tensors (`weight`, `weight_scale`), dequantised per call by `DequantMatmul`, so that backward
+recomputes it instead of keeping a float copy for every layer.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from torchgraft.quant.base import QuantizedLinear
+from torchgraft.quant.base import DequantMatmul, QuantizedLinear
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,20 +23,6 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                                      eps=torch.finfo(torch.float32).eps, scale_dtype=w.dtype)
     codes = quantize_affine(w, block, scale, zero, torch.int8, -128, 127)  # zero point is 0 (symmetric)
     return codes, scale.reshape(-1, 1)
-
-
-class _Int8Matmul(torch.autograd.Function):
-    """x @ (codes * scale).T without saving the dequantised weight for backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(codes, scale)
-        return F.linear(x, codes.to(x.dtype) * scale.to(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        codes, scale = ctx.saved_tensors
-        return grad @ (codes.to(grad.dtype) * scale.to(grad.dtype)), None, None
 
 
 class Int8Linear(QuantizedLinear):
@@ -55,4 +40,4 @@ class Int8Linear(QuantizedLinear):
         return (self.weight.to(self.compute_dtype) * self.weight_scale.to(self.compute_dtype))  # (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.add_bias(_Int8Matmul.apply(x, self.weight, self.weight_scale))  # (..., out)
+        return self.add_bias(DequantMatmul.apply(x, self))  # (..., out)

@@ -4,13 +4,15 @@
     report = load_quantized(model, "ckpt/model.safetensors", fmt="nf4", targets=["*_proj"])
 
 The model is built on the meta device (no memory); for every module in turn its own tensors are
-allocated, read from the safetensors file(s) (memory-mapped, one tensor at a time) and, for a target
+allocated, read from the safetensors file(s) (plain reads, one tensor at a time: no memory map, whose
+pages would count as resident memory) and, for a target
 nn.Linear, quantised at once, so at most one layer is ever held in high precision. Tensors the file
 does not hold (RoPE tables, other non-persistent buffers) come from the module's `reset_parameters`.
 The report gives the peak resident memory seen during the load.
 """
 from __future__ import annotations
 
+import json
 import resource
 from collections.abc import Iterable
 from contextlib import ExitStack
@@ -52,6 +54,35 @@ def _files(path: Path) -> list[Path]:
     raise CheckpointError(f"no model safetensors at {path} (give a .safetensors file or a checkpoint folder)")
 
 
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class _Reader:
+    """One safetensors file read tensor by tensor with `readinto` (a buffer per tensor, then freed)."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "rb")
+        n = int.from_bytes(self.f.read(8), "little")
+        self.header = {k: v for k, v in json.loads(self.f.read(n)).items() if k != "__metadata__"}
+        self.base = 8 + n
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        h = self.header[name]
+        start, end = h["data_offsets"]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        self.f.seek(self.base + start)
+        self.f.readinto(buf.numpy())
+        return buf.view(_DTYPES[h["dtype"]]).reshape(h["shape"])
+
+    def close(self) -> None:
+        self.f.close()
+
+
 def _materialize(m: nn.Module, memo: dict[int, torch.Tensor], dtype: torch.dtype | None) -> bool:
     """Allocate `m`'s own meta tensors on the CPU (tied tensors once, via `memo`); True if any was."""
     done = False
@@ -73,8 +104,6 @@ def load_quantized(model: nn.Module, weights: str | Path, fmt: str = "nf4", targ
     """Fill the meta-device `model` from `weights` (a .safetensors file or a folder of them, under the
     model's own names), quantising the target nn.Linear layers (default all) to `fmt` as they load;
     floating parameters are cast to `dtype` (default: as built; buffers keep theirs). Returns what was done."""
-    from safetensors import safe_open
-
     from torchgraft.peft.lora import target_matches  # deferred: peft.lora imports quant.base
 
     make = quantizer(fmt)
@@ -82,7 +111,9 @@ def load_quantized(model: nn.Module, weights: str | Path, fmt: str = "nf4", targ
     report = LoadReport()
     memo: dict[int, torch.Tensor] = {}
     with ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in _files(Path(weights))]
+        handles = [_Reader(f) for f in _files(Path(weights))]
+        for h in handles:
+            stack.callback(h.close)
         where = {k: h for h in handles for k in h.keys()}
         for name, m in list(model.named_modules()):
             meta_names = [n for n, t in list(m._parameters.items()) + list(m._buffers.items())

@@ -1,8 +1,8 @@
 """NF4 (4-bit NormalFloat, QLoRA paper) weights: blocks of 64 values share an absmax scale, and the
 scales are themselves quantised to int8 in blocks of 256 around their mean ("double quantisation").
 
-Storage is torchao's `NF4Tensor` (its dequantise and `linear_nf4` autograd function are used as
-is). The 4-bit codes are computed here in float32 against the exact NF4 levels (nearest level, ties
+Storage is torchao's `NF4Tensor` (its dequantise is used as is; the matmul is `DequantMatmul`, like
+torchao's `linear_nf4` but with a backward layout that is fast on CPUs without AVX-512). The 4-bit codes are computed here in float32 against the exact NF4 levels (nearest level, ties
 to the lower one), which is what bitsandbytes does, so codes and first-level absmax agree with
 `bitsandbytes.functional.quantize_4bit(..., quant_type="nf4")` bit for bit; torchao's own `to_nf4`
 rounds the levels to four decimals and scales in the weight's dtype, so a few codes per 10^4 that
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from torchgraft.errors import ConfigError
-from torchgraft.quant.base import QuantizedLinear
+from torchgraft.quant.base import DequantMatmul, QuantizedLinear
 
 BLOCK = 64          # values per absmax scale (QLoRA, torchao, bitsandbytes)
 SCALER_BLOCK = 256  # scales per int8 block of the second quantisation
@@ -92,6 +92,4 @@ class NF4Linear(QuantizedLinear):
         return self.weight.get_original_weight()  # (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
-
-        return self.add_bias(linear_nf4(x, self.weight))  # (..., out)
+        return self.add_bias(DequantMatmul.apply(x, self))  # (..., out)
