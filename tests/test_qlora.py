@@ -132,9 +132,12 @@ def test_merged_qlora_loads_in_transformers(pretrained, tmp_path):
 
     run_finetune(_ft(pretrained, steps=2), tmp_path / "ft", merge=True)
     merged = load_model(tmp_path / "ft" / "merged").eval()
+    from_run = load_model(tmp_path / "ft").eval()  # the run's last checkpoint: NF4 base + adapters, merged
+    ids = torch.randint(0, merged.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(from_run(ids), merged(ids), rtol=0, atol=0)
     save_hf(merged, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    ids = torch.randint(0, merged.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert_close_computed(hf(ids).logits, merged(ids), transformer_tol(merged.config, 16))
 

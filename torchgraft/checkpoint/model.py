@@ -92,7 +92,8 @@ def attach_saved_adapters(model: nn.Module, state: dict[str, torch.Tensor], meta
     try:
         apply_lora(model, layers, rank=rank, alpha=float(lora.get("alpha", 16.0)),
                    dropout=0.0, dora=method == "dora" or any(".lora_magnitude_vector." in k for k in state),
-                   use_rslora=bool(lora.get("use_rslora", False)))
+                   use_rslora=bool(lora.get("use_rslora", False)),
+                   quantize_base=spec.get("quantize", "nf4") if method == "qlora" else None)
     except Exception as e:  # a ConfigError from apply_lora: the adapters do not fit this model
         raise CheckpointError(f"{ck_path}: cannot rebuild its LoRA adapters on {type(model).__name__} "
                               f"({str(e).splitlines()[0]})") from None
@@ -135,6 +136,9 @@ def model_from_checkpoint(ck: Any, device: str | torch.device = "cpu", *, merge:
         model.to(device)
     load_weights(model, ck.model_state, Path(ck.path))
     if adapted and merge:
+        from torchgraft.quant.converters import dequantize_model
+
+        dequantize_model(model)  # a QLoRA base: back to float before the merge
         unload(model, merge=True)
     return model.eval()
 
