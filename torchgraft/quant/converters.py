@@ -16,7 +16,7 @@ from torchgraft.quant.base import QuantizedLinear
 from torchgraft.quant.formats import quantizer
 from torchgraft.tools.converters import ConversionReport, register_converter, skip, swap_modules
 
-def _shared_weights(model: nn.Module) -> set[int]:
+def shared_weights(model: nn.Module) -> set[int]:
     """ids of weights used by more than one module (a tied embedding / LM head)."""
     seen: dict[int, int] = {}
     for m in model.modules():
@@ -29,7 +29,7 @@ def _shared_weights(model: nn.Module) -> set[int]:
 def linear_swap(model: nn.Module, fmt: str, match: Callable[[str], bool]):
     """The swap function of converter `fmt`: matching nn.Linear layers become quantised."""
     make = quantizer(fmt)
-    tied = _shared_weights(model)
+    tied = shared_weights(model)
 
     def swap(name: str, m: nn.Module):
         if not isinstance(m, nn.Linear) or not match(name):

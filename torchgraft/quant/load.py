@@ -106,7 +106,10 @@ def load_quantized(model: nn.Module, weights: str | Path, fmt: str = "nf4", targ
     floating parameters are cast to `dtype` (default: as built; buffers keep theirs). Returns what was done."""
     from torchgraft.peft.lora import target_matches  # deferred: peft.lora imports quant.base
 
+    from torchgraft.quant.converters import shared_weights
+
     make = quantizer(fmt)
+    tied = shared_weights(model)  # ids of meta weights used twice: kept in float
     pats = list(targets) if targets is not None else None
     report = LoadReport()
     memo: dict[int, torch.Tensor] = {}
@@ -115,7 +118,8 @@ def load_quantized(model: nn.Module, weights: str | Path, fmt: str = "nf4", targ
         for h in handles:
             stack.callback(h.close)
         where = {k: h for h in handles for k in h.keys()}
-        for name, m in list(model.named_modules()):
+        for name in [n for n, _ in model.named_modules()]:  # names only: a list of modules would keep
+            m = model.get_submodule(name) if name else model  # every float layer alive after its swap
             meta_names = [n for n, t in list(m._parameters.items()) + list(m._buffers.items())
                           if t is not None and t.is_meta]
             if not _materialize(m, memo, dtype):
@@ -130,11 +134,14 @@ def load_quantized(model: nn.Module, weights: str | Path, fmt: str = "nf4", targ
                         t = getattr(m, n)
                         t.copy_(where[prefix + n].get_tensor(prefix + n))  # cast to the model's dtype
                         report.loaded_tensors += 1
-            if isinstance(m, nn.Linear) and name and (pats is None or any(target_matches(name, p) for p in pats)):
+            meta_weight = next((k for k, v in memo.items() if v is getattr(m, "weight", None)), None)
+            if isinstance(m, nn.Linear) and name and meta_weight not in tied and \
+                    (pats is None or any(target_matches(name, p) for p in pats)):
                 report.high_precision_peak_bytes = max(report.high_precision_peak_bytes,
                                                        m.weight.numel() * m.weight.element_size())
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, make(m, name))
+                del memo[meta_weight]  # the float weight is freed now
                 report.quantized.append(name)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
