@@ -7,7 +7,7 @@ that mode's alone: the model is built on meta and loaded layer by layer (`torchg
 QLoRA quantises each target linear to NF4 as it arrives), then a few training steps (batch 1,
 short sequence, cross-entropy on random tokens) run. Modes: full bf16 fine-tune (AdamW, bf16
 states), LoRA bf16 (rank 8 on every linear of the blocks), QLoRA (same adapters on an NF4 base),
-QLoRA + torchao's AdamW8bit. Printed per mode: peak RSS (ru_maxrss, which includes the load), the
+QLoRA + torchao's AdamW8bit. Printed per mode: peak RSS (VmHWM, which includes the load), the
 planner's estimate (`tools/finetune_memory.py`, plus the RSS measured after imports), their
 ratio, seconds per step; and the goal ratio QLoRA / LoRA-bf16 peak.
 
