@@ -171,7 +171,7 @@ def generate_benchmark(a: argparse.Namespace) -> dict[str, Any]:
             if "lora_B" in n:
                 p.normal_(0, 0.01, generator=torch.Generator().manual_seed(2))
     dequantize_model(merged, torch.bfloat16)
-    unload(merged, merge=True)
+    unload(merged, merge=True).to(torch.bfloat16)  # the whole merged model in bf16
     models["merged-bf16"] = merged
     out = {}
     for name, m in models.items():
