@@ -13,8 +13,9 @@ Per part, in bytes (bf16 weights and adapters, as torchtune's recipes):
               2 bf16 states (torchao, as bitsandbytes)
 - activations the transformer formula of `tools.memory.analytic_activations` (bf16), with
               checkpointing and chunked CE as configured
-- transient   the largest target weight dequantised once (bf16, plus torchao's int64 code indices
-              for NF4: 8 bytes per weight) and, for full FT, nothing extra
+- transient   the largest target weight dequantised in backward: NF4 16 bytes per weight (torchao's
+              two int64 index arrays of numel/2, two bf16 halves, the bf16 result and its transposed
+              copy), int8 6; nothing for LoRA / full FT
 - runtime     what the process holds before the model (Python, torch): given by the caller
               (benchmarks pass the RSS measured after imports), default 0
 benchmarks/bench_qlora.py prints this estimate beside the measured peak RSS of each mode.
@@ -121,7 +122,7 @@ def finetune_memory(model: nn.Module, method: str = "qlora", optimizer: str = "a
     act = analytic_activations(cfg, batch, seq, 2, activation_checkpointing, gated,
                                lm=hasattr(model, "lm_head"), chunked_ce=chunked_ce) or 0
     biggest = max((m.weight.numel() for m in layers.values()), default=0)
-    transient = biggest * (2 + (8 if base == "nf4" else 2)) if method == "qlora" else 0
+    transient = biggest * (16 if base == "nf4" else 6) if method == "qlora" else 0
     return FinetuneMemory(method, optimizer, bool(activation_checkpointing), chunked_ce, int(weights),
                           2 * sum(adapter_sizes), 2 * n_train, int(state), int(act), int(transient),
                           int(runtime_bytes))
