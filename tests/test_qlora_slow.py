@@ -1,7 +1,8 @@
 """Slow QLoRA checks: torchao's 8-/4-bit AdamW resume bitwise through the fine-tune recipe (their
 first step compiles), and QLoRA reaches a validation loss within 5% of LoRA on the same data and steps.
 
-Measured (2 shared CPU cores, seed 0; `python tests/test_qlora_slow.py` prints them): see docs/qlora.md.
+Measured (2 shared CPU cores, seed 0; `python tests/test_qlora_slow.py` prints them): val loss after
+120 steps LoRA 1.8094, QLoRA 1.8092 (ratio 0.9999); adamw8bit resume bitwise (docs/qlora.md).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def ft_config(root: Path, method: str, steps: int, optim: str = "adamw", rank: i
     return {"finetune": {"source": str(root / "pre"), "method": method, "strict": True,
                          "lora": {"targets": targets, "rank": rank, "alpha": 2 * rank}},
             "model": MODEL, "data": _data(root), "optim": {"name": optim, "lr": 3e-3},
-            "schedule": {"name": "cosine", "warmup_steps": 10},
+            "schedule": {"name": "cosine", "warmup_steps": min(10, steps // 3)},
             "trainer": {"max_steps": steps, "batch_size": 16, "grad_clip": 1.0},
             "eval": {"every": 0, "max_batches": 10}, "checkpoint": {"every": 2}, "logging": QUIET}
 
