@@ -83,6 +83,10 @@ def inspect_cmd(
     chunked_ce: Optional[int] = typer.Option(None, "--chunked-ce", help="LM loss in chunks of N token rows"),
     depth: int = typer.Option(2, "--depth", help="module levels in the summary table"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    finetune: Optional[str] = typer.Option(None, "--finetune", help="fine-tune memory plan: full, lora or qlora"),
+    optim: str = typer.Option("adamw", "--optim", help="with --finetune: adamw, adamw8bit, adamw4bit, sgd"),
+    fit: Optional[str] = typer.Option(None, "--fit", help="with --finetune: the cheapest settings that fit, e.g. 24GiB"),
+    rank: int = typer.Option(8, "--rank", help="with --finetune: LoRA rank (all linear layers targeted)"),
 ) -> None:
     """Summary, parameters, FLOPs per token/sample and training memory of a model, built on meta."""
     import json
@@ -91,6 +95,12 @@ def inspect_cmd(
     from torchgraft.tools.summary import inspect_model
 
     ov = {k.removeprefix("model."): v for k, v in parse_overrides(overrides or []).items()}
+    if finetune is not None:  # torchgraft/tools/finetune_memory.py
+        from torchgraft.tools.finetune_memory import format_finetune, inspect_finetune
+
+        plan = inspect_finetune(model, ov, finetune, optim, batch, seq, fit, rank, checkpointing, chunked_ce)
+        typer.echo(json.dumps(plan) if as_json else format_finetune(plan))
+        return
     target = _finetuned_on_meta(model, ov)  # a fine-tune config: trainable set as the method leaves it
     target = target if target is not None else _artifact_spec(model)  # a run / checkpoint / HF dir ...
     report = inspect_model(target if target is not None else model, ov, batch=batch, seq_len=seq,

@@ -221,11 +221,14 @@ def adapter_spec_of(meta: dict[str, Any], run_dir: Path | None) -> dict[str, Any
         legacy = _read_json(run_dir / "finetune.json").get("finetune_config")
         if not isinstance(legacy, dict) and (run_dir / "adapter" / "adapter_config.json").is_file():
             return spec_of_peft_config(_read_json(run_dir / "adapter" / "adapter_config.json"))
-    if not isinstance(legacy, dict) or legacy.get("method") not in ("lora", "dora"):
+    if not isinstance(legacy, dict) or legacy.get("method") not in ("lora", "dora", "qlora"):
         return None
     lora = legacy.get("lora") or {}
-    return {"groups": [{"layers": None, "rank": int(lora.get("rank", 8)), "alpha": float(lora.get("alpha", 16.0)),
-                        "dora": legacy["method"] == "dora", "use_rslora": bool(lora.get("use_rslora", False))}]}
+    group = {"layers": None, "rank": int(lora.get("rank", 8)), "alpha": float(lora.get("alpha", 16.0)),
+             "dora": legacy["method"] == "dora", "use_rslora": bool(lora.get("use_rslora", False))}
+    if legacy["method"] == "qlora":
+        group["quantize"] = legacy.get("quantize") or "nf4"
+    return {"groups": [group]}
 
 
 def checkpoint_run_dir(ck_dir: Path) -> Path | None:

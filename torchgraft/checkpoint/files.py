@@ -38,6 +38,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from torchgraft.checkpoint.subclass_tensors import (described_in, from_plain, plain_param_groups,
+                                                    safetensors_metadata, to_plain)
 from torchgraft.errors import CheckpointError
 from torchgraft.io import read_verified  # noqa: F401  (the one verified reader; re-exported)
 from torchgraft.io import STEP_DIR_RE, fsync_dir, publish_dir, write_synced
@@ -80,10 +82,13 @@ def optimizer_to_files(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dic
                 tensors[f"state.{pid}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(pid), {})[k] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    tensors, subclasses = to_plain(tensors)  # 8-/4-bit optimizer states: their inner tensors
+    js = {"param_groups": plain_param_groups(sd["param_groups"]), "scalars": scalars}
+    return tensors, {**js, "subclasses": subclasses} if subclasses else js
 
 
 def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    tensors = from_plain(tensors, meta.get("subclasses") or {})
     state: dict[int, dict[str, Any]] = {}
     for name, t in tensors.items():
         _, pid, key = name.split(".", 2)
@@ -103,6 +108,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -
         for k, v in current.items():
             if isinstance(v, tuple) and isinstance(saved.get(k), list):
                 saved[k] = tuple(saved[k])
+            elif isinstance(v, torch.Tensor) and isinstance(saved.get(k), (int, float)):  # torchao's tensor lr
+                saved[k] = torch.tensor(saved[k], dtype=v.dtype)
     optimizer.load_state_dict(sd)
 
 
@@ -140,7 +147,9 @@ def model_files(model_state: dict[str, torch.Tensor] | None,
     """model.safetensors and optimizer.safetensors / optimizer.json of full (unsharded) states."""
     files: dict[str, bytes] = {}
     if model_state is not None:
-        files["model.safetensors"] = st_save(state_dict_tensors(model_state), metadata={"format": "pt"})
+        plain, subclasses = to_plain(model_state)  # a quantised (NF4) base: its inner tensors
+        files["model.safetensors"] = st_save(state_dict_tensors(plain),
+                                             metadata={"format": "pt", **safetensors_metadata(subclasses)})
     if optimizer_state is not None:
         tensors, js = optimizer_to_files(optimizer_state)
         files["optimizer.safetensors"] = st_save(tensors)
@@ -246,7 +255,7 @@ _LAYOUT_FILES = ("model.safetensors", "optimizer.safetensors")
 
 def _parse(path: Path, files: dict[str, bytes]) -> LoadedCheckpoint:
     try:
-        model_state = st_load(files["model.safetensors"])
+        model_state = from_plain(st_load(files["model.safetensors"]), described_in(files["model.safetensors"]))
         meta = json.loads(files["meta.json"])
         opt = None
         if "optimizer.safetensors" in files:

@@ -102,6 +102,9 @@ def model_from_checkpoint(ck: Any, device: str | torch.device = "cpu", *, merge:
         model.to(device)
     load_weights(model, ck.model_state, Path(ck.path))
     if adapted and merge:
+        from torchgraft.quant.converters import dequantize_model
+
+        dequantize_model(model)  # a QLoRA base: back to float before the merge
         unload(model, merge=True)
     return model.eval()
 

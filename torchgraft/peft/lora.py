@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchgraft.errors import ConfigError, did_you_mean
+from torchgraft.quant.base import QuantizedLinear
 from torchgraft.tools.transfer import NameAliases, register_name_aliases
 from torchgraft.peft.variants import (
     ADAPTER,
@@ -47,7 +48,7 @@ def _is_conv1d(m: nn.Module) -> bool:
 
 
 def supported(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)) or _is_conv1d(m)
+    return isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding, QuantizedLinear)) or _is_conv1d(m)
 
 
 class LoRALayer(nn.Module):
@@ -104,10 +105,16 @@ class LoRALayer(nn.Module):
         raise NotImplementedError
 
     # --- merge --------------------------------------------------------------------------------
+    def _check_float_base(self) -> None:
+        if isinstance(self.base_layer, QuantizedLinear):
+            raise ConfigError(f"cannot merge a LoRA adapter into a frozen {self.base_layer.fmt} base in place; "
+                              "dequantise first (torchgraft.quant.dequantize_model(model)), then merge")
+
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             return
+        self._check_float_base()
         w = self.base_layer.weight
         delta = self.delta_weight().float()
         new = self.variant.merged(self, w.float() + delta)
@@ -149,7 +156,12 @@ class LoRALinear(LoRALayer):
         self.fan_in_fan_out = _is_conv1d(base_layer)
         w = base_layer.weight
         out_f, in_f = (w.shape[1], w.shape[0]) if self.fan_in_fan_out else w.shape
-        kw = {"device": w.device, "dtype": w.dtype}
+        quantized = isinstance(base_layer, QuantizedLinear)
+        if quantized and dora:
+            raise ConfigError("DoRA on a quantised base is not supported; use method qlora (LoRA) or dora on a "
+                              "float base")
+        out_f, in_f = (base_layer.out_features, base_layer.in_features) if quantized else (out_f, in_f)
+        kw = {"device": w.device, "dtype": base_layer.compute_dtype if quantized else w.dtype}
         self.lora_A = nn.ModuleDict({ADAPTER: nn.Linear(in_f, rank, bias=False, **kw)})
         self.lora_B = nn.ModuleDict({ADAPTER: nn.Linear(rank, out_f, bias=False, **kw)})
         self.reset_lora_parameters()
@@ -267,6 +279,8 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def layer_width(m: nn.Module) -> int:
     """The largest rank an update of layer `m`'s weight can have: min(fan-in, fan-out)."""
+    if isinstance(m, QuantizedLinear):
+        return min(m.in_features, m.out_features)
     w = m.weight
     if isinstance(m, nn.Conv2d):
         return min(w.shape[0], w[0].numel())
@@ -287,10 +301,13 @@ def _check_rank(layers: dict[str, nn.Module], rank: int) -> None:
 
 
 def apply_lora(model: nn.Module, targets: str | Iterable[str], rank: int = 8, alpha: float = 16,
-               dropout: float = 0.0, dora: bool = False, use_rslora: bool = False) -> dict[str, LoRALayer]:
+               dropout: float = 0.0, dora: bool = False, use_rslora: bool = False,
+               quantize_base: str | None = None) -> dict[str, LoRALayer]:
     """Wrap every nn.Linear / nn.Conv2d / nn.Embedding (and transformers Conv1D) whose module name
     matches one of `targets` with a LoRA (or DoRA) adapter, freeze everything else.
 
+    `quantize_base="nf4" | "int8"` (QLoRA) first stores the targeted nn.Linear bases frozen in that
+    format (torchgraft.quant); layers already quantised stay as they are.
     Returns {module name: wrapper}. Each pattern must match at least one supported layer.
     """
     if lora_layers(model):
@@ -310,6 +327,8 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str], rank: int = 8, al
         for n, m in hits:
             chosen[n] = m
     _check_rank(chosen, rank)
+    if quantize_base is not None:
+        chosen = _quantized_bases(chosen, quantize_base)
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped: dict[str, LoRALayer] = {}
@@ -321,6 +340,18 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str], rank: int = 8, al
         for _, p in w.adapter_parameters():
             p.requires_grad_(True)
     return wrapped
+
+
+def _quantized_bases(chosen: dict[str, nn.Module], fmt: str) -> dict[str, nn.Module]:
+    """`chosen` with its nn.Linear layers quantised to `fmt` (a ConfigError when there are none)."""
+    from torchgraft.quant.formats import quantizer
+
+    make = quantizer(fmt)
+    if not any(isinstance(m, (nn.Linear, QuantizedLinear)) for m in chosen.values()):
+        raise ConfigError(f"quantize_base={fmt}: none of the LoRA targets is an nn.Linear layer "
+                          f"(e.g. {next(iter(chosen))!r} is {type(next(iter(chosen.values()))).__name__}); "
+                          "QLoRA quantises linear layers, use method lora for this model")
+    return {n: make(m, n) if isinstance(m, nn.Linear) else m for n, m in chosen.items()}
 
 
 def _require(model: nn.Module) -> dict[str, LoRALayer]:
@@ -368,8 +399,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         else:
             layer.unmerge()
         _set_submodule(model, n, layer.base_layer)
+    frozen = {id(p) for m in model.modules() if isinstance(m, QuantizedLinear) for p in m.parameters()}
     for p in model.parameters():
-        p.requires_grad_(True)
+        if id(p) not in frozen:  # a quantised base stays frozen
+            p.requires_grad_(True)
     return model
 
 

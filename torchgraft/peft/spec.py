@@ -17,18 +17,21 @@ from typing import Any
 from torch import nn
 
 from torchgraft.peft.lora import _set_submodule, _wrap, apply_lora, lora_layers
+from torchgraft.quant.base import QuantizedLinear
 
 
 def adapter_spec(model: nn.Module) -> dict[str, Any] | None:
     """The spec of `model`'s LoRA/DoRA wrappers (JSON-ready), None when it has none."""
-    groups: dict[tuple[int, float, bool, bool], list[str]] = {}
+    groups: dict[tuple[int, float, bool, bool, str | None], list[str]] = {}
     for name, layer in lora_layers(model).items():
-        key = (int(layer.r), float(layer.lora_alpha), bool(layer.use_dora), bool(layer.use_rslora))
+        quantize = getattr(layer.base_layer, "fmt", None) if isinstance(layer.base_layer, QuantizedLinear) else None
+        key = (int(layer.r), float(layer.lora_alpha), bool(layer.use_dora), bool(layer.use_rslora), quantize)
         groups.setdefault(key, []).append(name)
     if not groups:
         return None
-    return {"groups": [{"layers": sorted(names), "rank": r, "alpha": a, "dora": d, "use_rslora": rs}
-                       for (r, a, d, rs), names in groups.items()]}
+    return {"groups": [{"layers": sorted(names), "rank": r, "alpha": a, "dora": d, "use_rslora": rs,
+                        **({"quantize": q} if q else {})}
+                       for (r, a, d, rs, q), names in groups.items()]}
 
 
 def apply_adapter_spec(model: nn.Module, spec: dict[str, Any], layers: list[str]) -> None:
@@ -45,7 +48,7 @@ def apply_adapter_spec(model: nn.Module, spec: dict[str, Any], layers: list[str]
         kw = dict(rank=int(group["rank"]), alpha=float(group["alpha"]), dropout=0.0,
                   dora=bool(group.get("dora")), use_rslora=bool(group.get("use_rslora")))
         if not lora_layers(model):
-            apply_lora(model, ["re:" + re.escape(n) for n in names], **kw)
+            apply_lora(model, ["re:" + re.escape(n) for n in names], quantize_base=group.get("quantize"), **kw)
         else:
             for n in names:
                 wrapper = _wrap(model.get_submodule(n), **kw)

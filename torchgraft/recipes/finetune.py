@@ -41,7 +41,8 @@ class FinetuneConfig:
     policies: dict[str, str] = field(default_factory=dict)        # {"fc2.*": "reset"}
     default_policy: str = "skip"
     strict: bool = False
-    method: Literal["full", "freeze", "lora", "dora"] = "full"
+    method: Literal["full", "freeze", "lora", "dora", "qlora"] = "full"
+    quantize: Literal["nf4", "int8"] = "nf4"                      # qlora: format of the frozen base
     freeze: list[str] = field(default_factory=list)               # frozen patterns (method freeze only)
     unfreeze_at: dict[int, list[str]] = field(default_factory=dict)  # gradual unfreezing {step: patterns}
     lora: LoraSection = field(default_factory=LoraSection)
@@ -50,6 +51,9 @@ class FinetuneConfig:
     lr_mult: dict[str, float] = field(default_factory=dict)
     merge: bool = False                                           # write merged weights at the end
     tokenizer: Literal["source", "data"] = "source"  # source: reuse the source's tokenizer when it has one
+
+
+ADAPTER_METHODS = ("lora", "dora", "qlora")  # methods that train adapters (saved in adapter/)
 
 
 def split_config(source: str | Path | dict[str, Any], overrides: list[str] | dict[str, Any] | None = None
@@ -111,12 +115,15 @@ def apply_method(model: nn.Module, ft: FinetuneConfig) -> dict[str, Any]:
             raise ConfigError("method=freeze needs finetune.freeze patterns (e.g. ['conv1', 'conv2']) "
                               "or a finetune.unfreeze_at schedule")
         info["frozen"] = len(freeze(model, ft.freeze or None))
-    elif ft.method in ("lora", "dora"):
+    elif ft.method in ADAPTER_METHODS:
         from torchgraft.peft import apply_lora
 
         layers = apply_lora(model, ft.lora.targets, rank=ft.lora.rank, alpha=ft.lora.alpha,
-                            dropout=ft.lora.dropout, dora=ft.method == "dora", use_rslora=ft.lora.use_rslora)
+                            dropout=ft.lora.dropout, dora=ft.method == "dora", use_rslora=ft.lora.use_rslora,
+                            quantize_base=ft.quantize if ft.method == "qlora" else None)
         info["adapted_layers"] = sorted(layers)
+        if ft.method == "qlora":
+            info["base_format"] = ft.quantize
     if ft.train_also:
         unfreeze(model, ft.train_also)
     info.update(trainable_summary(model))
@@ -190,7 +197,7 @@ def run_finetune(config: str | Path | dict[str, Any] | FinetuneRun, out_dir: str
 
     if not is_main_process():  # a distributed run: rank 0 writes the outputs
         return summary
-    if ft.method in ("lora", "dora"):
+    if ft.method in ADAPTER_METHODS:
         from torchgraft.peft import save_adapter
 
         summary["adapter"] = str(save_adapter(model, out / "adapter"))
@@ -210,7 +217,9 @@ def write_merged(model: nn.Module, path: Path, meta_fn, *, run_config: dict[str,
 
     from torchgraft.peft import lora_layers, unload
     from torchgraft.checkpoint.files import write_checkpoint
+    from torchgraft.quant.converters import dequantize_model
 
+    dequantize_model(model)  # a QLoRA base: back to float (its compute dtype) before the merge
     if lora_layers(model):
         unload(model, merge=True)
     meta: dict[str, Any] = {"model": meta_fn(model), "merged": True, "step": step}

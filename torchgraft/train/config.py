@@ -24,7 +24,7 @@ from torchgraft.precision import check_fp32_master
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    name: Literal["adamw", "adam", "sgd", "adamw8bit", "adamw4bit"] = "adamw"  # 8/4-bit: torchao
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)

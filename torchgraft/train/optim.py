@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from torchgraft.train.config import OptimConfig
+from torchgraft.train.optim_lowbit import LOWBIT, build_lowbit_adamw
 
 ParamGroupsFn = Callable[[nn.Module], list[dict[str, Any]]]
 
@@ -62,6 +63,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig,
         g["params"] = [p for p in g["params"] if p.requires_grad]
     if not any(g["params"] for g in groups):
         raise ConfigError("the model has no trainable parameters (all have requires_grad=False)")
+    if cfg.name in LOWBIT:
+        return _with_peak_lr(build_lowbit_adamw(groups, cfg))
     common: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     if cfg.foreach is not None:
         common["foreach"] = cfg.foreach
@@ -73,6 +76,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig,
         opt = torch.optim.Adam(groups, betas=cfg.betas, eps=cfg.eps, **common)
     else:
         opt = torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.nesterov, **common)
+    return _with_peak_lr(opt)
+
+
+def _with_peak_lr(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     for g in opt.param_groups:
-        g.setdefault("peak_lr", g["lr"])  # what the schedule multiplies
+        g.setdefault("peak_lr", float(g["lr"]))  # what the schedule multiplies
     return opt

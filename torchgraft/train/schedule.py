@@ -40,5 +40,8 @@ class LRSchedule:
         """Set every group's lr for update `step`; returns the first group's lr."""
         f = self.factor(step)
         for g in optimizer.param_groups:
-            g["lr"] = g["peak_lr"] * f
-        return optimizer.param_groups[0]["lr"]
+            if isinstance(g["lr"], torch.Tensor):  # torchao's low-bit optimizers keep lr as a tensor
+                g["lr"].fill_(g["peak_lr"] * f)
+            else:
+                g["lr"] = g["peak_lr"] * f
+        return float(optimizer.param_groups[0]["lr"])
