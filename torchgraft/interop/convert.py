@@ -41,6 +41,9 @@ def detect_layout(path: str | Path) -> Layout:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p} does not exist")
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is a file; give a Hugging Face model directory (config.json) or a "
+                              "torchgraft checkpoint folder / run directory")
     if (p / "meta.json").is_file() or (p / "manifest.json").is_file() or (p / "checkpoints").is_dir() \
             or any(c.name.startswith("step_") for c in p.iterdir() if c.is_dir()):
         return "torchgraft"
