@@ -74,3 +74,35 @@ def test_serve_on_a_port_in_use_is_one_line(tmp_path, capsys):
         port = busy.getsockname()[1]
         code, _, err, _ = invoke_cli(["serve", tmp_path / "not-loaded", "--port", port], capsys)
     assert f"cannot listen on 127.0.0.1:{port}" in one_error(code, err)
+
+
+# ---- files read through the one checked path (torchgraft/outputs.py read_input_text / _json) ----
+def test_corrupt_tokenizer_config_is_an_error_not_dropped(tmp_path):
+    """A tokenizer_config.json that is not JSON was silently ignored, and with it its special tokens."""
+    from torchgraft.data.tokenizers import char_tokenizer, load_tokenizer
+
+    char_tokenizer(["abc"]).save(tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"eos_token": "<|end|>",')
+    with pytest.raises(ConfigError, match="tokenizer config .* is not valid JSON"):
+        load_tokenizer(tmp_path / "tok")
+
+
+def test_binary_chat_template_file_is_one_line(tmp_path):
+    from torchgraft.data.chat_template import ChatTemplate
+
+    (tmp_path / "t.jinja").write_bytes(b"\xff\xfe{{ messages }}\x81")
+    with pytest.raises(ConfigError, match="chat template file .* is not UTF-8 text"):
+        ChatTemplate.for_tokenizer(None, override=str(tmp_path / "t.jinja"))
+
+
+def test_eval_files_missing_or_binary_are_one_line(tmp_path):
+    from torchgraft.recipes.eval_convert import CONVERTERS, convert_jsonl
+    from torchgraft.recipes.eval_tasks import read_examples
+
+    with pytest.raises(ConfigError, match="not found"):
+        convert_jsonl(tmp_path / "nope.jsonl", tmp_path / "out.jsonl", next(iter(CONVERTERS)))
+    (tmp_path / "bin.jsonl").write_bytes(b"\x81\xff")
+    with pytest.raises(ConfigError, match="task file .* is not UTF-8 text"):
+        read_examples(tmp_path / "bin.jsonl")
+    with pytest.raises(ConfigError, match="is a directory"):
+        read_examples(tmp_path)
