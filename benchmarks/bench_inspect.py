@@ -1,7 +1,7 @@
 """CPU cost of `torchgraft inspect PRESET` for every preset: CPU seconds (user + sys) beyond
-`python -c "import torch"`, with `import torch, torch._dynamo` beside it (under torch 2.13 the first
-meta-device op imports torch._dynamo, through `torch._disable_dynamo` on the Python meta kernels and
-dispatch modes, so that import is a floor every meta-device inspection pays). Goal: < 2 s beyond
+`python -c "import torch"`, with the cost of `import torch._dynamo` beside it for scale: inspect
+runs one meta pass and no longer imports it (under torch 2.13 dispatch modes, Python meta kernels,
+meta-device initialisers and FakeTensorMode all did; see tools/meta.py). Goal: < 2 s beyond
 `import torch` per preset. Each command runs in a fresh process; baselines are the median of ROUNDS.
 
 Usage: python benchmarks/bench_inspect.py [--rounds N] [--root TREE] [PRESET ...]

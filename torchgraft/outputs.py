@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from torchgraft.errors import ConfigError
 from torchgraft.io import publish_dir
@@ -76,6 +77,32 @@ def check_input_file(path: str | Path, what: str, hint: str = "") -> Path:
     if not os.access(p, os.R_OK):
         raise ConfigError(f"{what} {p} is not readable (check its permissions)")
     return p
+
+
+def read_input_text(path: str | Path, what: str, hint: str = "", encoding: str = "utf-8") -> str:
+    """The text of a file a command reads, through `check_input_file`: a missing file, a folder, an
+    unreadable or a binary (not `encoding`) file is one ConfigError naming `what` and the path."""
+    p = check_input_file(path, what, hint)
+    try:
+        return p.read_text(encoding=encoding)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {p} is not {encoding.upper().removesuffix('-SIG')} text"
+                          + (f" ({hint})" if hint else "")) from None
+    except OSError as e:
+        raise ConfigError(f"{what} {p} cannot be read ({e.strerror or e})") from None
+
+
+def read_input_json(path: str | Path, what: str, hint: str = "") -> Any:
+    """The parsed JSON of a file a command reads (`read_input_text`); invalid JSON is one line
+    naming the file, the line and the parser's reason."""
+    import json
+
+    text = read_input_text(path, what, hint)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {path} is not valid JSON ({e.msg}, line {e.lineno})"
+                          + (f"; {hint}" if hint else "")) from None
 
 
 def staging_name(final: Path) -> str:

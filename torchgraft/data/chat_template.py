@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from torchgraft.errors import ConfigError
+from torchgraft.outputs import read_input_json, read_input_text
 
 ROLES = ("system", "user", "assistant", "tool")
 TEMPLATE_FILE = "chat_template.jinja"
@@ -155,10 +156,10 @@ class ChatTemplate:
         if override:
             p = Path(override).expanduser()
             if len(override) < 4096 and p.is_file():
-                return cls(p.read_text(encoding="utf-8"), tokens, name=str(p))
+                return cls(read_input_text(p, "chat template file"), tokens, name=str(p))
             return cls(override, tokens, name="inline")
         if d is not None and (d / TEMPLATE_FILE).is_file():
-            return cls((d / TEMPLATE_FILE).read_text(encoding="utf-8"), tokens, name=str(d / TEMPLATE_FILE))
+            return cls(read_input_text(d / TEMPLATE_FILE, "chat template file"), tokens, name=str(d / TEMPLATE_FILE))
         source = cfg.get("chat_template")
         if isinstance(source, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
@@ -217,10 +218,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     """A JSON object file, or {} when absent; ConfigError when it is not valid JSON."""
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise ConfigError(f"{path} is not valid JSON") from None
+    data = read_input_json(path, "tokenizer file")
     return data if isinstance(data, dict) else {}
 
 

@@ -286,8 +286,11 @@ def build_text(options: dict[str, Any], seed: int = 0) -> DataBundle:
     train = PackedWindows(stream, 0, n_train, cfg.seq_len, cfg.stride)
     val = PackedWindows(stream, n_train, n, cfg.seq_len) if n_val else None
     if len(train) == 0:
-        raise ConfigError(f"the training split has {n_train} tokens, fewer than seq_len + 1 = "
-                          f"{cfg.seq_len + 1}; lower data.seq_len, raise data.max_tokens or add text")
+        split = (f" and the validation split takes {n_val} of them (val_fraction={cfg.val_fraction}, at "
+                 "least seq_len + 1)") if n_val else ""
+        raise ConfigError(f"the text has {n} tokens{split}, leaving {max(n_train, 0)} for training, fewer "
+                          f"than seq_len + 1 = {cfg.seq_len + 1}; lower data.seq_len, raise data.max_tokens "
+                          "or add text")
     info = {"vocab_size": tok.vocab_size, "tokenizer": tok,
             "tokenizer_path": str(shard_dir / "tokenizer.json"), "seq_len": cfg.seq_len,
             "eos_id": tok.eos_id, "pad_id": tok.pad_id, "n_train_tokens": n_train,

@@ -272,11 +272,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise ConfigError(f"{p} is not a valid tokenizer.json: {str(e).splitlines()[0]}") from None
     cfg: dict[str, Any] = {}
     cfg_path = p.parent / CONFIG_FILE
-    if cfg_path.is_file():
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError:
-            cfg = {}
+    if cfg_path.is_file():  # a corrupt one was ignored, and with it the special tokens it names
+        from torchgraft.outputs import read_input_json
+
+        cfg = read_input_json(cfg_path, "tokenizer config", "the tokenizer_config.json saved beside tokenizer.json")
+        cfg = cfg if isinstance(cfg, dict) else {}
     bos = _token_name(cfg.get("bos_token")) if "bos_token" in cfg else _first_present(backend, _KNOWN_BOS)
     eos = _token_name(cfg.get("eos_token")) if "eos_token" in cfg else _first_present(backend, _KNOWN_EOS)
     pad = _token_name(cfg.get("pad_token")) if "pad_token" in cfg else _first_present(backend, _KNOWN_PAD)

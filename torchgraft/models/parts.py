@@ -86,8 +86,8 @@ def token_inputs(model: nn.Module, vocab_size: int, max_len: int, batch_size: in
                  seq_len: int | None) -> tuple[torch.Tensor]:
     """`(input_ids,)` (batch_size, seq_len or max_len) of valid token ids on the model's device."""
     t = seq_len or max_len
-    ids = torch.arange(batch_size * t, device=model_device(model)).remainder(vocab_size)
-    return (ids.reshape(batch_size, t),)
+    ids = torch.arange(batch_size * t).remainder(vocab_size)  # on CPU: on meta this op imports torch._dynamo
+    return (ids.reshape(batch_size, t).to(model_device(model)),)
 
 
 def image_inputs(model: nn.Module, in_chans: int, size: int, batch_size: int) -> tuple[torch.Tensor]:

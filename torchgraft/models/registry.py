@@ -16,6 +16,7 @@ from torch import nn
 
 from torchgraft.config import apply_overrides, from_dict, load_yaml, to_dict
 from torchgraft.errors import ConfigError, did_you_mean
+from torchgraft.nn.init import SkipInitOnMeta
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def build(spec: str | Path | dict[str, Any] | Any, *, device: str | torch.device
     fam = family_of_config(cfg)
     check_sizes(cfg)
     check_depth(fam, cfg)  # absurd depths refused with their size before minutes of construction
-    with torch.device("meta"):
+    with torch.device("meta"), SkipInitOnMeta():  # values come with `materialize`
         try:
             model = fam.builder(cfg)
         except RuntimeError as e:  # e.g. a size torch refuses; the config is at fault, not the code

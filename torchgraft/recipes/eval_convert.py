@@ -52,7 +52,10 @@ def convert_jsonl(src: str | Path, dst: str | Path, benchmark: str) -> int:
         raise ConfigError(f"unknown benchmark {benchmark!r}" + did_you_mean(benchmark, CONVERTERS)
                           + f"; known: {', '.join(sorted(CONVERTERS))}")
     convert, rows = CONVERTERS[benchmark], []
-    for i, line in enumerate(Path(src).read_text(encoding="utf-8").splitlines(), 1):
+    from torchgraft.outputs import read_input_text
+
+    text = read_input_text(src, f"{benchmark} file", "the benchmark's JSONL, one example per line")
+    for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.dumps(convert(json.loads(line))))

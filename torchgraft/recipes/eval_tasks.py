@@ -94,7 +94,10 @@ def _example(obj: Any, where: str) -> Example:
 def read_examples(path: Path) -> list[Example]:
     """The examples of one JSONL file (blank lines skipped), each line checked."""
     out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    from torchgraft.outputs import read_input_text
+
+    text = read_input_text(path, "task file", "JSONL, one example per line")
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

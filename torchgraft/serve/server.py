@@ -50,6 +50,27 @@ def _uvicorn_server(app: Any, settings: ServeSettings, drain_timeout: float, on_
     return Server(config)
 
 
+def check_listen(host: str, port: int) -> None:
+    """One-line errors for an address this machine cannot listen on (a host name that does not
+    resolve, an address that is not this machine's, a port in use or privileged), checked by
+    binding a socket once; uvicorn would otherwise log the error and exit 3 after the model loads."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host!r} is not an address or a host name this machine can resolve "
+                          f"({e.strerror}); use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: no TIME_WAIT clash
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port, "
+                              "or a --host of this machine") from None
+
+
 def bound_url(server: Any) -> str:
     """http://HOST:PORT of a started uvicorn server (the real port when 0 was asked)."""
     sock = server.servers[0].sockets[0]
@@ -63,6 +84,7 @@ def serve(path: str, settings: ServeSettings, drain_timeout: float = 30.0, echo:
     from torchgraft.serve.artifact import load_artifact
 
     settings.check()
+    check_listen(settings.host, settings.port)  # before loading the model: a typo costs nothing
     _configure_logging()
     artifact = load_artifact(path, settings.device, settings.name, settings.context)
     app = create_app(artifact, settings)

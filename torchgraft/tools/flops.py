@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from torchgraft.models.shape import transformer_shape
-from torchgraft.tools.meta import InputSpec, InspectError, make_inputs, run_on_meta
+from torchgraft.tools.meta import InputSpec, PassRecorder, make_inputs, record_pass
 
 _MATMUL_OPS = {
     "mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "convolution", "_convolution",
@@ -41,9 +41,11 @@ def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
 
 def _sdpa_cpu_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args,  # noqa: ANN001
                             out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_backward_flop_count
+    """Model FLOPs of attention's backward: twice the forward's (the math path's four products);
+    the flash kernel's recomputation of the scores is not counted, as in 6N + 12LHT."""
+    from torch.utils.flop_counter import sdpa_flop_count
 
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+    return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 def _flop_counter() -> FlopCounterMode:
@@ -75,30 +77,6 @@ class _MatmulParamRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _scalar_loss(out: Any) -> torch.Tensor:
-    """Sum of every floating output (so backward reaches all of them)."""
-    if isinstance(out, torch.Tensor):
-        if not out.is_floating_point():
-            raise InspectError("the model's output is not a floating tensor; cannot run backward")
-        return out.float().sum()
-    tensors: list[torch.Tensor] = []
-
-    def collect(x: Any) -> None:
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.requires_grad:
-            tensors.append(x)
-        elif isinstance(x, (tuple, list)):
-            for v in x:
-                collect(v)
-        elif isinstance(x, dict):
-            for v in x.values():
-                collect(v)
-
-    collect(out)
-    if not tensors:
-        raise InspectError("the model returned no floating tensor that requires grad; cannot run backward")
-    return sum(t.float().sum() for t in tensors)
-
-
 @dataclass
 class FlopCount:
     """FLOPs of one call on the given input (forward, forward+backward) and the matmul-parameter count."""
@@ -109,50 +87,80 @@ class FlopCount:
     batch: int
     by_module: dict[str, int] = field(default_factory=dict)  # forward+backward FLOPs per submodule
 
+    def per_sample(self) -> "FlopCount":
+        """The count of one sample (every counted op, matmuls, convolutions, attention, is linear
+        in the batch, so this is exact)."""
+        b = self.batch
+        return FlopCount(self.forward // b, self.forward_backward // b, self.matmul_params, 1,
+                         {k: v // b for k, v in self.by_module.items()})
+
     def to_dict(self) -> dict[str, Any]:
         return {"forward": self.forward, "forward_backward": self.forward_backward,
                 "matmul_params": self.matmul_params, "batch": self.batch, "by_module": dict(self.by_module)}
 
 
+class FlopRecorder(PassRecorder):
+    """Counts FLOPs of a `record_pass` (forward, and forward+backward when `backward`), per module
+    too, and the weights that enter matmuls/convolutions (N of the analytic formula)."""
+
+    def __init__(self, backward: bool = True) -> None:
+        self.backward = backward
+        self.counter = _flop_counter()
+        self.matmuls = _MatmulParamRecorder()
+        self.forward_flops = 0
+        self.forward_by_module: dict[str, int] = {}
+        self._state: dict[str, torch.Tensor] = {}
+
+    def session(self, model: nn.Module, state: dict[str, torch.Tensor]) -> FlopCounterMode:
+        self._state = state
+        self.matmuls = _MatmulParamRecorder()
+        return self.counter  # entering it clears its counts
+
+    def forward_phase(self) -> _MatmulParamRecorder:
+        return self.matmuls
+
+    def forward_done(self, out: Any, logits: torch.Tensor | None) -> None:
+        self.forward_flops = int(self.counter.get_total_flops())
+        self.forward_by_module = _by_module(self.counter)
+
+    def matmul_names(self) -> set[str]:
+        """Names of the weights (state keys) that entered a matmul or convolution."""
+        return {k for k, v in self._state.items() if _storage_key(v) in self.matmuls.keys}
+
+    def count(self, model: nn.Module, batch: int) -> FlopCount:
+        """The FlopCount of the pass (after it ran) for `model`, whose weights the pass used."""
+        names = self.matmul_names()
+        n_matmul = sum(p.numel() for name, p in model.named_parameters() if name in names)
+        fb = int(self.counter.get_total_flops()) if self.backward else self.forward_flops
+        return FlopCount(forward=self.forward_flops, forward_backward=fb, matmul_params=n_matmul,
+                         batch=batch, by_module=_by_module(self.counter))
+
+
+def _by_module(counter: FlopCounterMode) -> dict[str, int]:
+    """FLOPs so far per submodule name ("GPT.blocks.0" -> "blocks.0"; the root is the total)."""
+    return {name.split(".", 1)[1]: int(sum(c.values()))
+            for name, c in counter.get_flop_counts().items() if "." in name}
+
+
+def batch_size_of(args: tuple, kwargs: dict) -> int:
+    """The leading dimension of the first non-scalar input tensor (1 if there is none)."""
+    return int(next((a.shape[0] for a in list(args) + list(kwargs.values())
+                     if isinstance(a, torch.Tensor) and a.dim() > 0), 1))
+
+
 def measure_flops(model: nn.Module, input: InputSpec = None, *, input_size: Any = None,
                   dtype: torch.dtype | None = None, batch: int = 1, seq_len: int | None = None,
                   backward: bool = True) -> FlopCount:
-    """Count FLOPs of a forward (and forward+backward) pass with FlopCounterMode on meta tensors.
+    """Count FLOPs of a forward (and forward+backward) pass with FlopCounterMode on fake tensors.
 
     Works on any nn.Module (meta or real weights; nothing is allocated or modified). Backward
-    differentiates the sum of the outputs with respect to the trainable parameters, so frozen
-    parameters cost no weight-gradient FLOPs, as in training.
+    differentiates the loss (an LM's cross-entropy, else the sum of the outputs) with respect to
+    the trainable parameters, so frozen parameters cost no weight-gradient FLOPs, as in training.
     """
     args, kwargs = make_inputs(model, input, input_size, dtype, batch, seq_len)
-    bsz = next((a.shape[0] for a in list(args) + list(kwargs.values())
-                if isinstance(a, torch.Tensor) and a.dim() > 0), 1)
-
-    def run(forward, state):  # noqa: ANN001, ANN202
-        rec = _MatmulParamRecorder()
-        counter = _flop_counter()
-        with counter:
-            with rec:
-                out = forward()
-            fwd = counter.get_total_flops()
-            fb = fwd
-            if backward:
-                leaves = [t for t in state.values() if t.requires_grad]
-                if leaves:
-                    loss = _scalar_loss(out)
-                    torch.autograd.grad(loss, leaves, allow_unused=True)
-                fb = counter.get_total_flops()
-        by_module = {}
-        for name, counts in counter.get_flop_counts().items():
-            if "." in name:  # "Global" and the root class name are the totals; "GPT.blocks.0" -> "blocks.0"
-                by_module[name.split(".", 1)[1]] = int(sum(counts.values()))
-        matmul_names = {k for k, v in state.items() if _storage_key(v) in rec.keys}
-        return int(fwd), int(fb), matmul_names, by_module
-
-    fwd, fb, matmul_names, by_module = run_on_meta(model, args, kwargs, run, dtype=None)
-    params = dict(model.named_parameters())
-    n_matmul = sum(p.numel() for name, p in params.items() if name in matmul_names)
-    return FlopCount(forward=fwd, forward_backward=fb, matmul_params=n_matmul, batch=int(bsz),
-                     by_module=by_module)
+    rec = FlopRecorder(backward)
+    record_pass(model, args, kwargs, [rec])
+    return rec.count(model, batch_size_of(args, kwargs))
 
 
 def analytic_flops_per_token(n_params: int, n_layer: int, attn_dim: int, seq_len: int) -> int:

@@ -30,17 +30,20 @@ See docs/inspect.md for the validation against measured CPU peaks.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from torchgraft.activation_checkpointing import parse_ac
 from torchgraft.models.shape import transformer_shape
 from torchgraft.precision import NAMES as PRECISION_NAMES, Precision, precision
-from torchgraft.tools.meta import InputSpec, InspectError, format_bytes, make_inputs, run_on_meta
+from torchgraft.tools.meta import (InputSpec, InspectError, PassRecorder, format_bytes, make_inputs,
+                                   record_pass)
 
 
 # names of the one precision vocabulary (torchgraft.precision): "bf16" means mixed precision (fp32
@@ -141,83 +144,93 @@ def _largest_block_params(model: nn.Module) -> int:
     return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
 
 
-def _is_lm(model: nn.Module, out: Any) -> bool:
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    return bool(vocab) and isinstance(out, torch.Tensor) and out.dim() == 3 and out.shape[-1] == vocab
+class ActivationRecorder(PassRecorder):
+    """Records the bytes autograd saves for backward during a `record_pass` (forward + LM loss),
+    deduplicated by storage, leaving out weights; per block for the children of the largest
+    `nn.ModuleList`/`nn.Sequential`. `trace()` after the pass gives the ActivationTrace."""
+
+    def __init__(self, model: nn.Module) -> None:
+        found = _largest_module_list(model)
+        self._blocks = list(found[1]) if found else []
+        self._block_ids = {id(b): i for i, b in enumerate(self._blocks)}
+        self._width = getattr(getattr(model, "config", None), "n_embd", 0)
+        self._start()
+
+    def _start(self) -> None:
+        self._seen: dict[int, int] = {}
+        self._keep: list[torch.Tensor] = []
+        self._current: list[int] = []
+        self._per_block = [0] * len(self._blocks)
+        self._block_in = [0] * len(self._blocks)
+        self._weight_keys: set[int] = set()
+        self._loss_buffers = 0
+        self._logits_shape: tuple[int, int] | None = None
+
+    @contextlib.contextmanager
+    def session(self, model: nn.Module, state: dict[str, torch.Tensor]) -> Iterator[None]:
+        self._start()
+        self._weight_keys = {t.untyped_storage()._cdata for t in state.values()}
+        handles = []
+        for b in self._blocks:
+            handles.append(b.register_forward_pre_hook(self._pre))
+            handles.append(b.register_forward_hook(self._post))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def forward_phase(self) -> AbstractContextManager:
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def forward_done(self, out: Any, logits: torch.Tensor | None) -> None:
+        if logits is not None:
+            self._logits_shape = tuple(logits.shape)
+            self._loss_buffers = 2 * logits.numel() * 4  # grad of log-softmax output and of the logits
+        else:
+            outs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)]
+            self._loss_buffers = sum(o.numel() * o.element_size() for o in outs)  # grad of the output
+
+    def trace(self) -> ActivationTrace:
+        return ActivationTrace(total=sum(self._seen.values()), loss_buffers=self._loss_buffers,
+                               blocks=list(self._per_block), block_inputs=list(self._block_in),
+                               logits_shape=self._logits_shape, hidden_width=self._width)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        key = st._cdata
+        if key not in self._weight_keys and key not in self._seen:
+            self._seen[key] = st.nbytes()
+            self._keep.append(t)  # keeps the storage alive, so its key is not reused
+            if self._current:
+                self._per_block[self._current[-1]] += st.nbytes()
+        return t
+
+    def _pre(self, m: nn.Module, inp: Any) -> None:
+        i = self._block_ids[id(m)]
+        self._current.append(i)
+        x = inp[0] if isinstance(inp, tuple) and inp else None
+        if isinstance(x, torch.Tensor):
+            self._block_in[i] = x.numel() * x.element_size()
+
+    def _post(self, m: nn.Module, _inp: Any, _out: Any) -> None:
+        if self._current:
+            self._current.pop()
 
 
 def trace_activations(model: nn.Module, input: InputSpec = None, *, input_size: Any = None,
                       dtype: torch.dtype = torch.float32, batch: int = 1, seq_len: int | None = None,
                       input_dtype: torch.dtype | None = None) -> ActivationTrace:
-    """Bytes autograd saves for backward in one forward pass (plus the LM loss), on meta tensors.
+    """Bytes autograd saves for backward in one forward pass (plus the LM loss), on fake tensors.
 
     `dtype`: the activation dtype (floating weights and inputs are cast to it). Tensors are
     deduplicated by storage; parameters and buffers are not activations and are left out.
     Per-block figures are for the children of the largest `nn.ModuleList`/`nn.Sequential`.
     """
     args, kwargs = make_inputs(model, input, input_size, input_dtype, batch, seq_len)
-    found = _largest_module_list(model)
-    block_ids = {id(b): i for i, b in enumerate(found[1])} if found else {}
-    n_blocks = len(block_ids)
-    lm_shape: list[tuple[int, int]] = []
-
-    def run(forward, state):  # noqa: ANN001, ANN202
-        weight_keys = {t.untyped_storage()._cdata for t in state.values()}
-        seen: dict[int, int] = {}
-        keep: list[torch.Tensor] = []
-        current: list[int] = []
-        per_block = [0] * n_blocks
-        block_in = [0] * n_blocks
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            st = t.untyped_storage()
-            key = st._cdata
-            if key not in weight_keys and key not in seen:
-                seen[key] = st.nbytes()
-                keep.append(t)
-                if current:
-                    per_block[current[-1]] += st.nbytes()
-            return t
-
-        def pre(m: nn.Module, inp: Any) -> None:
-            i = block_ids[id(m)]
-            current.append(i)
-            x = inp[0] if isinstance(inp, tuple) and inp else None
-            if isinstance(x, torch.Tensor):
-                block_in[i] = x.numel() * x.element_size()
-
-        def post(m: nn.Module, _inp: Any, _out: Any) -> None:
-            if current:
-                current.pop()
-
-        handles = []
-        if found:
-            for b in found[1]:
-                handles.append(b.register_forward_pre_hook(pre))
-                handles.append(b.register_forward_hook(post))
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                out = forward()
-                if _is_lm(model, out):
-                    logits = out.float().reshape(-1, out.shape[-1])
-                    lm_shape[:] = [tuple(logits.shape)]
-                    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-                    F.cross_entropy(logits, target)
-                    loss_buffers = 2 * logits.numel() * 4  # grad of log-softmax output and of the logits
-                else:
-                    outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
-                            if isinstance(o, torch.Tensor)]
-                    loss_buffers = sum(o.numel() * o.element_size() for o in outs)  # grad of the output
-        finally:
-            for h in handles:
-                h.remove()
-        return ActivationTrace(total=sum(seen.values()), loss_buffers=loss_buffers,
-                               blocks=per_block, block_inputs=block_in,
-                               logits_shape=lm_shape[0] if lm_shape else None,
-                               hidden_width=getattr(getattr(model, "config", None), "n_embd", 0))
-
-    with torch.enable_grad():
-        return run_on_meta(model, args, kwargs, run, dtype=dtype, fake_first=True)
+    rec = ActivationRecorder(model)
+    record_pass(model, args, kwargs, [rec], dtype=dtype)
+    return rec.trace()
 
 
 def selective_layer_elements(config: Any, batch: int, seq_len: int, gated: bool) -> int:

@@ -5,12 +5,13 @@ allocated, so a 70B model is summarised in seconds): the model's parameters and 
 for meta copies with `torch.func.functional_call`, inputs are moved to meta. Models that keep plain
 (unregistered) tensors fall back to `FakeTensorMode`.
 
-The meta-device helpers (`example_inputs`, `make_inputs`, `run_on_meta`) live in `meta.py`, below
+The meta-device helpers (`example_inputs`, `make_inputs`, `record_pass`) live in `meta.py`, below
 this module, `flops.py` and `memory.py`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +21,12 @@ from torch import nn
 from torchgraft.tools.meta import (  # noqa: F401  (InputSpec, InspectError, example_inputs re-exported)
     InputSpec,
     InspectError,
+    PassRecorder,
     dtype_name,
     example_inputs,
     format_bytes,
     make_inputs,
-    run_on_meta,
+    record_pass,
 )
 from torchgraft.tools.console import recording_console
 
@@ -204,43 +206,57 @@ def summary(model: nn.Module, input: InputSpec = None, *, input_size: Any = None
         raise InspectError(f"summary needs an nn.Module, got {type(model).__name__}")
     if depth < 0:
         raise InspectError(f"depth must be >= 0, got {depth}")
-    named = list(model.named_modules())
-    depth_of = {name: (0 if name == "" else name.count(".") + 1) for name, _ in named}
-    outputs: dict[str, Any] = {}
     inputs = make_inputs(model, input, input_size, dtype, batch, seq_len, required=False)
-    input_shapes = None
-    out_shape = None
-    if inputs is not None:
-        args, kwargs = inputs
-        input_shapes = shape_of(list(args) + list(kwargs.values()))
-        handles = []
+    if inputs is None:
+        return _summary_of(model, depth, {}, None, None)
+    rec = ShapeRecorder(depth, inputs)
+    record_pass(model, *inputs, [rec])
+    return rec.summary(model)
+
+
+class ShapeRecorder(PassRecorder):
+    """Records each module's output shape (modules up to `depth` levels) during a `record_pass`."""
+
+    def __init__(self, depth: int, inputs: tuple[tuple, dict]) -> None:
+        self.depth = depth
+        self.outputs: dict[str, Any] = {}
+        self.input_shapes: Any = shape_of(list(inputs[0]) + list(inputs[1].values()))
+        self.output_shape: Any = None
+
+    @contextlib.contextmanager
+    def session(self, model: nn.Module, state: dict[str, torch.Tensor]) -> Iterator[None]:
+        self.outputs.clear()
 
         def hook_for(name: str) -> Callable:
             def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
-                outputs.setdefault(name, shape_of(out))
+                self.outputs.setdefault(name, shape_of(out))
             return hook
 
-        for name, m in named:
-            if depth_of[name] <= depth:
-                handles.append(m.register_forward_hook(hook_for(name)))
+        handles = [m.register_forward_hook(hook_for(name))
+                   for name, m in model.named_modules() if _depth(name) <= self.depth]
         try:
-            with torch.no_grad():
-                out = run_on_meta(model, args, kwargs, lambda fwd, _s: fwd())
-            out_shape = shape_of(out)
+            yield
         finally:
             for h in handles:
                 h.remove()
-    return _summary_of(model, depth, outputs, input_shapes, out_shape)
+
+    def forward_done(self, out: Any, logits: torch.Tensor | None) -> None:
+        self.output_shape = shape_of(out)
+
+    def summary(self, model: nn.Module) -> Summary:
+        return _summary_of(model, self.depth, self.outputs, self.input_shapes, self.output_shape)
+
+
+def _depth(name: str) -> int:
+    return 0 if name == "" else name.count(".") + 1
 
 
 def _summary_of(model: nn.Module, depth: int, outputs: dict[str, Any], input_shapes: Any,
                 out_shape: Any) -> Summary:
     """The Summary of `model` given the output shapes per module name (from a forward pass)."""
-    named = list(model.named_modules())
-    depth_of = {name: (0 if name == "" else name.count(".") + 1) for name, _ in named}
     rows = []
-    for name, m in named:
-        d = depth_of[name]
+    for name, m in model.named_modules():
+        d = _depth(name)
         if d > depth:
             continue
         n = t = 0
@@ -325,15 +341,7 @@ def summary_from_shallow(model: nn.Module, shallow: Summary, blocks: str, depth:
     everything else the same shapes (so a 70B model's table needs no forward pass through 80 layers)."""
     shapes = {r.name: r.output_shape for r in shallow.rows}
     k = max(1, sum(1 for r in shallow.rows if r.name.rpartition(".")[0] == blocks))
-    prefix = blocks + "."
-
-    def shallow_name(name: str) -> str:
-        if not name.startswith(prefix):
-            return name
-        index, _, rest = name[len(prefix):].partition(".")
-        return prefix + str(min(int(index), k - 1)) + ("." + rest if rest else "")
-
-    outputs = {name: shapes.get(shallow_name(name)) for name, _ in model.named_modules()}
+    outputs = {name: shapes.get(_shallow_name(name, blocks, k)) for name, _ in model.named_modules()}
     return _summary_of(model, depth, outputs, shallow.input_shapes, shallow.output_shape)
 
 
@@ -344,17 +352,17 @@ def inspect_model(spec: Any, overrides: dict[str, Any] | None = None, *, batch: 
     """Build a registered model (name, YAML path, mapping or config) on the meta device and report
     its summary, FLOPs (per token for token models, per sample otherwise) and memory estimate.
     An `nn.Module` is inspected as is (it needs a `config` describing its input)."""
-    from torchgraft.tools.flops import flops_report
-    from torchgraft.tools.memory import estimate_memory
-
-    from torchgraft.tools.flops import FlopCount, measure_flops
-    from torchgraft.tools.memory import PRECISIONS, ActivationTrace, _choice, trace_activations
+    from torchgraft.tools.flops import FlopRecorder, batch_size_of, flops_report
+    from torchgraft.tools.memory import PRECISIONS, ActivationRecorder, _choice, estimate_memory
 
     if seq_len is not None and seq_len < 1:
         raise InspectError(f"seq_len must be >= 1, got {seq_len}")
-    count = trace = s = None
+    if batch < 1:
+        raise InspectError(f"batch must be >= 1, got {batch}")
+    prec = _choice("precision", precision, PRECISIONS)
     if isinstance(spec, nn.Module):
         model, name = spec, type(spec).__name__
+        run, blocks = model, None
     else:
         from torchgraft.models.registry import build
 
@@ -363,28 +371,48 @@ def inspect_model(spec: Any, overrides: dict[str, Any] | None = None, *, batch: 
         name = getattr(model, "model_name", str(spec))
         n_layer = getattr(getattr(model, "config", None), "n_layer", None)
         blocks = _identical_layers(model, n_layer) if isinstance(n_layer, int) and n_layer > 2 else None
-        if blocks is not None:
-            # Layers of a zoo transformer are identical: measure 1- and 2-layer versions and
-            # extrapolate linearly in depth (exact; tests compare it with the full measurement).
-            # The table's shapes come from the 2-layer forward too (block i >= 2 repeats block 1).
-            prec = _choice("precision", precision, PRECISIONS)
-            small = [build(spec, device="meta", **{**overrides, "n_layer": k}) for k in (1, 2)]
-            c1, c2 = (measure_flops(m, seq_len=seq_len) for m in small)
-            t1, t2 = (trace_activations(m, dtype=prec.activation, batch=batch, seq_len=seq_len) for m in small)
-
-            def lin(a: int, b: int) -> int:
-                return a + (n_layer - 1) * (b - a)
-
-            count = FlopCount(lin(c1.forward, c2.forward), lin(c1.forward_backward, c2.forward_backward),
-                              lin(c1.matmul_params, c2.matmul_params), c1.batch)
-            trace = ActivationTrace(lin(t1.total, t2.total), t2.loss_buffers,
-                                    t2.blocks[-1:] * n_layer, t2.block_inputs[-1:] * n_layer)
-            s = summary_from_shallow(model, summary(small[1], depth=depth, batch=1, seq_len=seq_len),
-                                     blocks, depth)
-    if s is None:
-        s = summary(model, depth=depth, batch=1, seq_len=seq_len)
-    f = flops_report(model, seq_len=seq_len, count=count)
+        # Layers of a zoo transformer are identical: the pass runs a 2-layer build, and every layer
+        # beyond the second costs what the second did (FLOPs, saved bytes, output shapes; exact,
+        # tests compare it with a pass through every layer).
+        run = build(spec, device="meta", **{**overrides, "n_layer": 2}) if blocks else model
+    args, kwargs = make_inputs(run, batch=batch, seq_len=seq_len)
+    shapes, flops, acts = ShapeRecorder(depth, (args, kwargs)), FlopRecorder(), ActivationRecorder(run)
+    record_pass(run, args, kwargs, [shapes, flops, acts], dtype=prec.activation)
+    count, trace, s = flops.count(run, batch_size_of(args, kwargs)), acts.trace(), shapes.summary(run)
+    if blocks is not None:
+        count, trace = _deeper(model, blocks, count, flops, trace)
+        s = summary_from_shallow(model, s, blocks, depth)
+    f = flops_report(model, seq_len=seq_len, count=count.per_sample())
     m = estimate_memory(model, batch=batch, seq_len=seq_len, precision=precision, optimizer=optimizer,
                         sharding=sharding, activation_checkpointing=activation_checkpointing, trace=trace,
                         chunked_ce=chunked_ce)
     return Inspection(name, s, f, m)
+
+
+def _deeper(model: nn.Module, blocks: str, count: Any, flops: Any, trace: Any) -> tuple[Any, Any]:
+    """FlopCount and ActivationTrace of `model` (n_layer identical `blocks`) from a pass through a
+    2-layer build of it: each further layer adds what layer 1 did."""
+    from torchgraft.tools.flops import FlopCount
+    from torchgraft.tools.memory import ActivationTrace
+
+    n_layer = model.config.n_layer
+    extra = n_layer - 2
+    last = f"{blocks}.1"
+    fwd = count.forward + extra * flops.forward_by_module.get(last, 0)
+    fb = count.forward_backward + extra * count.by_module.get(last, 0)
+    ran = flops.matmul_names()
+    n_matmul = sum(p.numel() for n, p in model.named_parameters() if _shallow_name(n, blocks, 2) in ran)
+    deep_count = FlopCount(fwd, fb, n_matmul, count.batch)
+    deep_trace = ActivationTrace(trace.total + extra * trace.blocks[-1], trace.loss_buffers,
+                                 trace.blocks[-1:] * n_layer, trace.block_inputs[-1:] * n_layer,
+                                 trace.logits_shape, trace.hidden_width)
+    return deep_count, deep_trace
+
+
+def _shallow_name(name: str, blocks: str, k: int) -> str:
+    """The name in a k-layer build of what `name` is in the deep one (block i >= k -> block k-1)."""
+    prefix = blocks + "."
+    if not name.startswith(prefix):
+        return name
+    index, _, rest = name[len(prefix):].partition(".")
+    return prefix + str(min(int(index), k - 1)) + ("." + rest if rest else "")

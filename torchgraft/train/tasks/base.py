@@ -93,7 +93,41 @@ def build_task(spec: str | dict[str, Any] | Task) -> Task:
     if name not in _TASKS:
         raise ConfigError(f"unknown task {name!r}" + did_you_mean(str(name), _TASKS)
                           + f"; known: {', '.join(sorted(_TASKS))}")
-    return _TASKS[name](**opts)
+    factory = _TASKS[name]
+    _check_options(name, factory, opts)
+    return factory(**opts)
+
+
+_SCALARS = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}
+
+
+def _check_options(name: str, factory: Callable[..., Task], opts: dict[str, Any]) -> None:
+    """One-line errors for a `task:` option the task does not take (a typo) or whose value is not
+    the number / string / bool it declares, before the task's own code sees it."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or C factory: nothing to check against
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    known = [k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key, value in opts.items():
+        if key not in known:
+            raise ConfigError(f"task {name!r} has no option task.{key}" + did_you_mean(key, known)
+                              + f"; its options: {', '.join(known) or '(none)'}")
+        ann = params[key].annotation
+        ann = ann if isinstance(ann, str) else getattr(ann, "__name__", "")
+        base, _, rest = ann.partition(" | ")
+        allowed = _SCALARS.get(base)
+        if allowed is None or rest not in ("", "None") or (value is None and rest == "None"):
+            continue
+        ok = isinstance(value, allowed) and (base == "bool" or not isinstance(value, bool))
+        if not ok:
+            what = "a number" if base in ("float", "int") else f"a {base}"
+            raise ConfigError(f"task.{key} must be {what}" + (" (or null)" if rest == "None" else "")
+                              + f", got {value!r}")
 
 
 def list_tasks() -> list[str]:
