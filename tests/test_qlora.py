@@ -126,7 +126,7 @@ def test_qlora_adapter_loads_in_peft_on_the_dequantised_base(tmp_path):
 
 def test_merged_qlora_loads_in_transformers(pretrained, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from torchgraft.checkpoint.model import load_model
+    from torchgraft import load_model
     from torchgraft.interop.hf import save_hf
     from torchgraft.recipes.finetune import run_finetune
 

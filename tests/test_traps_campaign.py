@@ -57,7 +57,7 @@ def test_too_short_text_names_real_counts(tmp_path):
 def test_convert_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
     code, _, err, _ = invoke_cli(["convert", tmp_path / "notes.txt", tmp_path / "out"], capsys)
-    assert "is a file" in one_error(code, err)
+    assert "is a .txt file, not a model" in one_error(code, err)
     assert not (tmp_path / "out").exists()
 
 
