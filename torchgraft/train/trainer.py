@@ -374,7 +374,7 @@ class Trainer:
         """meta.json of a checkpoint: the model, its metrics, the run config, task and engine."""
         from torchgraft import __version__
 
-        return {"model": model_meta(self.model), "metrics": self.state.last_eval, "run_config": self.cfg.to_dict(),
+        return {"model": model_meta(self.model), "metrics": self.state.last_eval, "run_config": self.run.config,
                 "task": self.task.name, "torchgraft_version": __version__, "engine": self.engine.describe()}
 
     def save_checkpoint(self, last: bool = False, improved: bool = False) -> Path | None:
@@ -412,7 +412,7 @@ class Trainer:
                 self._measure_flops()
         resumed = self.run.restore(resume)  # refuses what a run cannot change midway
         s, lg = self.state, self.cfg.logging
-        self.run.start(s.step < self.cfg.trainer.max_steps, cadence_warnings(self.cfg.to_dict()),
+        self.run.start(s.step < self.cfg.trainer.max_steps, cadence_warnings(self.run.config),
                        tensorboard=lg.tensorboard, resume_step=s.step)
         self.logger = self.run.logger
         if self.is_main:
