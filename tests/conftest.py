@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -38,6 +39,26 @@ def invoke_cli(argv, capsys):
         code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err, time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def interrupt_after_step(monkeypatch, step: int):
+    """Within the block, the Trainer raises KeyboardInterrupt right after finishing `step` (a crash
+    between checkpoints); the patch is undone when the block ends."""
+    from torchgraft.train.trainer import Trainer
+
+    orig = Trainer._after_step
+
+    def crash(self, out):
+        orig(self, out)
+        if self.state.step == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_after_step", crash)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(Trainer, "_after_step", orig)
 
 
 class InitialWeights(Callback):

@@ -27,6 +27,7 @@ from torchgraft.checkpoint.files import list_checkpoints
 from torchgraft import load_model
 from torchgraft.train.tasks import build_task
 from torchgraft.train.tasks.pairwise import pair_logps
+from conftest import interrupt_after_step
 
 MODEL = {"family": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 64, "intermediate_size": 176,
          "block_size": 64, "tie_embeddings": True}
@@ -191,22 +192,12 @@ def test_interrupted_dpo_resumes_to_the_same_weights(sft, tmp_path, monkeypatch)
     step-4 checkpoint ends with weights bitwise equal to an uninterrupted run."""
     from safetensors.torch import load_file
 
-    from torchgraft.train.trainer import Trainer
 
     run, files = sft
     cfg = dpo_config(run, files, {"name": "dpo", "loss_type": "ipo"}, steps=8)
     run_finetune(cfg, tmp_path / "ref")
-    orig = Trainer._after_step
-
-    def crash_after_5(self, out):
-        orig(self, out)
-        if self.state.step == 5:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "_after_step", crash_after_5)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupt_after_step(monkeypatch, 5), pytest.raises(KeyboardInterrupt):
         run_finetune(cfg, tmp_path / "run")
-    monkeypatch.setattr(Trainer, "_after_step", orig)
     assert list_checkpoints(tmp_path / "run" / "checkpoints")[-1].name == "step_00000004"
     with pytest.raises(ConfigError, match="--resume"):  # the run directory is not silently overwritten
         run_finetune(cfg, tmp_path / "run")

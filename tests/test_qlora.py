@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from torchgraft.testing import assert_close_computed, transformer_tol
+from conftest import interrupt_after_step
 
 pytest.importorskip("torchao")
 pytestmark = pytest.mark.numeric
@@ -48,7 +49,6 @@ def test_qlora_recipe_resumes_bitwise_and_writes_adapter_and_merged(pretrained, 
 
     from torchgraft.checkpoint.files import list_checkpoints
     from torchgraft.recipes.finetune import run_finetune
-    from torchgraft.train.trainer import Trainer
 
     summary = run_finetune(_ft(pretrained), tmp_path / "ref", merge=True)
     assert summary["base_format"] == "nf4" and len(summary["adapted_layers"]) == 14
@@ -58,17 +58,8 @@ def test_qlora_recipe_resumes_bitwise_and_writes_adapter_and_merged(pretrained, 
     ck = load_file(list_checkpoints(tmp_path / "ref" / "checkpoints")[-1] / "model.safetensors")
     assert ck["blocks.0.attn.q_proj.base_layer.weight::quantized_data"].dtype == torch.uint8  # 4-bit on disk
 
-    orig = Trainer._after_step
-
-    def crash_after_3(self, out):
-        orig(self, out)
-        if self.state.step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "_after_step", crash_after_3)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupt_after_step(monkeypatch, 3), pytest.raises(KeyboardInterrupt):
         run_finetune(_ft(pretrained), tmp_path / "run")
-    monkeypatch.setattr(Trainer, "_after_step", orig)
     run_finetune(_ft(pretrained), tmp_path / "run", resume=True)
     a = load_file(list_checkpoints(tmp_path / "ref" / "checkpoints")[-1] / "model.safetensors")
     b = load_file(list_checkpoints(tmp_path / "run" / "checkpoints")[-1] / "model.safetensors")

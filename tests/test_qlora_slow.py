@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import interrupt_after_step
 
 pytest.importorskip("torchao")
 pytestmark = pytest.mark.slow
@@ -60,21 +61,11 @@ def test_lowbit_adamw_resumes_bitwise(root, tmp_path, monkeypatch, optim):
 
     from torchgraft.checkpoint.files import list_checkpoints
     from torchgraft.recipes.finetune import run_finetune
-    from torchgraft.train.trainer import Trainer
 
     cfg = ft_config(root, "qlora", 6, optim, rank=32, targets=["q_proj", "o_proj"])
     run_finetune(cfg, tmp_path / "ref")
-    orig = Trainer._after_step
-
-    def crash_after_3(self, out):
-        orig(self, out)
-        if self.state.step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "_after_step", crash_after_3)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupt_after_step(monkeypatch, 3), pytest.raises(KeyboardInterrupt):
         run_finetune(cfg, tmp_path / "run")
-    monkeypatch.setattr(Trainer, "_after_step", orig)
     run_finetune(cfg, tmp_path / "run", resume=True)
     last = [list_checkpoints(tmp_path / r / "checkpoints")[-1] for r in ("ref", "run")]
     for name in ("model.safetensors", "optimizer.safetensors"):
